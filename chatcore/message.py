@@ -1,0 +1,58 @@
+"""The one message type every adapter translates its platform's events into."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Message:
+    """A user's message as the core sees it, whatever platform it came from."""
+
+    text: str
+    adapter: str  # adapter name: "stdin", "discord", "slack", "http", ...
+    channel: str  # channel, thread or session id: with `user`, it keys the conversation
+    user: str  # the platform's user id
+    user_name: str | None = None
+    is_direct: bool = False  # a DM, or a one-to-one surface such as stdin
+    mentions_bot: bool = False
+    id: str | None = None  # the platform's message id, when it has one
+    raw: Any = field(default=None, compare=False, repr=False)  # the platform event, for plugins
+
+    @property
+    def conversation_key(self) -> str:
+        return f"{self.adapter}:{self.channel}:{self.user}"
+
+    @property
+    def user_key(self) -> str:
+        """The user's id across the bot: admin lists and /forget use this form."""
+        return f"{self.adapter}:{self.user}"
+
+
+@dataclass
+class Prompt:
+    """The rendered model prompt; `prompt_built` hooks may rewrite `text`."""
+
+    text: str
+    turns: list[tuple[str, str]]  # earlier (user, assistant) turns that made it in
+
+
+@dataclass
+class Reply:
+    """The bot's answer to a message; `reply_ready` hooks may rewrite `text`."""
+
+    text: str
+    message: Message
+    exchange_id: int | None = None  # row id in the history store once logged
+    model_id: str | None = None
+    from_model: bool = True  # False when a command or plugin answered
+
+
+class _Drop:
+    def __repr__(self) -> str:
+        return "DROP"
+
+
+DROP = _Drop()
+"""Returned by a `message_received` hook to ignore a message."""
