@@ -1,0 +1,285 @@
+"""YAML configuration: `${ENV}` secrets, schema validation that names the key and the line.
+
+A schema is a nested dict whose leaves are `Field`s. The core declares its own
+sections here; adapters declare theirs in `Adapter.config_schema` and plugins
+through the `register_config` hook, so every key a running bot reads is checked
+before anything starts: a typo, a wrong type or a missing value stops the bot
+with ``path.to.key: problem (file.yaml, line N)``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REDACTED = "***"
+
+
+class ConfigError(ValueError):
+    """A config problem, located: key path and file line when known."""
+
+    def __init__(self, message: str, *, key: str | None = None, file: str | None = None, line: int | None = None):
+        self.key, self.file, self.line = key, file, line
+        where = ", ".join(p for p in (file and Path(file).name, line and f"line {line}") if p)
+        super().__init__(f"{key + ': ' if key else ''}{message}{f' ({where})' if where else ''}")
+
+
+@dataclass(frozen=True)
+class Field:
+    """One config key: its type, default and whether it holds a secret."""
+
+    type: type | tuple[type, ...]
+    default: Any = None
+    required: bool = False
+    secret: bool = False
+    help: str = ""
+    choices: tuple[Any, ...] | None = None
+
+
+Schema = dict[str, "Field | Schema"]
+
+CORE_SCHEMA: Schema = {
+    "bot": {
+        "name": Field(str, "chatcore", help="How the bot calls itself in /status and logs."),
+        "data_dir": Field(str, "~/.chatcore", help="Where the history database and models live."),
+        "admins": Field(list, [], help='User keys allowed to run admin commands, e.g. "discord:1234".'),
+        "history_turns": Field(int, 20, help="Earlier turns of a conversation offered to the prompt (trimmed to fit)."),
+        "log_level": Field(str, "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+    },
+    "model": {
+        "checkpoint": Field(str, None, help="A native checkpoint dir, a seed .pt file or a Hugging Face GPT-2 dir."),
+        "base": Field(str, "gpt2", help="Hugging Face model id used when no checkpoint is configured."),
+        "device": Field(str, "auto", choices=("auto", "cpu", "cuda", "mps")),
+        "dtype": Field(str, "float32", choices=("float32", "bfloat16", "float16")),
+        "threads": Field(int, None, help="torch threads for serving (default: all cores)."),
+        "download": Field(bool, True, help="Download GPT-2 from the Hugging Face hub when it is not cached."),
+        "starter": Field(bool, True, help="Train and use the small offline starter model when no GPT-2 is available."),
+    },
+    "generation": {
+        "temperature": Field((int, float), 0.8),
+        "top_k": Field(int, 200),
+        "top_p": Field((int, float), 1.0),
+        "repetition_penalty": Field((int, float), 1.0),
+        "max_new_tokens": Field(int, 150),
+        "stop_at_newline": Field(bool, True),
+        "stop": Field(list, []),
+    },
+    "serving": {
+        "max_queue": Field(int, 64, help="Requests waiting beyond this get a polite busy answer."),
+    },
+    "store": {
+        "path": Field(str, None, help="SQLite file (default: <data_dir>/history.db)."),
+    },
+    "adapters": {},  # filled from the registered adapters
+    "plugins": {
+        "disabled": Field(list, [], help="Plugin names not to load (built-in or installed)."),
+    },
+}
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class Config(Mapping):
+    """Validated config: nested dicts, plus `get("a.b.c")` and a redacted view for printing."""
+
+    def __init__(self, data: dict[str, Any], secrets: set[str], path: str | None = None):
+        self._data, self._secrets, self.path = data, secrets, path
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, dotted: str, default: Any = None) -> Any:
+        node: Any = self._data
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(os.path.expanduser(self.get("bot.data_dir")))
+
+    @property
+    def store_path(self) -> Path:
+        path = self.get("store.path")
+        return Path(os.path.expanduser(path)) if path else self.data_dir / "history.db"
+
+    def redacted(self) -> dict[str, Any]:
+        """The config with every secret replaced by ``***``: the only form fit to print or log."""
+
+        def walk_section(node: dict, prefix: str) -> dict:
+            out = {}
+            for k, v in node.items():
+                path = f"{prefix}{k}"
+                if path in self._secrets and v is not None:
+                    out[k] = REDACTED
+                elif isinstance(v, dict):
+                    out[k] = walk_section(v, path + ".")
+                else:
+                    out[k] = v
+            return out
+
+        return walk_section(self._data, "")
+
+
+def full_schema(adapters: Mapping[str, type] = {}, sections: Mapping[str, Schema] = {}) -> Schema:
+    """The core schema plus each adapter's and each registered section's."""
+    schema: Schema = {k: dict(v) if isinstance(v, dict) else v for k, v in CORE_SCHEMA.items()}
+    for name, cls in adapters.items():
+        schema["adapters"][name] = {"enabled": Field(bool, False), **getattr(cls, "config_schema", {})}
+    for dotted, section in sections.items():
+        node = schema
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = {**node.get(last, {}), **section}
+    return schema
+
+
+def load_config(path: str | os.PathLike | None, schema: Schema | None = None,
+                environ: Mapping[str, str] | None = None) -> Config:
+    """Read, substitute and validate a YAML config file (None: all defaults)."""
+    schema = schema if schema is not None else full_schema()
+    environ = os.environ if environ is None else environ
+    text, file = "", None
+    if path is not None:
+        file = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError("config file not found", file=file) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config file: {exc}", file=file) from None
+    return parse_config(text, schema, file=file, environ=environ)
+
+
+def parse_config(text: str, schema: Schema, *, file: str | None = None,
+                 environ: Mapping[str, str] | None = None) -> Config:
+    environ = os.environ if environ is None else environ
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else None
+        raise ConfigError(f"invalid YAML: {exc.problem}", file=file, line=line) from None
+    if root is None:
+        root = yaml.MappingNode("tag:yaml.org,2002:map", [])
+    secrets: set[str] = set()
+    data = _validate(root, schema, "", file, environ, secrets)
+    return Config(data, secrets, file)
+
+
+def _line(node: yaml.Node) -> int:
+    return node.start_mark.line + 1
+
+
+def _validate(node: yaml.Node, schema: Schema, prefix: str, file: str | None,
+              environ: Mapping[str, str], secrets: set[str]) -> dict[str, Any]:
+    where = prefix.rstrip(".") or None
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError("expected a mapping of keys", key=where, file=file, line=_line(node))
+    given: dict[str, yaml.Node] = {}
+    for key_node, value_node in node.value:
+        key = key_node.value
+        if key in given:
+            raise ConfigError("duplicate key", key=prefix + key, file=file, line=_line(key_node))
+        if key not in schema:
+            hint = difflib.get_close_matches(key, list(schema), n=1)
+            raise ConfigError("unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else ""),
+                              key=prefix + key, file=file, line=_line(key_node))
+        given[key] = value_node
+    out: dict[str, Any] = {}
+    for key, spec in schema.items():
+        path = prefix + key
+        value_node = given.get(key)
+        if isinstance(spec, dict):
+            if value_node is not None and not (isinstance(value_node, yaml.ScalarNode) and value_node.tag.endswith(":null")):
+                out[key] = _validate(value_node, spec, path + ".", file, environ, secrets)
+            else:
+                out[key] = _defaults(spec, path + ".", file, secrets, line=_line(value_node) if value_node else None)
+            continue
+        if spec.secret:
+            secrets.add(path)
+        if value_node is None:
+            if spec.required:
+                raise ConfigError("required value is missing", key=path, file=file,
+                                  line=_line(node) if node.value else None)
+            out[key] = _copy(spec.default)
+            continue
+        value = _construct(value_node)
+        value = _substitute(value, path, file, _line(value_node), environ)
+        _check(value, spec, path, file, _line(value_node))
+        out[key] = value
+    return out
+
+
+def _defaults(schema: Schema, prefix: str, file: str | None, secrets: set[str], line: int | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, spec in schema.items():
+        if isinstance(spec, dict):
+            out[key] = _defaults(spec, prefix + key + ".", file, secrets, line)
+        else:
+            if spec.secret:
+                secrets.add(prefix + key)
+            if spec.required:
+                raise ConfigError("required value is missing", key=prefix + key, file=file, line=line)
+            out[key] = _copy(spec.default)
+    return out
+
+
+def _copy(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else dict(value) if isinstance(value, dict) else value
+
+
+def _construct(node: yaml.Node) -> Any:
+    return yaml.SafeLoader("").construct_document(node)
+
+
+def _substitute(value: Any, path: str, file: str | None, line: int, environ: Mapping[str, str]) -> Any:
+    if isinstance(value, str):
+        def env(match: re.Match) -> str:
+            name, fallback = match.group(1), match.group(2)
+            if name in environ:
+                return environ[name]
+            if fallback is not None:
+                return fallback
+            raise ConfigError(f"environment variable {name} is not set", key=path, file=file, line=line)
+        return _ENV.sub(env, value)
+    if isinstance(value, list):
+        return [_substitute(v, path, file, line, environ) for v in value]
+    if isinstance(value, dict):
+        return {k: _substitute(v, f"{path}.{k}", file, line, environ) for k, v in value.items()}
+    return value
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+               list: "a list", dict: "a mapping"}
+
+
+def _check(value: Any, spec: Field, path: str, file: str | None, line: int) -> None:
+    if value is None and not spec.required:
+        return
+    types = spec.type if isinstance(spec.type, tuple) else (spec.type,)
+    # bool is an int in Python, but `threads: true` is a typo, not a thread count.
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok:
+        expected = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
+        got = "a secret value" if spec.secret else f"{type(value).__name__} {value!r}"[:80]
+        raise ConfigError(f"expected {expected}, got {got}", key=path, file=file, line=line)
+    if spec.required and value in ("", []):
+        raise ConfigError("must not be empty", key=path, file=file, line=line)
+    if spec.choices is not None and value not in spec.choices:
+        raise ConfigError(f"must be one of {', '.join(map(str, spec.choices))}", key=path, file=file, line=line)
