@@ -43,7 +43,14 @@ class Field:
     choices: tuple[Any, ...] | None = None
 
 
-Schema = dict[str, "Field | Schema"]
+@dataclass(frozen=True)
+class Unavailable:
+    """Stands in for the section of a built-in that could not load: using it is an error saying why."""
+
+    reason: str
+
+
+Schema = dict[str, "Field | Unavailable | Schema"]
 
 CORE_SCHEMA: Schema = {
     "bot": {
@@ -205,6 +212,10 @@ def _validate(node: yaml.Node, schema: Schema, prefix: str, file: str | None,
     for key, spec in schema.items():
         path = prefix + key
         value_node = given.get(key)
+        if isinstance(spec, Unavailable):
+            if value_node is not None:
+                raise ConfigError(spec.reason, key=path, file=file, line=_line(value_node))
+            continue
         if isinstance(spec, dict):
             if value_node is not None and not (isinstance(value_node, yaml.ScalarNode) and value_node.tag.endswith(":null")):
                 out[key] = _validate(value_node, spec, path + ".", file, environ, secrets)
@@ -229,6 +240,8 @@ def _validate(node: yaml.Node, schema: Schema, prefix: str, file: str | None,
 def _defaults(schema: Schema, prefix: str, file: str | None, secrets: set[str], line: int | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, spec in schema.items():
+        if isinstance(spec, Unavailable):
+            continue
         if isinstance(spec, dict):
             out[key] = _defaults(spec, prefix + key + ".", file, secrets, line)
         else:

@@ -1,0 +1,197 @@
+"""The bot runtime: one engine, one store, many adapters, every step a hook."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from .config import Config, load_config
+from .message import DROP, Message, Reply
+from .plugins import Command, PluginManager, make_plugin_manager
+from .prompt import build_prompt
+from .sampling import SamplingParams
+from .serving import Generator
+
+log = logging.getLogger("chatcore")
+
+
+async def await_me_maybe(value: Any) -> Any:
+    """Hooks may return a value or an awaitable (datasette's convention)."""
+    return await value if inspect.isawaitable(value) else value
+
+
+class Bot:
+    def __init__(self, config: Config, pm: PluginManager, store: Any, generator: Generator) -> None:
+        self.config = config
+        self.pm = pm
+        self.store = store
+        self.generator = generator
+        self.params = SamplingParams(**{**config["generation"], "stop": tuple(config["generation"]["stop"])})
+        self.commands: dict[str, Command] = pm.commands()
+        self.adapter_classes = pm.adapters()
+        self.adapters: list[Any] = []
+        self._stopping = asyncio.Event()
+
+    # --- building -------------------------------------------------------------
+
+    @classmethod
+    def from_config(
+        cls,
+        config: str | Path | Config | None = None,
+        *,
+        engine: Any = None,
+        plugins: Iterable[Any] = (),
+        pm: PluginManager | None = None,
+    ) -> "Bot":
+        """Load plugins, validate the config against everything they declare, open the store, load the model."""
+        from .store import Store
+
+        pm = pm or make_plugin_manager(plugins)
+        if not isinstance(config, Config):
+            config = load_config(config, pm.schema())
+        pm.disable(config["plugins"]["disabled"])
+        if engine is None:
+            from .engine import Engine
+
+            engine = Engine.from_config(config)
+        store = Store(config.store_path)
+        generator = Generator(engine, max_queue=config["serving"]["max_queue"])
+        return cls(config, pm, store, generator)
+
+    @property
+    def name(self) -> str:
+        return self.config["bot"]["name"]
+
+    @property
+    def engine(self) -> Any:
+        return self.generator.engine
+
+    def is_admin(self, message: Message) -> bool:
+        if message.user_key in self.config["bot"]["admins"]:
+            return True
+        # Whoever types into the bot's own terminal is its operator.
+        return bool(self.config.get(f"adapters.{message.adapter}.operator_is_admin", False))
+
+    # --- one message --------------------------------------------------------------
+
+    async def handle(self, message: Message, on_delta: Callable[[str], Any] | None = None) -> Reply | None:
+        """Answer `message`: hooks, history, model, store. None means nothing to send."""
+        if not message.text.strip():
+            return None
+        answer = await self._first_result("message_received", bot=self, message=message)
+        if answer is DROP:
+            return None
+        if answer is not None:
+            reply = Reply(text=str(answer), message=message, from_model=False)
+            await self._call("reply_ready", bot=self, message=message, reply=reply)
+            return reply if reply.text else None
+
+        engine = self.generator.engine
+        history = self.store.history(message, limit=self.config["bot"]["history_turns"])
+        prompt = build_prompt(message.text, history, engine.count_tokens,
+                              budget=engine.block_size - self.params.max_new_tokens)
+        await self._call("prompt_built", bot=self, message=message, prompt=prompt)
+
+        parts: list[str] = []
+        async for delta in self.generator.stream(prompt.text, self.params):
+            if not parts:
+                delta = delta.lstrip()  # the prompt ends at "Assistant:"; the reply's first space is format
+                if not delta:
+                    continue
+            parts.append(delta)
+            if on_delta is not None:
+                await await_me_maybe(on_delta(delta))
+        reply = Reply(text="".join(parts).strip(), message=message, model_id=engine.model_id)
+        await self._call("reply_ready", bot=self, message=message, reply=reply)
+        if not reply.text:
+            return None
+        exchange = self.store.log_exchange(message, reply.text, model_id=reply.model_id, params=self.params)
+        reply.exchange_id = exchange.id
+        await self._call("exchange_logged", bot=self, exchange=exchange)
+        return reply
+
+    async def record_delivery(self, reply: Reply, platform_message_id: str) -> None:
+        """Remember which platform message carried `reply`, so reactions to it count as feedback."""
+        if reply.exchange_id is not None:
+            self.store.set_platform_message_id(reply.exchange_id, str(platform_message_id))
+
+    async def feedback(self, adapter: str, platform_message_id: str, user: str, value: int) -> bool:
+        """A user rated the reply carried by a platform message; False if it is not one of ours."""
+        exchange = self.store.find_by_platform_message_id(adapter, str(platform_message_id))
+        if exchange is None:
+            return False
+        await self.rate(exchange, f"{adapter}:{user}", value)
+        return True
+
+    async def rate(self, exchange: Any, user_key: str, value: int) -> None:
+        value = 1 if value > 0 else -1
+        self.store.add_feedback(exchange.id, user_key, value)
+        await self._call("feedback_received", bot=self, exchange=exchange, user=user_key, value=value)
+
+    # --- running adapters ------------------------------------------------------------
+
+    def enabled_adapters(self, names: Iterable[str] | None = None) -> list[Any]:
+        wanted = list(names) if names is not None else [
+            name for name, section in self.config["adapters"].items() if section.get("enabled")]
+        missing = [n for n in wanted if n not in self.adapter_classes]
+        if missing:
+            why = [self.pm.unavailable.get(n, f"no adapter named {n!r}") for n in missing]
+            raise LookupError("; ".join(why))
+        return [self.adapter_classes[n](self, self.config["adapters"].get(n, {})) for n in wanted]
+
+    async def run(self, adapter_names: Iterable[str] | None = None) -> None:
+        """Start the adapters and serve until they all finish or `stop()` is called."""
+        self.adapters = self.enabled_adapters(adapter_names)
+        if not self.adapters:
+            raise LookupError("no adapter is enabled: set adapters.<name>.enabled: true in the config")
+        await self._call("startup", bot=self)
+        tasks = [asyncio.create_task(a.start(), name=f"adapter:{a.name}") for a in self.adapters]
+        stopper = asyncio.create_task(self._stopping.wait())
+        try:
+            pending = set(tasks)
+            while pending and not self._stopping.is_set():
+                done, pending = await asyncio.wait(pending | {stopper}, return_when=asyncio.FIRST_COMPLETED)
+                pending.discard(stopper)
+                for task in done:
+                    if task is not stopper and task.exception() is not None:
+                        raise task.exception()
+        finally:
+            stopper.cancel()
+            await self.close_adapters()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._call("shutdown", bot=self)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def close_adapters(self) -> None:
+        for adapter in self.adapters:
+            try:
+                await adapter.stop()
+            except Exception:
+                log.exception("adapter %s did not stop cleanly", adapter.name)
+
+    async def close(self) -> None:
+        await self.generator.close()
+        self.store.close()
+
+    # --- hook calling ------------------------------------------------------------------
+
+    async def _call(self, name: str, **kwargs: Any) -> list[Any]:
+        results = getattr(self.pm.hook, name)(**kwargs)
+        return [await await_me_maybe(r) for r in results]
+
+    async def _first_result(self, name: str, **kwargs: Any) -> Any:
+        """A firstresult hook whose implementations may be async: the first non-None answer wins."""
+        caller = getattr(self.pm.hook, name)
+        for impl in reversed(caller.get_hookimpls()):  # pluggy's own call order
+            result = await await_me_maybe(impl.function(**{a: kwargs[a] for a in impl.argnames}))
+            if result is not None:
+                return result
+        return None
