@@ -13,6 +13,10 @@ if TYPE_CHECKING:
     from .bot import Bot
 
 
+class AdapterError(RuntimeError):
+    """An adapter cannot start; the message says what to fix (bad token, missing intent or secret)."""
+
+
 class Adapter:
     name: ClassVar[str] = ""
     config_schema: ClassVar[dict[str, Any]] = {}  # {key: chatcore.config.Field}; `enabled` is added for you
