@@ -11,7 +11,7 @@ from typing import Any
 
 from .config import Config, load_config
 from .message import DROP, Message, Reply
-from .plugins import Command, PluginManager, make_plugin_manager
+from .plugin_manager import Command, PluginManager, make_plugin_manager
 from .prompt import build_prompt
 from .sampling import SamplingParams
 from .serving import Generator

@@ -208,6 +208,9 @@ def _validate(node: yaml.Node, schema: Schema, prefix: str, file: str | None,
             raise ConfigError("unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else ""),
                               key=prefix + key, file=file, line=_line(key_node))
         given[key] = value_node
+    # A section that can be switched off (adapters) needs its required values only when on.
+    enforce = not isinstance(schema.get("enabled"), Field) or (
+        "enabled" in given and _construct(given["enabled"]) is True)
     out: dict[str, Any] = {}
     for key, spec in schema.items():
         path = prefix + key
@@ -225,14 +228,14 @@ def _validate(node: yaml.Node, schema: Schema, prefix: str, file: str | None,
         if spec.secret:
             secrets.add(path)
         if value_node is None:
-            if spec.required:
+            if spec.required and enforce:
                 raise ConfigError("required value is missing", key=path, file=file,
                                   line=_line(node) if node.value else None)
             out[key] = _copy(spec.default)
             continue
         value = _construct(value_node)
         value = _substitute(value, path, file, _line(value_node), environ)
-        _check(value, spec, path, file, _line(value_node))
+        _check(value, spec, path, file, _line(value_node), enforce)
         out[key] = value
     return out
 
@@ -247,7 +250,7 @@ def _defaults(schema: Schema, prefix: str, file: str | None, secrets: set[str], 
         else:
             if spec.secret:
                 secrets.add(prefix + key)
-            if spec.required:
+            if spec.required and "enabled" not in schema:
                 raise ConfigError("required value is missing", key=prefix + key, file=file, line=line)
             out[key] = _copy(spec.default)
     return out
@@ -282,8 +285,8 @@ _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "tru
                list: "a list", dict: "a mapping"}
 
 
-def _check(value: Any, spec: Field, path: str, file: str | None, line: int) -> None:
-    if value is None and not spec.required:
+def _check(value: Any, spec: Field, path: str, file: str | None, line: int, enforce: bool = True) -> None:
+    if value is None and not (spec.required and enforce):
         return
     types = spec.type if isinstance(spec.type, tuple) else (spec.type,)
     # bool is an int in Python, but `threads: true` is a typo, not a thread count.
@@ -292,7 +295,7 @@ def _check(value: Any, spec: Field, path: str, file: str | None, line: int) -> N
         expected = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
         got = "a secret value" if spec.secret else f"{type(value).__name__} {value!r}"[:80]
         raise ConfigError(f"expected {expected}, got {got}", key=path, file=file, line=line)
-    if spec.required and value in ("", []):
+    if spec.required and value in ("", []) and enforce:
         raise ConfigError("must not be empty", key=path, file=file, line=line)
     if spec.choices is not None and value not in spec.choices:
         raise ConfigError(f"must be one of {', '.join(map(str, spec.choices))}", key=path, file=file, line=line)

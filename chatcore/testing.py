@@ -86,7 +86,7 @@ def make_bot(tmp_path: str | Path, *, engine: Any = None, config: dict | str | N
     """A full Bot around `engine` (a ScriptedEngine by default) with its store under `tmp_path`."""
     from .bot import Bot
     from .config import parse_config
-    from .plugins import make_plugin_manager
+    from .plugin_manager import make_plugin_manager
 
     tmp_path = Path(tmp_path)
     if isinstance(config, str):

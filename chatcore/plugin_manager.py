@@ -98,7 +98,7 @@ def make_plugin_manager(extra: Iterable[Any] = (), *, entry_points: bool = True)
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
             # Only a missing optional library is expected; a broken built-in must fail loudly.
-            if (exc.name or "").startswith("chatcore"):
+            if (exc.name or "").startswith("chatcore") and exc.name != module_name:
                 raise
             extra_name = EXTRAS.get(name)
             hint = f" (pip install 'chatcore[{extra_name}]')" if extra_name else ""

@@ -1,0 +1,139 @@
+"""Built-in slash commands and the per-user rate limit.
+
+Every command is registered through `register_commands`, exactly as a
+third-party plugin would; `/help` is built from the handlers' docstrings.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections import deque
+from typing import Any
+
+from chatcore import DROP, hookimpl
+from chatcore.bot import await_me_maybe
+from chatcore.config import Field
+
+
+@hookimpl
+def register_config(register):
+    register("plugins.commands", {
+        "prefix": Field(str, "/", help="What starts a command."),
+        "rate_limit": {
+            "messages": Field(int, 20, help="Messages one user may send per window (0: no limit; admins exempt)."),
+            "seconds": Field((int, float), 60, help="The window, in seconds."),
+        },
+    })
+
+
+@hookimpl
+def register_commands(register):
+    register("help", help_)
+    register("reset", reset)
+    register("forget", forget)
+    register("status", status)
+    register("good", good)
+    register("bad", bad)
+
+
+@hookimpl(tryfirst=True)
+def message_received(bot, message):
+    limiter = _limiters.get(bot)
+    if limiter is None:
+        limiter = _limiters[bot] = RateLimiter(bot.config.get("plugins.commands.rate_limit.messages"),
+                                               bot.config.get("plugins.commands.rate_limit.seconds"))
+    if not bot.is_admin(message):
+        verdict = limiter.check(message.user_key)
+        if verdict is not None:
+            return verdict
+    prefix = bot.config.get("plugins.commands.prefix")
+    text = message.text.strip()
+    if not text.startswith(prefix) or len(text) == len(prefix):
+        return None
+    name, _, args = text[len(prefix):].partition(" ")
+    command = bot.commands.get(name.lower())
+    if command is None or (command.admin and not bot.is_admin(message)):
+        return f"Unknown command {prefix}{name}. Try {prefix}help."
+    return _run(command, bot, message, args.strip())
+
+
+async def _run(command, bot, message, args: str) -> str:
+    return str(await await_me_maybe(command.handler(bot, message, args)))
+
+
+class RateLimiter:
+    """A sliding window per user; the first refusal in a window is answered, the rest dropped."""
+
+    def __init__(self, messages: int, seconds: float, clock=time.monotonic) -> None:
+        self.messages, self.seconds, self.clock = messages, seconds, clock
+        self.sent: dict[str, deque[float]] = {}
+        self.warned_until: dict[str, float] = {}
+
+    def check(self, user_key: str) -> Any:
+        if self.messages <= 0:
+            return None
+        now = self.clock()
+        times = self.sent.setdefault(user_key, deque())
+        while times and times[0] <= now - self.seconds:
+            times.popleft()
+        if len(times) < self.messages:
+            times.append(now)
+            return None
+        wait = max(1, round(times[0] + self.seconds - now))
+        if self.warned_until.get(user_key, 0) > now:
+            return DROP
+        self.warned_until[user_key] = times[0] + self.seconds
+        return f"You're sending messages faster than I can keep up with. Please wait {wait} s and try again."
+
+
+_limiters: "weakref.WeakKeyDictionary[Any, RateLimiter]" = weakref.WeakKeyDictionary()
+
+
+# --- commands --------------------------------------------------------------------
+
+
+def help_(bot, message, args):
+    """List the commands you can use."""
+    prefix = bot.config.get("plugins.commands.prefix")
+    admin = bot.is_admin(message)
+    lines = [f"{prefix}{c.name} - {c.help}" + (" (admin)" if c.admin else "")
+             for c in sorted(bot.commands.values(), key=lambda c: c.name) if admin or not c.admin]
+    return "Commands:\n" + "\n".join(lines)
+
+
+def reset(bot, message, args):
+    """Start a new conversation: I forget the earlier turns of this one."""
+    bot.store.reset_conversation(message)
+    return "OK, starting a new conversation."
+
+
+def forget(bot, message, args):
+    """Delete everything I stored from you, and never train on your messages."""
+    deleted = bot.store.forget_user(message.user_key)
+    return f"Done: I deleted {deleted} stored message(s) of yours and won't learn from you."
+
+
+def status(bot, message, args):
+    """Show which model is serving and what I have learned so far."""
+    stats = bot.store.stats()
+    return (f"{bot.name} on model {bot.engine.model_id}: {stats['exchanges']} exchanges stored, "
+            f"{stats['since_finetune']} new since the last fine-tune.")
+
+
+async def good(bot, message, args):
+    """Mark my last reply in this conversation as good."""
+    return await _rate_last(bot, message, +1)
+
+
+async def bad(bot, message, args):
+    """Mark my last reply in this conversation as bad: I won't learn from it."""
+    return await _rate_last(bot, message, -1)
+
+
+async def _rate_last(bot, message, value: int) -> str:
+    exchange = bot.store.last_exchange(message)
+    if exchange is None:
+        return "There is no reply of mine in this conversation to rate yet."
+    await bot.rate(exchange, message.user_key, value)
+    return "Thanks for the feedback."
