@@ -378,6 +378,16 @@ class Store:
                 "ORDER BY id DESC LIMIT ?", (conversation, limit)).fetchall()
         return [(user, reply) for user, reply in reversed(rows)]
 
+    def last_exchange(self, message_or_key: Message | str | tuple[str, str, str]) -> Exchange | None:
+        """The newest exchange of the current conversation (what /good and /bad rate), or None."""
+        key = self._key(message_or_key)
+        with self._translated() as db:
+            conversation = self._current_conversation(db, key)
+            row = None if conversation is None else db.execute(
+                _EXCHANGE_SELECT + " WHERE e.conversation_id = ? ORDER BY e.id DESC LIMIT 1",
+                (conversation,)).fetchone()
+        return _exchange(row) if row else None
+
     def reset_conversation(self, message: Message | str | tuple[str, str, str]) -> None:
         """End the current conversation of this adapter + channel + user (/reset); the next exchange starts a new one."""
         key = self._key(message)
