@@ -116,11 +116,11 @@ def load(config_path: Path | None):
     return pm, config
 
 
-def open_store(config_path: Path | None):
+def open_store(config_path: Path | None, *, read_only: bool = False):
     from .store import Store
 
     _, config = load(config_path)
-    return Store(config.store_path)
+    return Store(config.store_path, read_only=read_only)
 
 
 def build_bot(config_path: Path | None):
@@ -155,7 +155,7 @@ def _serve(bot: Any, adapters: list[str] | None) -> int:
 
 
 def cmd_history_export(args: argparse.Namespace) -> int:
-    store = open_store(args.config)
+    store = open_store(args.config, read_only=True)
     try:
         if args.output == "-":
             count = store.export_jsonl(sys.stdout)
@@ -182,7 +182,7 @@ def cmd_history_import(args: argparse.Namespace) -> int:
 
 
 def cmd_history_stats(args: argparse.Namespace) -> int:
-    store = open_store(args.config)
+    store = open_store(args.config, read_only=True)
     try:
         print(json.dumps(store.stats(), indent=2, default=str))
     finally:
