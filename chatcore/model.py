@@ -172,11 +172,11 @@ class GPT(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.transformer.wte.weight.device  # wte, not lm_head: an int8 head (chatcore.quant) has no fp32 weight
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.transformer.wte.weight.dtype
 
     # --- full-sequence forward (training, evaluation) ----------------------------
 

@@ -1,0 +1,137 @@
+"""int8 weights for CPU serving, and the check that they still speak like fp32.
+
+`quantize_int8(model)` swaps every ``nn.Linear`` of a `chatcore.model.GPT`
+(the output head included) for `Int8Linear`: weights stored as int8 with one
+scale per output channel (symmetric), activations quantized per call (torch's
+dynamic quantization kernels: fbgemm/x86 on Intel and AMD, qnnpack on ARM).
+Decoding one token is bound by reading the weights, so a quarter of the bytes
+and kernels that use every core make it several times faster than fp32.
+Embeddings and LayerNorms stay fp32; the embedding keeps the fp32 copy of the
+tied output head.
+
+It is a load-time transform for serving: quantize after loading fp32 weights,
+never save or train the result (packed int8 weights are not parameters).
+
+Batching note: the activation scale is per call, i.e. shared by the rows of a
+batch, so an int8 model's batched logits are close to, not bit-identical with,
+its unbatched ones (fp32 batching is exact up to float rounding).
+
+`quality(reference, candidate, documents)` measures what the swap costs:
+perplexity of both models on the same documents, and how often their greedy
+(top-1) next tokens agree under teacher forcing.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+def _quantized_engine() -> str:
+    supported = torch.backends.quantized.supported_engines
+    for name in ("x86", "fbgemm", "qnnpack"):
+        if name in supported:
+            return name
+    raise RuntimeError(f"this torch build has no int8 CPU kernels (quantized engines: {supported}); serve fp32 instead")
+
+
+class Int8Linear(nn.Module):
+    """``nn.Linear`` with int8 per-channel weights and dynamically quantized activations (CPU)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        engine = _quantized_engine()
+        if torch.backends.quantized.engine != engine:
+            torch.backends.quantized.engine = engine
+        w = linear.weight.detach().float().cpu()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+        bias = None if linear.bias is None else linear.bias.detach().float().cpu()
+        with warnings.catch_warnings():  # torch marks its quantized-tensor constructors deprecated; the kernels remain
+            warnings.simplefilter("ignore")
+            qweight = torch.quantize_per_channel(
+                w, scale.double(), torch.zeros(len(scale), dtype=torch.long), axis=0, dtype=torch.qint8
+            )
+            self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
+        # fbgemm multiplies int8 weights by uint8 activations in int16 pairs; 7-bit
+        # activations (reduce_range) keep those sums from saturating, as torch does.
+        self._reduce_range = engine in ("x86", "fbgemm")
+        self.weight_bytes = w.numel() + 4 * len(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:
+            raise TypeError(f"Int8Linear takes float32 activations, got {x.dtype}")
+        shape = x.shape
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]).contiguous(), self._packed, self._reduce_range)
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+@torch.no_grad()
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Replace, in place, every ``nn.Linear`` in `model` by `Int8Linear`; returns `model` (eval mode, CPU)."""
+    if next(model.parameters()).device.type != "cpu":
+        raise ValueError("int8 weights are a CPU serving option; move the model to the CPU first")
+    if next(model.parameters()).dtype != torch.float32:
+        raise ValueError("quantize from fp32 weights")
+    model.eval()
+    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    for name, linear in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, Int8Linear(linear))
+    model.quantized = "int8"  # for /status and the benchmark table
+    return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, Int8Linear) for m in model.modules())
+
+
+@dataclass
+class Quality:
+    """How a candidate model compares with a reference on the same tokens."""
+
+    tokens: int  # predicted positions compared
+    reference_ppl: float
+    candidate_ppl: float
+    top1_agreement: float  # fraction of positions where both models' argmax agree
+
+    @property
+    def ppl_change(self) -> float:
+        """Relative perplexity change (0.01 = 1% worse)."""
+        return self.candidate_ppl / self.reference_ppl - 1.0
+
+
+@torch.no_grad()
+def quality(reference: nn.Module, candidate: nn.Module, documents: Iterable[Sequence[int]], block_size: int | None = None) -> Quality:
+    """Teacher-forced perplexity of both models and their greedy-token agreement on `documents` (token ids)."""
+    n = 0
+    nll_ref = nll_cand = 0.0
+    agree = 0
+    for doc in documents:
+        ids = torch.as_tensor(list(doc), dtype=torch.long)
+        size = block_size or reference.config.block_size
+        for start in range(0, max(len(ids) - 1, 0), size):
+            chunk = ids[start : start + size + 1]
+            if len(chunk) < 2:
+                break
+            x, y = chunk[None, :-1], chunk[1:]
+            lr, _ = reference(x)
+            lc, _ = candidate(x)
+            lr, lc = lr[0].float(), lc[0].float()
+            nll_ref += F.cross_entropy(lr, y, reduction="sum").item()
+            nll_cand += F.cross_entropy(lc, y, reduction="sum").item()
+            agree += int((lr.argmax(-1) == lc.argmax(-1)).sum())
+            n += len(y)
+    if n == 0:
+        raise ValueError("no document has two tokens or more")
+    return Quality(n, math.exp(nll_ref / n), math.exp(nll_cand / n), agree / n)
