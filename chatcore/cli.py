@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = csub.add_parser("check", help="validate a config file (secrets are never printed)", description="Validate a config file and print it with secrets redacted.")
     p.add_argument("file", type=Path)
     p.set_defaults(run=cmd_config_check)
+    p = csub.add_parser("defaults", help="print every key with its default (config/default.yaml)", description="Print the full default config, commented.")
+    p.set_defaults(run=cmd_config_defaults)
 
     _add_training_commands(sub, config_arg)
     return parser
@@ -197,6 +199,14 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     enabled = [name for name, section in config["adapters"].items() if section.get("enabled")]
     print(f"{args.file}: OK (adapters enabled: {', '.join(enabled) or 'none'})")
     print(yaml.safe_dump(config.redacted(), sort_keys=False), end="")
+    return EXIT_OK
+
+
+def cmd_config_defaults(args: argparse.Namespace) -> int:
+    from .config import render_defaults
+    from .plugin_manager import make_plugin_manager
+
+    print(render_defaults(make_plugin_manager().schema()), end="")
     return EXIT_OK
 
 
