@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, fields, replace
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -21,3 +24,107 @@ class SamplingParams:
     def updated(self, **changes) -> "SamplingParams":
         known = {f.name for f in fields(self)}
         return replace(self, **{k: v for k, v in changes.items() if k in known and v is not None})
+
+
+# --- sampling functions -------------------------------------------------------------
+#
+# They work on a batch of logits ``[B, V]`` with one SamplingParams per row, so a
+# single request (B = 1) and a continuous batch share the same code.
+
+
+def validate(params: SamplingParams) -> SamplingParams:
+    """Raise ValueError naming the bad setting; return ``params`` unchanged otherwise."""
+    if not params.temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {params.temperature}")
+    if params.top_k is not None and params.top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {params.top_k}")
+    if not 0 < params.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
+    if not params.repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1.0 is off), got {params.repetition_penalty}")
+    if params.max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {params.max_new_tokens}")
+    if isinstance(params.stop, str) or not all(isinstance(s, str) for s in params.stop):
+        raise ValueError(f"stop must be a sequence of strings, got {params.stop!r}")
+    return params
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """A per-request random generator (None: use torch's global one)."""
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed))
+    return g
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor,
+    previous: Sequence[Sequence[int]],
+    penalties: Sequence[float],
+    exempt: Collection[int] = (),
+) -> torch.Tensor:
+    """CTRL-style penalty (positive logits divided, negative multiplied) on each row's
+    ``previous`` tokens, except the ``exempt`` ones (turn markers: penalising them
+    makes it harder for the model to end its turn). Works in place and returns ``logits``."""
+    for b, (ids, penalty) in enumerate(zip(previous, penalties)):
+        if penalty == 1.0 or not ids:
+            continue
+        uniq = sorted(set(ids) - set(exempt))
+        if not uniq:
+            continue
+        idx = torch.tensor(uniq, dtype=torch.long, device=logits.device)
+        row = logits[b, idx]
+        logits[b, idx] = torch.where(row > 0, row / penalty, row * penalty)
+    return logits
+
+
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams | Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None] | None = None,
+    previous: Sequence[Sequence[int]] | None = None,
+    exempt: Collection[int] = (),
+) -> torch.Tensor:
+    """Pick the next token of every row of ``logits`` ``[B, V]``; returns ``[B]`` token ids.
+
+    ``params`` is one SamplingParams for all rows or one per row; ``generators``
+    one per row (None entries use torch's global generator); ``previous`` the
+    tokens each row generated so far (for the repetition penalty).
+    """
+    B, V = logits.shape
+    plist = [params] * B if isinstance(params, SamplingParams) else list(params)
+    gens = list(generators) if generators is not None else [None] * B
+    if len(plist) != B or len(gens) != B:
+        raise ValueError(f"need one SamplingParams and one generator per row ({B})")
+    logits = logits.float()  # a copy for low-precision logits; the penalty writes in place
+    if previous is not None and any(p.repetition_penalty != 1.0 for p in plist):
+        logits = apply_repetition_penalty(logits.clone(), previous, [p.repetition_penalty for p in plist], exempt)
+    out = torch.empty(B, dtype=torch.long, device=logits.device)
+    greedy = [b for b, p in enumerate(plist) if p.temperature == 0 or p.top_k == 1]
+    if greedy:
+        out[greedy] = logits[greedy].argmax(dim=-1)
+    rest = sorted(set(range(B)) - set(greedy))
+    if not rest:
+        return out
+    # Work in sorted order: the top-k cut is a prefix, and so is the nucleus.
+    ks = [V if p.top_k is None else min(p.top_k, V) for p in (plist[b] for b in rest)]
+    K = max(ks)
+    temps = torch.tensor([plist[b].temperature for b in rest], device=logits.device)[:, None]
+    scaled = logits[rest] / temps
+    if K < V:
+        vals, ids = torch.topk(scaled, K, dim=-1)  # sorted, largest first
+    else:
+        vals, ids = torch.sort(scaled, dim=-1, descending=True)
+    rank = torch.arange(K, device=logits.device)[None, :]
+    vals = vals.masked_fill(rank >= torch.tensor(ks, device=logits.device)[:, None], float("-inf"))
+    probs = torch.softmax(vals, dim=-1)
+    top_p = torch.tensor([plist[b].top_p for b in rest], device=logits.device)[:, None]
+    if bool((top_p < 1).any()):
+        # drop a token when the tokens ranked above it already reach top_p (the first always stays)
+        before = torch.cumsum(probs, dim=-1) - probs
+        probs = probs.masked_fill(before >= top_p, 0.0)
+    for i, b in enumerate(rest):
+        j = torch.multinomial(probs[i], 1, generator=gens[b])
+        out[b] = ids[i, j[0]]
+    return out

@@ -1,0 +1,317 @@
+"""Save and load model weights without ever running code from a file.
+
+Native format: ``NAME.safetensors`` (the weights, nanoGPT's state-dict keys,
+``lm_head.weight`` left out because it is ``transformer.wte.weight``) plus the
+sidecar ``NAME.json``::
+
+    {"format": "chatcore-checkpoint/1",
+     "config": {GPTConfig fields},
+     "provenance": {"base_model", "iteration", "train_loss", "val_loss",
+                    "data_hash", "created_at", ...}}
+
+The same JSON is stored in the safetensors header (``__metadata__["chatcore"]``),
+so the weights file alone is complete and consistent even if the sidecar is
+stale or lost; the sidecar is for people and tools. Each file is written to a
+temporary name in the same directory and moved into place with ``os.replace``:
+a reader sees the old file or the new one, never half of one.
+
+Also read, safely:
+
+- the seed's plain state dict (``models/gpt2_nano.pt``): config inferred from the
+  tensor shapes, heads of 64 dimensions unless told otherwise;
+- the seed's fine-tune dict ``{'model_state_dict', 'config', 'iter',
+  'train_loss', 'val_loss'}`` whose ``config`` is a pickled ``model.GPTConfig``;
+- nanoGPT's ``ckpt.pt`` (``{'model', 'model_args', 'iter_num', ...}``).
+
+``.pt`` files go through ``torch.load(weights_only=True)``. The only class it is
+allowed to build beyond tensors and containers is the name ``model.GPTConfig``,
+mapped to an inert stand-in whose field values are then type-checked: a file
+asking for anything else (``os.system``, ...) is refused with CheckpointError.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import uuid
+import zipfile
+from dataclasses import asdict, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .model import GPT, GPTConfig
+
+FORMAT = "chatcore-checkpoint/1"
+_META_KEY = "chatcore"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, unsafe or does not fit the model."""
+
+
+# --- writing ------------------------------------------------------------------------
+
+
+def sidecar_path(path: str | Path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def save(
+    model: GPT,
+    path: str | Path,
+    *,
+    base_model: str | None = None,
+    iteration: int | None = None,
+    train_loss: float | None = None,
+    val_loss: float | None = None,
+    data_hash: str | None = None,
+    **extra: Any,
+) -> Path:
+    """Write ``model`` to ``path`` (``.safetensors`` is appended if missing) and its sidecar.
+
+    Extra keyword arguments land in the provenance (JSON-serialisable values only).
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_name(path.name + ".safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    provenance = dict(
+        base_model=base_model,
+        iteration=iteration,
+        train_loss=None if train_loss is None else float(train_loss),
+        val_loss=None if val_loss is None else float(val_loss),
+        data_hash=data_hash,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    )
+    meta = {"format": FORMAT, "config": asdict(model.config), "provenance": provenance}
+    meta_json = json.dumps(meta, indent=2, sort_keys=True)
+    # the head is the embedding (tied): store it once, contiguous, on the CPU
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    _atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={_META_KEY: meta_json}))
+    _atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(meta_json + "\n", encoding="utf-8"))
+    return path
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --- reading ------------------------------------------------------------------------
+
+
+def load(
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    config: GPTConfig | None = None,
+) -> tuple[GPT, dict]:
+    """Load a native checkpoint, a seed/nanoGPT ``.pt`` file or a Hugging Face GPT-2 directory.
+
+    Returns the model (eval mode) and its metadata ``{"format", "config",
+    "provenance", "source"}``. ``config`` overrides what is read or inferred
+    (needed only for a plain state dict whose heads are not 64-dimensional).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        from .hf import load_hf_dir  # a Hugging Face export
+
+        return load_hf_dir(path, device=device, dtype=dtype)
+    if path.suffix == ".safetensors":
+        cfg, state, meta = _read_native(path)
+    else:
+        cfg, state, meta = _read_torch(path)
+    cfg = config or cfg
+    model = build_model(cfg, state, source=str(path))
+    model.to(device)
+    if dtype is not None:
+        model.to(dtype)
+    meta["config"] = asdict(cfg)
+    meta["source"] = str(path)
+    return model.eval(), meta
+
+
+def read_meta(path: str | Path) -> dict:
+    """A native checkpoint's metadata, without reading its weights."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+    if _META_KEY in header:
+        try:
+            return json.loads(header[_META_KEY])
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: metadata is not valid JSON: {e}") from e
+    side = sidecar_path(path)
+    if side.is_file():
+        try:
+            return json.loads(side.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, OSError) as e:
+            raise CheckpointError(f"{side}: unreadable sidecar: {e}") from e
+    raise CheckpointError(f"{path} has no chatcore metadata and no sidecar {side.name}: its config is unknown")
+
+
+def _read_native(path: Path) -> tuple[GPTConfig, dict, dict]:
+    meta = read_meta(path)
+    cfg = config_from_dict(meta.get("config"), str(path))
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is corrupt or truncated: {e}") from e
+    meta.setdefault("provenance", {})
+    return cfg, state, meta
+
+
+class _SeedGPTConfig:
+    """Stands in for the seed's pickled ``model.GPTConfig``: an empty object that
+    only receives the pickled field values, which are type-checked afterwards."""
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        with torch.serialization.safe_globals([(_SeedGPTConfig, "model.GPTConfig")]):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refused to load {path}: it asks to run or build something other than tensors "
+            f"and a GPTConfig, which could execute code ({str(e).splitlines()[-1] if str(e) else e})"
+        ) from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {e}") from e
+
+
+def _read_torch(path: Path) -> tuple[GPTConfig | None, dict, dict]:
+    obj = _torch_load(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
+    provenance: dict[str, Any] = {}
+    if "model_state_dict" in obj:  # the seed's fine-tune format
+        state = obj["model_state_dict"]
+        raw_cfg = obj.get("config")
+        provenance = dict(
+            iteration=_number(obj.get("iter")),
+            train_loss=_number(obj.get("train_loss")),
+            val_loss=_number(obj.get("val_loss")),
+        )
+        fmt = "seed-finetune"
+    elif "model" in obj and isinstance(obj["model"], dict):  # nanoGPT's ckpt.pt
+        state = obj["model"]
+        raw_cfg = obj.get("model_args")
+        provenance = dict(iteration=_number(obj.get("iter_num")), val_loss=_number(obj.get("best_val_loss")))
+        fmt = "nanogpt"
+    else:  # a plain state dict
+        state, raw_cfg, fmt = obj, None, "state-dict"
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: the weights are not a dict of tensors")
+    state = normalize_state_dict(state)
+    if isinstance(raw_cfg, _SeedGPTConfig):
+        raw_cfg = vars(raw_cfg)
+    cfg = config_from_dict(raw_cfg, str(path)) if raw_cfg is not None else infer_config(state, str(path))
+    return cfg, state, {"format": fmt, "provenance": provenance}
+
+
+def _number(x: Any) -> float | int | None:
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        x = x.item()
+    return x if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+# --- state dicts and configs --------------------------------------------------------------
+
+
+def normalize_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """nanoGPT keys: strip torch.compile's ``_orig_mod.``, drop the causal-mask buffers."""
+    out = {}
+    for k, v in state.items():
+        k = k.removeprefix("_orig_mod.")
+        if k.endswith(".attn.bias") or k.endswith(".attn.masked_bias"):
+            continue  # nanoGPT's / HF's causal mask buffers, not weights
+        out[k] = v
+    return out
+
+
+def config_from_dict(raw: Any, source: str) -> GPTConfig:
+    """A GPTConfig from untrusted values, each type-checked."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{source}: config is missing or not a mapping")
+    kinds = {"block_size": int, "vocab_size": int, "n_layer": int, "n_head": int, "n_embd": int, "dropout": float, "bias": bool}
+    values = {}
+    for f in fields(GPTConfig):
+        if f.name not in raw:
+            continue
+        v = raw[f.name]
+        want = kinds[f.name]
+        ok = isinstance(v, bool) if want is bool else isinstance(v, (int, float) if want is float else int) and not isinstance(v, bool)
+        if not ok:
+            raise CheckpointError(f"{source}: config.{f.name} = {v!r} is not a {want.__name__}")
+        values[f.name] = want(v)
+    try:
+        cfg = GPTConfig(**values)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from e
+    for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+        if getattr(cfg, name) < 1:
+            raise CheckpointError(f"{source}: config.{name} must be positive")
+    return cfg
+
+
+def infer_config(state: dict[str, torch.Tensor], source: str, head_dim: int = 64) -> GPTConfig:
+    """Read the shapes of a plain state dict; heads are GPT-2's 64 dimensions."""
+    try:
+        vocab_size, n_embd = state["transformer.wte.weight"].shape
+        block_size = state["transformer.wpe.weight"].shape[0]
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{source}: not a GPT state dict (no transformer.wte/wpe weights)") from e
+    layers = {int(k.split(".")[2]) for k in state if k.startswith("transformer.h.")}
+    if n_embd % head_dim:
+        raise CheckpointError(f"{source}: n_embd {n_embd} is not a multiple of {head_dim}; pass the config explicitly")
+    return GPTConfig(
+        block_size=block_size,
+        vocab_size=vocab_size,
+        n_layer=len(layers),
+        n_head=n_embd // head_dim,
+        n_embd=n_embd,
+        bias="transformer.ln_f.bias" in state,
+    )
+
+
+def build_model(cfg: GPTConfig, state: dict[str, torch.Tensor], source: str = "state dict") -> GPT:
+    """A GPT with exactly these weights; any missing, extra or misshapen tensor is an error."""
+    with torch.device("meta"):
+        model = GPT(cfg)  # no wasted random init: every tensor is replaced below
+    state = dict(state)
+    state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: weights do not match the config (missing: {missing[:5]}, unexpected: {unexpected[:5]})"
+        )
+    for k, v in expected.items():
+        if state[k].shape != v.shape:
+            raise CheckpointError(f"{source}: {k} has shape {tuple(state[k].shape)}, config wants {tuple(v.shape)}")
+    if state["lm_head.weight"] is not state["transformer.wte.weight"] and not torch.equal(
+        state["lm_head.weight"], state["transformer.wte.weight"]
+    ):
+        raise CheckpointError(f"{source}: lm_head.weight differs from transformer.wte.weight (GPT-2 ties them)")
+    model.load_state_dict(state, assign=True)
+    model.transformer.wte.weight = model.lm_head.weight  # assign=True replaced the shared parameter
+    return model

@@ -1,0 +1,162 @@
+"""Import Hugging Face GPT-2 checkpoints (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or any
+GPT-2-shaped export) into chatcore's GPT.
+
+From a local directory (``config.json`` + ``model.safetensors`` or
+``pytorch_model.bin``, the latter read with ``weights_only=True``), or by hub
+name through ``huggingface_hub`` (its cache first; a download with a progress
+bar only when allowed and online).
+
+Hugging Face stores ``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc`` and
+``mlp.c_proj`` weights as Conv1D ``[in, out]``: they are transposed for
+``nn.Linear``. The ``attn.bias`` / ``attn.masked_bias`` mask buffers of older
+exports are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, _torch_load, build_model
+from .model import GPT, GPTConfig
+
+GPT2_SIZES = {  # name: (n_layer, n_head, n_embd)
+    "gpt2": (12, 12, 768),
+    "gpt2-medium": (24, 16, 1024),
+    "gpt2-large": (36, 20, 1280),
+    "gpt2-xl": (48, 25, 1600),
+}
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def config_from_hf(cfg: dict, source: str = "config.json") -> GPTConfig:
+    """GPTConfig from a Hugging Face GPT2Config dict; refuses variants this model does not compute."""
+    if cfg.get("model_type", "gpt2") != "gpt2":
+        raise CheckpointError(f"{source}: model_type {cfg.get('model_type')!r} is not gpt2")
+    act = cfg.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise CheckpointError(f"{source}: activation {act!r} is not GPT-2's tanh GELU")
+    n_embd = cfg.get("n_embd", 768)
+    if cfg.get("n_inner") not in (None, 4 * n_embd):
+        raise CheckpointError(f"{source}: n_inner {cfg['n_inner']} is not 4 * n_embd")
+    if cfg.get("scale_attn_by_inverse_layer_idx") or cfg.get("scale_attn_weights") is False:
+        raise CheckpointError(f"{source}: non-standard attention scaling is not supported")
+    if abs(cfg.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
+        raise CheckpointError(f"{source}: layer_norm_epsilon {cfg['layer_norm_epsilon']} is not 1e-5")
+    return GPTConfig(
+        block_size=cfg.get("n_positions", cfg.get("n_ctx", 1024)),
+        vocab_size=cfg.get("vocab_size", 50257),
+        n_layer=cfg.get("n_layer", 12),
+        n_head=cfg.get("n_head", 12),
+        n_embd=n_embd,
+        dropout=0.0,
+        bias=True,
+    )
+
+
+def convert_hf_state_dict(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face GPT2LMHeadModel / GPT2Model keys and layouts -> nanoGPT's."""
+    out = {}
+    for k, v in hf_state.items():
+        if k.endswith(".attn.bias") or k.endswith(".attn.masked_bias"):
+            continue  # causal-mask buffers
+        if k == "lm_head.weight":
+            continue  # tied to wte
+        if not k.startswith("transformer."):
+            k = "transformer." + k  # GPT2Model exports lack the prefix
+        if k.endswith(_CONV1D):
+            v = v.t()
+        out[k] = v.contiguous()
+    return out
+
+
+def load_hf_dir(
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> tuple[GPT, dict]:
+    """Load a local Hugging Face GPT-2 directory; returns (model, metadata)."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path} has no config.json: not a Hugging Face model directory")
+    try:
+        hf_cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, OSError) as e:
+        raise CheckpointError(f"{cfg_file}: {e}") from e
+    cfg = config_from_hf(hf_cfg, str(cfg_file))
+    weights = next((path / n for n in _WEIGHT_FILES if (path / n).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{path} has neither model.safetensors nor pytorch_model.bin")
+    if weights.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            hf_state = load_file(str(weights))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{weights} is corrupt or truncated: {e}") from e
+    else:
+        hf_state = _torch_load(weights)
+        if not isinstance(hf_state, dict):
+            raise CheckpointError(f"{weights}: expected a state dict")
+    model = build_model(cfg, convert_hf_state_dict(hf_state), source=str(weights))
+    model.to(device)
+    if dtype is not None:
+        model.to(dtype)
+    name = hf_cfg.get("_name_or_path") or path.name
+    meta = {
+        "format": "huggingface",
+        "config": cfg.__dict__.copy(),
+        "provenance": {"base_model": name},
+        "source": str(path),
+    }
+    return model.eval(), meta
+
+
+def fetch(
+    name: str = "gpt2",
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = True,
+) -> Path:
+    """The local directory of hub model ``name``: from the Hugging Face cache, or downloaded
+    (with huggingface_hub's progress bars) when ``local_files_only`` is False.
+
+    Raises whatever huggingface_hub raises when the files are neither cached nor reachable.
+    """
+    from huggingface_hub import snapshot_download
+
+    last: Exception | None = None
+    for weights in _WEIGHT_FILES:  # prefer safetensors: no pickle at all
+        try:
+            d = snapshot_download(
+                repo_id=name,
+                allow_patterns=["config.json", weights],
+                cache_dir=str(cache_dir) if cache_dir else None,
+                local_files_only=local_files_only,
+            )
+        except Exception as e:  # not cached / offline / no such file: try the next format
+            last = e
+            continue
+        if (Path(d) / weights).is_file():
+            return Path(d)
+    raise last if last is not None else FileNotFoundError(f"{name}: no weights found on the hub")
+
+
+def load_hf(
+    name_or_path: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = True,
+) -> tuple[GPT, dict]:
+    """Load a local Hugging Face directory, or hub model ``name_or_path`` (cache, then download)."""
+    if Path(name_or_path).is_dir():
+        return load_hf_dir(name_or_path, device=device, dtype=dtype)
+    d = fetch(str(name_or_path), cache_dir=cache_dir, local_files_only=local_files_only)
+    model, meta = load_hf_dir(d, device=device, dtype=dtype)
+    meta["provenance"]["base_model"] = str(name_or_path)
+    return model, meta
