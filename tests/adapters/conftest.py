@@ -15,6 +15,7 @@ from chatcore import hookimpl
 from chatcore.testing import ScriptedEngine, make_bot
 
 from .fake_discord import FakeDiscord
+from .fake_slack import FakeSlack
 
 
 class NonLoopbackConnection(AssertionError):
@@ -74,6 +75,16 @@ def naughty_strings(shared_data: Path) -> list[str]:
     import json
 
     return json.loads((shared_data / "naughty_strings.json").read_text(encoding="utf-8"))
+
+
+async def eventually(check: Any, timeout: float = 5.0) -> Any:
+    """Poll `check()` until it returns something truthy (deliveries finish after the message is sent)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (result := check()):
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"condition not met in {timeout} s")
+        await asyncio.sleep(0.01)
+    return result
 
 
 class FeedbackSpy:
@@ -140,6 +151,47 @@ async def discord_bot(tmp_path: Path, fake_discord: FakeDiscord, monkeypatch) ->
         adapter = bot.enabled_adapters(["discord"])[0]
         try:
             task = await start_adapter(adapter, adapter.ready.wait)
+        except BaseException:
+            await bot.close()
+            raise
+        running.append((bot, adapter, task))
+        return bot, adapter
+
+    yield run
+    for bot, adapter, task in running:
+        await stop_adapter(adapter, task)
+        await bot.close()
+
+
+@pytest.fixture
+async def fake_slack() -> AsyncIterator[FakeSlack]:
+    fake = await FakeSlack().start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+async def slack_bot(tmp_path: Path, fake_slack: FakeSlack) -> AsyncIterator[Any]:
+    """`await slack_bot(mode, settings, replies, config=...)` -> (bot, adapter), running against the fake."""
+    running: list[tuple[Any, Any, asyncio.Task]] = []
+
+    async def run(mode: str = "socket", settings: dict[str, Any] | None = None, replies: Any = None,
+                  **kwargs: Any) -> tuple[Any, Any]:
+        base = {"mode": mode, "bot_token": fake_slack.bot_token, "api_url": fake_slack.api_url}
+        if mode == "socket":
+            base["app_token"] = fake_slack.app_token
+        else:
+            base.update(signing_secret=fake_slack.signing_secret, host="127.0.0.1", port=0)
+        bot = build_bot(tmp_path, "slack", {**base, **(settings or {})}, replies, **kwargs)
+        adapter = bot.enabled_adapters(["slack"])[0]
+
+        async def ready() -> None:
+            await adapter.ready.wait()
+            if mode == "socket":
+                await fake_slack.socket_connected.wait()
+
+        try:
+            task = await start_adapter(adapter, ready)
         except BaseException:
             await bot.close()
             raise

@@ -9,7 +9,7 @@ import pytest
 from chatcore.adapter import AdapterError
 from chatcore.adapters.discord import BUSY_TEXT, DiscordAdapter
 
-from .conftest import FeedbackSpy, build_bot, start_adapter
+from .conftest import FeedbackSpy, build_bot, eventually, start_adapter
 from .fake_discord import MESSAGE_CONTENT, user
 
 ALICE = user(5, "alice")
@@ -30,7 +30,7 @@ async def test_mention_is_answered_in_the_channel_with_mentions_disabled(discord
     assert sent["allowed_mentions"] == {"parse": []}
     assert sent["message_reference"]["message_id"] == int(question["id"])
     assert fake_discord.typing(fake_discord.channel_id) >= 1
-    found = bot.store.find_by_platform_message_id("discord", sent["response"]["id"])
+    found = await eventually(lambda: bot.store.find_by_platform_message_id("discord", sent["response"]["id"]))
     assert found is not None and found.channel == str(fake_discord.channel_id) and found.user == ALICE["id"]
     assert fake_discord.unhandled == []
 
@@ -50,7 +50,7 @@ async def test_dm_is_answered_without_a_mention_and_without_a_reply_reference(di
     assert sent["content"] == "You said: hello in private"
     assert "message_reference" not in sent or sent["message_reference"] is None
     assert fake_discord.sent(fake_discord.dm_channel_id) == [sent]
-    exchange = bot.store.find_by_platform_message_id("discord", sent["response"]["id"])
+    exchange = await eventually(lambda: bot.store.find_by_platform_message_id("discord", sent["response"]["id"]))
     assert exchange.channel == str(fake_discord.dm_channel_id)
 
 
@@ -96,9 +96,10 @@ async def test_configured_channels_and_their_threads_are_answered_without_mentio
     assert [s["content"] for s in fake_discord.sent()] == [
         "You said: in the channel", "You said: in the thread", "You said: again"]
     # a thread is its own conversation; so is each user in it
-    thread_reply = bot.store.find_by_platform_message_id("discord", sent[1]["response"]["id"])
+    thread_reply = await eventually(lambda: bot.store.find_by_platform_message_id("discord", sent[1]["response"]["id"]))
     assert (thread_reply.channel, thread_reply.user) == (str(fake_discord.thread_id), ALICE["id"])
-    assert bot.store.find_by_platform_message_id("discord", sent[2]["response"]["id"]).user == BOB["id"]
+    bob_reply = await eventually(lambda: bot.store.find_by_platform_message_id("discord", sent[2]["response"]["id"]))
+    assert bob_reply.user == BOB["id"]
 
 
 async def test_conversation_history_is_per_channel_and_user(discord_bot, fake_discord):
@@ -131,11 +132,13 @@ async def test_long_reply_is_split_and_every_chunk_carries_feedback(discord_bot,
     assert sent[0].get("message_reference") and not sent[1].get("message_reference")
 
     ids = [s["response"]["id"] for s in sent]
+    await eventually(lambda: bot.store.find_by_platform_message_id("discord", ids[-1]))
     await fake_discord.react(ids[-1], "\N{THUMBS DOWN SIGN}", BOB["id"])
     await fake_discord.react(ids[0], "\N{THUMBS UP SIGN}\N{EMOJI MODIFIER FITZPATRICK TYPE-4}", ALICE["id"])
     await fake_discord.react(ids[0], "\N{THUMBS UP SIGN}", fake_discord.bot_user["id"])  # its own: ignored
     await fake_discord.react(ids[0], "\N{PARTY POPPER}", ALICE["id"])  # not a rating
-    await asyncio.sleep(0.2)
+    await eventually(lambda: len(spy.votes) >= 2)
+    await asyncio.sleep(0.1)
     exchange = bot.store.find_by_platform_message_id("discord", ids[1])
     assert spy.votes == [(exchange.id, f"discord:{BOB['id']}", -1), (exchange.id, f"discord:{ALICE['id']}", 1)]
     assert exchange.feedback == 0  # +1 from alice, -1 from bob
