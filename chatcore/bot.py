@@ -24,6 +24,17 @@ async def await_me_maybe(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
 
+def starter_for(config: Config) -> Callable[[], Any] | None:
+    """The offline starter model's builder, when the config allows it (see chatcore.training.starter)."""
+    if not config["model"]["starter"]:
+        return None
+    try:
+        from .training.starter import starter_model
+    except ImportError:
+        return None
+    return lambda: starter_model(config)
+
+
 class Bot:
     def __init__(self, config: Config, pm: PluginManager, store: Any, generator: Generator) -> None:
         self.config = config
@@ -54,11 +65,15 @@ class Bot:
         if not isinstance(config, Config):
             config = load_config(config, pm.schema())
         pm.disable(config["plugins"]["disabled"])
+        store = Store(config.store_path)  # first: a locked or read-only database fails before the model loads
         if engine is None:
             from .engine import Engine
 
-            engine = Engine.from_config(config)
-        store = Store(config.store_path)
+            try:
+                engine = Engine.from_config(config["model"], starter=starter_for(config))
+            except BaseException:
+                store.close()
+                raise
         generator = Generator(engine, max_queue=config["serving"]["max_queue"])
         return cls(config, pm, store, generator)
 
@@ -78,8 +93,13 @@ class Bot:
 
     # --- one message --------------------------------------------------------------
 
-    async def handle(self, message: Message, on_delta: Callable[[str], Any] | None = None) -> Reply | None:
-        """Answer `message`: hooks, history, model, store. None means nothing to send."""
+    async def handle(self, message: Message, on_delta: Callable[[str], Any] | None = None,
+                     params: SamplingParams | None = None) -> Reply | None:
+        """Answer `message`: hooks, history, model, store. None means nothing to send.
+
+        `params` replaces the configured sampler settings for this message (per-request API settings).
+        """
+        params = params or self.params
         if not message.text.strip():
             return None
         answer = await self._first_result("message_received", bot=self, message=message)
@@ -93,11 +113,11 @@ class Bot:
         engine = self.generator.engine
         history = self.store.history(message, limit=self.config["bot"]["history_turns"])
         prompt = build_prompt(message.text, history, engine.count_tokens,
-                              budget=engine.block_size - self.params.max_new_tokens)
+                              budget=engine.block_size - params.max_new_tokens)
         await self._call("prompt_built", bot=self, message=message, prompt=prompt)
 
         parts: list[str] = []
-        async for delta in self.generator.stream(prompt.text, self.params):
+        async for delta in self.generator.stream(prompt.text, params):
             if not parts:
                 delta = delta.lstrip()  # the prompt ends at "Assistant:"; the reply's first space is format
                 if not delta:
@@ -109,7 +129,7 @@ class Bot:
         await self._call("reply_ready", bot=self, message=message, reply=reply)
         if not reply.text:
             return None
-        exchange = self.store.log_exchange(message, reply.text, model_id=reply.model_id, params=self.params)
+        exchange = self.store.log_exchange(message, reply.text, model_id=reply.model_id, params=params)
         reply.exchange_id = exchange.id
         await self._call("exchange_logged", bot=self, exchange=exchange)
         return reply
