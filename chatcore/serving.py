@@ -1,9 +1,21 @@
 """`Generator`: the async front of the engine, shared by every adapter.
 
-Model work runs on a worker thread so it never blocks the event loop. The engine
-is read when a request starts, so `swap` is a hot swap: requests already running
-finish on the old engine, the next ones use the new one, and none ever sees a
-half-loaded model (the caller loads fully, then swaps one reference).
+Model work runs on a worker thread so it never blocks the event loop. An engine
+with a model (`chatcore.engine.Engine`) is served by continuous batching
+(`chatcore.batching.Scheduler`): requests from all adapters decode together,
+each joining as it arrives and leaving as it finishes, and a follow-up turn
+reuses its conversation's cached prefix (`chatcore.prefix_cache`). Anything
+else with the Engine's shape (`chatcore.testing.ScriptedEngine`) is served one
+request at a time.
+
+The engine is picked when a request is submitted, so `swap` is a hot swap:
+requests already submitted finish on the old engine (its worker then stops),
+the next ones use the new one, and none ever sees a half-loaded model (the
+caller loads fully, then swaps one reference). Each engine gets its own prefix
+cache: a state computed by old weights is never reused with new ones.
+
+Cancellation: when the consumer of `stream` stops iterating (client gone), the
+request stops at the next token and its batch row is free for the next one.
 """
 
 from __future__ import annotations
@@ -14,26 +26,116 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from .batching import DONE, Busy, Scheduler, Sink
+from .prefix_cache import PrefixCache
 from .sampling import SamplingParams
 
-
-class Busy(RuntimeError):
-    """Raised when more requests are waiting than the queue allows."""
+__all__ = ["Busy", "Generator"]
 
 
-_DONE = object()
+def supports_batching(engine: Any) -> bool:
+    """Engines that expose a GPT with a batch KV cache and a tokenizer can be batched."""
+    model = getattr(engine, "model", None)
+    return hasattr(model, "forward_cached") and hasattr(getattr(engine, "tokenizer", None), "stream_decoder")
+
+
+class _Handle:
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class _Serial:
+    """One request at a time on one worker thread: for engines without a batchable model."""
+
+    def __init__(self, engine: Any, max_queue: int) -> None:
+        self.engine = engine
+        self.max_queue = max_queue
+        self._pending = 0  # submitted, not yet started
+        self._active = 0
+        self._lock = threading.Lock()
+        self._handles: set[_Handle] = set()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatcore-model")
+
+    def submit(self, prompt: str, params: SamplingParams, sink: Sink) -> _Handle:
+        handle = _Handle()
+        with self._lock:
+            if self._pending >= self.max_queue and (self._active or self._pending):
+                raise Busy(f"{self._pending} requests are already waiting; try again shortly")
+            self._pending += 1
+            self._handles.add(handle)
+
+        def work() -> None:
+            with self._lock:
+                self._pending -= 1
+                self._active += 1
+            try:
+                if not handle.cancelled.is_set():
+                    for delta in self.engine.stream(prompt, params, handle.cancelled.is_set):
+                        sink(delta)
+                sink(DONE)
+            except BaseException as exc:  # handed to the awaiting coroutine
+                sink(exc)
+            finally:
+                with self._lock:
+                    self._active -= 1
+                    self._handles.discard(handle)
+
+        self._executor.submit(work)
+        return handle
+
+    @property
+    def idle(self) -> bool:
+        return not (self._pending or self._active)
+
+    def close(self, drain: bool = True) -> None:
+        if not drain:  # queued work still runs, but finds itself cancelled and just ends its stream
+            with self._lock:
+                for handle in self._handles:
+                    handle.cancel()
+        self._executor.shutdown(wait=False)
 
 
 class Generator:
-    def __init__(self, engine: Any, *, max_queue: int = 64) -> None:
-        self._engine = engine
+    """Async front of one engine at a time (see the module docstring).
+
+    `max_queue`: requests waiting for a slot beyond the running ones; past it,
+    `stream` raises `Busy`. `max_batch`: conversations decoding together.
+    `prefix_cache_mb`: memory for reusable conversation states (0: off).
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        max_queue: int = 64,
+        max_batch: int = 8,
+        prefill_chunk: int = 128,
+        prefix_cache_mb: float = 256,
+    ) -> None:
         self._max_queue = max_queue
-        self._waiting = 0
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatcore-model")
+        self._max_batch = max_batch
+        self._prefill_chunk = prefill_chunk
+        self._prefix_cache_bytes = int(prefix_cache_mb * 2**20)
+        self._engine = engine
+        self._backend: Any = None
+        self._retired: list[Any] = []  # backends of swapped-out engines, finishing their requests
+        self._closed = False
 
     @property
     def engine(self) -> Any:
         return self._engine
+
+    @property
+    def backend(self) -> Scheduler | _Serial:
+        """The worker serving the current engine (created on first use)."""
+        if self._backend is None or self._backend.engine is not self._engine:
+            if self._backend is not None:
+                self._retire(self._backend)
+            self._backend = self._make_backend(self._engine)
+        return self._backend
 
     def swap(self, engine: Any) -> None:
         """Serve `engine` from the next request on."""
@@ -41,35 +143,53 @@ class Generator:
 
     async def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[str]:
         """Yield the reply's text as it is generated; stopping early cancels the work."""
-        if self._waiting >= self._max_queue:
-            raise Busy(f"{self._waiting} requests are already waiting; try again shortly")
-        self._waiting += 1
+        if self._closed:
+            raise RuntimeError("the generator is closed")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        cancelled = threading.Event()
 
-        def work() -> None:
-            try:
-                if not cancelled.is_set():
-                    for delta in self._engine.stream(prompt, params, cancelled.is_set):
-                        loop.call_soon_threadsafe(queue.put_nowait, delta)
-            except BaseException as exc:  # handed to the awaiting coroutine
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+        def sink(item: Any) -> None:  # called on the worker thread
+            loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        loop.run_in_executor(self._executor, work)
+        handle = self.backend.submit(prompt, params, sink)  # Busy / ValueError surface here
         try:
-            while (item := await queue.get()) is not _DONE:
+            while (item := await queue.get()) is not DONE:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
-            cancelled.set()
-            self._waiting -= 1
+            handle.cancel()
 
     async def generate(self, prompt: str, params: SamplingParams) -> str:
         return "".join([delta async for delta in self.stream(prompt, params)])
 
     async def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Stop serving: running and waiting requests are cancelled (their streams end)."""
+        self._closed = True
+        for backend in self._retired + ([self._backend] if self._backend is not None else []):
+            backend.close(drain=False)
+        self._retired.clear()
+        self._backend = None
+
+    def _make_backend(self, engine: Any) -> Scheduler | _Serial:
+        if supports_batching(engine):
+            prefixes = PrefixCache(self._prefix_cache_bytes) if self._prefix_cache_bytes > 0 else None
+            return Scheduler(
+                engine,
+                max_batch=self._max_batch,
+                max_queue=self._max_queue,
+                prefill_chunk=self._prefill_chunk,
+                prefix_cache=prefixes,
+            )
+        return _Serial(engine, self._max_queue)
+
+    def _retire(self, backend: Any) -> None:
+        # the old engine's worker finishes what it has, then its thread ends
+        backend.close(drain=True)
+        self._retired = [b for b in self._retired if not _finished(b)] + [backend]
+
+
+def _finished(backend: Any) -> bool:
+    if isinstance(backend, Scheduler):
+        return backend.stopped
+    return backend.idle

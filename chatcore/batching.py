@@ -1,0 +1,298 @@
+"""Continuous batching: many conversations decode together on one model.
+
+One worker thread owns the model and a `KVCache` with a row per running
+request. Each iteration of its loop:
+
+1. drops requests whose consumer went away (their row is free at once);
+2. admits waiting requests, oldest first, into free rows, restoring the
+   longest cached prefix of their prompt (`PrefixCache`) so a follow-up turn
+   only runs its new tokens;
+3. runs one chunk (`prefill_chunk` tokens) of the oldest unfinished prompt, so a
+   long prompt delays the others by one chunk per step, not by its whole length;
+4. decodes one token for every other running request in a single batched
+   forward (per-row positions and lengths: rows never see each other).
+
+A request leaves as soon as it finishes (end-of-text, newline, stop string,
+max tokens); the next waiting one takes its row on the next iteration. Nobody
+waits for anyone else to finish, admission is first come first served, and
+everyone running advances every step, so nobody starves. Past `max_queue`
+waiting requests, `submit` raises `Busy` instead of queueing without bound.
+
+Each request keeps its own SamplingParams and seeded generator, and its text
+follows exactly the Engine's rules (`Engine.stream`): same sampler, same stop
+scanner, same UTF-8-safe decoder, same sliding window when the context fills.
+So a batched request produces the tokens it would produce alone (greedy: the
+same tokens; seeded sampling: the same draws).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .engine import _StopScanner, turn_marker_ids
+from .prefix_cache import PrefixCache
+from .sampling import SamplingParams, make_generator, sample, validate
+
+
+class Busy(RuntimeError):
+    """Raised when more requests are waiting than the queue allows."""
+
+
+Sink = Callable[[Any], None]  # receives text deltas (str), then DONE, or an exception
+DONE = object()
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation: the prompt, its settings, where its text goes, and its progress."""
+
+    prompt: str
+    params: SamplingParams
+    sink: Sink
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # set by the scheduler
+    row: int = -1
+    todo: list[int] = field(default_factory=list)  # tokens still to run through the model
+    fed: list[int] = field(default_factory=list)  # tokens in this request's cache row, in order
+    context: list[int] = field(default_factory=list)  # the (truncated) prompt ids
+    reply: list[int] = field(default_factory=list)
+    pending: int | None = None  # last sampled token, fed at the next decode step
+    reused: int = 0  # prompt tokens restored from the prefix cache
+    generator: torch.Generator | None = None
+    text: Any = None
+
+    def cancel(self) -> None:
+        """The consumer went away: stop at the next step and free the row."""
+        self.cancelled.set()
+
+
+class _ReplyText:
+    """`Engine.stream`'s text rules for one request: UTF-8-safe decoding, stop strings held back."""
+
+    def __init__(self, tokenizer: Any, params: SamplingParams) -> None:
+        self.scanner = _StopScanner(list(params.stop) + (["\n"] if params.stop_at_newline else []))
+        self.decoder = tokenizer.stream_decoder()
+
+    def push(self, token: int) -> tuple[str, bool]:
+        return self.scanner.feed(self.decoder.push(token))
+
+    def finish(self) -> str:
+        text, stopped = self.scanner.feed(self.decoder.flush())
+        return text if stopped else text + self.scanner.flush()
+
+
+class Scheduler:
+    """Continuous batching over one Engine's model (see the module docstring)."""
+
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        prefill_chunk: int = 128,
+        prefix_cache: PrefixCache | None = None,
+    ) -> None:
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise ValueError("max_batch and prefill_chunk must be >= 1, max_queue >= 0")
+        self.engine = engine
+        self.model = engine.model
+        self.tokenizer = engine.tokenizer
+        self.block_size = engine.block_size
+        self.device = self.model.device
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.prefix_cache = prefix_cache
+        self.cache = self.model.new_cache(max_batch, max_len=self.block_size)
+        self._exempt = turn_marker_ids(self.tokenizer)
+        self._vocab = self.tokenizer.n_vocab
+        self._free = list(range(max_batch))
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []  # in admission order
+        self._cond = threading.Condition()
+        self._closing = False  # finish what was submitted, then stop
+        self._stopped = False
+        self.steps = 0  # decode steps run (for tests and benchmarks)
+        self._thread = threading.Thread(target=self._run, name="chatcore-batch", daemon=True)
+        self._thread.start()
+
+    # --- called from any thread ---------------------------------------------------
+
+    def submit(self, prompt: str, params: SamplingParams, sink: Sink) -> Request:
+        """Queue a request; its text goes to `sink`. Raises Busy past `max_queue` waiting."""
+        validate(params)
+        request = Request(prompt, params, sink)
+        with self._cond:
+            if self._closing:
+                raise RuntimeError("this scheduler is closed")
+            if len(self._waiting) >= self.max_queue and not (self._free and not self._waiting):
+                raise Busy(f"{len(self._waiting)} requests are already waiting; try again shortly")
+            self._waiting.append(request)
+            self._cond.notify()
+        return request
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop taking requests; with `drain`, finish the submitted ones first, else cancel them
+        (their streams end). The worker thread then ends; `timeout` waits for that (None: don't wait)."""
+        with self._cond:
+            self._closing = True
+            if not drain:
+                for r in list(self._waiting) + self._running:
+                    r.cancel()
+            self._cond.notify()
+        if timeout is not None:
+            self._thread.join(timeout)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    # --- the worker thread ----------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    self._admit_locked()
+                    if not self._running:
+                        if self._closing and not self._waiting:
+                            self._stopped = True
+                            return
+                        self._cond.wait()
+                        continue
+                try:
+                    self._step()
+                except Exception as exc:  # a bug or an out-of-memory: fail these requests, keep serving
+                    for r in list(self._running):
+                        self._finish(r, error=exc)
+
+    def _admit_locked(self) -> None:
+        for r in [r for r in self._waiting if r.cancelled.is_set()]:
+            self._waiting.remove(r)
+            _send(r, DONE)
+        while self._waiting and self._free:
+            r = self._waiting.popleft()
+            r.row = self._free.pop(0)
+            self._running.append(r)
+            self._start(r)
+
+    def _start(self, r: Request) -> None:
+        ids = self.tokenizer.encode(r.prompt) or [self.tokenizer.eot_token]  # empty: start of a document
+        r.context = ids[-(self.block_size - 1) :]  # leave room for one new token, as the Engine does
+        r.generator = make_generator(r.params.seed, self.device)
+        r.text = _ReplyText(self.tokenizer, r.params)
+        self.cache.reset(r.row)
+        r.todo = list(r.context)
+        if self.prefix_cache is not None:
+            hit = self.prefix_cache.lookup(r.todo, max_length=len(r.todo) - 1)
+            if hit is not None:
+                self.cache.restore(r.row, hit.k, hit.v)
+                r.fed, r.todo, r.reused = r.todo[: hit.length], r.todo[hit.length :], hit.length
+
+    def _step(self) -> None:
+        for r in [r for r in self._running if r.cancelled.is_set()]:
+            self._finish(r)
+        if not self._running:
+            return
+        if any(r.params.max_new_tokens == 0 for r in self._running):
+            for r in [r for r in self._running if r.params.max_new_tokens == 0]:
+                self._finish(r)
+        prefilling = [r for r in self._running if r.todo]
+        if prefilling:
+            r = prefilling[0]  # the oldest: prompts are run first come first served
+            chunk, r.todo = r.todo[: self.prefill_chunk], r.todo[self.prefill_chunk :]
+            logits = self._forward([r], [chunk])
+            if not r.todo:
+                self._sampled([r], logits)
+        decoding = [r for r in self._running if r.pending is not None and not r.todo]
+        if decoding:
+            logits = self._forward(decoding, [[r.pending] for r in decoding])
+            self.steps += 1
+            self._sampled(decoding, logits)
+
+    def _forward(self, requests: list[Request], tokens: list[list[int]]) -> torch.Tensor:
+        T = max(len(t) for t in tokens)
+        idx = torch.zeros(len(tokens), T, dtype=torch.long)
+        for i, t in enumerate(tokens):
+            idx[i, : len(t)] = torch.tensor(t)
+        logits = self.model.forward_cached(
+            idx.to(self.device), self.cache, rows=[r.row for r in requests], n_new=[len(t) for t in tokens]
+        )
+        for r, t in zip(requests, tokens):
+            r.fed.extend(t)
+            r.pending = None
+        return logits[:, : self._vocab]  # the model's vocabulary may be padded: never pick a padding id
+
+    def _sampled(self, requests: list[Request], logits: torch.Tensor) -> None:
+        """Pick each request's next token and act on it."""
+        # Rows with the same effective top-k sample together; different k would change how
+        # many random numbers a row draws, and so break seeded reproducibility.
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(min(r.params.top_k or self._vocab, self._vocab), []).append(i)
+        tokens = [0] * len(requests)
+        for rows in groups.values():
+            picked = sample(
+                logits[rows],
+                [requests[i].params for i in rows],
+                [requests[i].generator for i in rows],
+                [requests[i].reply for i in rows],
+                self._exempt,
+            )
+            for i, tok in zip(rows, picked.tolist()):
+                tokens[i] = tok
+        for r, tok in zip(requests, tokens):
+            self._accept(r, tok)
+
+    def _accept(self, r: Request, tok: int) -> None:
+        if r.cancelled.is_set() or tok == self.tokenizer.eot_token:
+            self._finish(r)
+            return
+        r.reply.append(tok)
+        text, stopped = r.text.push(tok)
+        if text:
+            _send(r, text)
+        if stopped or len(r.reply) >= r.params.max_new_tokens:
+            self._finish(r, flush=not stopped)
+            return
+        if self.cache.length(r.row) >= self.block_size:
+            # context full: restart from the newest half, exactly as the Engine does
+            self.cache.reset(r.row)
+            r.fed, r.todo = [], (r.context + r.reply)[-(self.block_size // 2) :]
+        else:
+            r.pending = tok
+
+    def _finish(self, r: Request, flush: bool = True, error: BaseException | None = None) -> None:
+        if error is None and flush and r.text is not None and not r.cancelled.is_set():
+            rest = r.text.finish()
+            if rest:
+                _send(r, rest)
+        if self.prefix_cache is not None and r.fed and error is None and len(r.fed) == self.cache.length(r.row):
+            # what this row ran is valid for any prompt that starts with the same tokens
+            self.prefix_cache.store(r.fed, *self.cache.snapshot(r.row))
+        self.cache.reset(r.row)
+        with self._cond:
+            self._running.remove(r)
+            self._free.append(r.row)
+            self._free.sort()
+        _send(r, error if error is not None else DONE)
+
+
+def _send(r: Request, item: Any) -> None:
+    try:
+        r.sink(item)
+    except Exception:  # the consumer's loop is gone; nothing left to tell
+        r.cancel()

@@ -1,0 +1,217 @@
+"""Continuous batching: batched replies equal unbatched ones, nobody waits, cancel frees rows, the queue is bounded."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import pytest
+import torch
+
+from chatcore.batching import DONE, Busy, Scheduler
+from chatcore.engine import Engine
+from chatcore.model import GPT, GPTConfig
+from chatcore.prefix_cache import PrefixCache
+from chatcore.sampling import SamplingParams
+from chatcore.tokenizer import Tokenizer
+
+PROMPTS = [
+    "Human: hi\nAssistant:",
+    "Human: what is the capital of France, and why is it famous?\nAssistant:",
+    "Human: tell me a story about a dragon who learned to code in Python\nAssistant:",
+    "Human: ok\nAssistant:",
+    "Human: 😀 emoji and ünïcödé text\nAssistant:",
+    "Human: a somewhat longer message that goes on for a while so that the prompt has many more tokens than the others do\nAssistant:",
+]
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=96, vocab_size=50257, n_layer=2, n_head=2, n_embd=32))
+    return Engine(model, Tokenizer(), model_id="tiny", device="cpu", dtype="float32")
+
+
+class Collector:
+    """A sink that records deltas and completion (the Generator's role, without asyncio)."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.first = threading.Event()
+        self.finished_at = 0.0
+
+    def __call__(self, item) -> None:
+        if item is DONE or isinstance(item, BaseException):
+            self.error = item if item is not DONE else None
+            self.finished_at = time.perf_counter()
+            self.done.set()
+        else:
+            self.parts.append(item)
+            self.first.set()
+
+    @property
+    def text(self) -> str:
+        assert self.done.wait(30), "request did not finish"
+        if self.error:
+            raise self.error
+        return "".join(self.parts)
+
+
+def _run_all(sched: Scheduler, jobs: list[tuple[str, SamplingParams]], stagger: float = 0.0) -> list[str]:
+    sinks = []
+    for prompt, params in jobs:
+        sink = Collector()
+        sched.submit(prompt, params, sink)
+        sinks.append(sink)
+        if stagger:
+            time.sleep(stagger)
+    return [s.text for s in sinks]
+
+
+def test_greedy_batched_equals_unbatched(engine):
+    jobs = [(p, SamplingParams(temperature=0, max_new_tokens=8 + 5 * i, stop_at_newline=i % 2 == 0)) for i, p in enumerate(PROMPTS)]
+    expected = [engine.generate(p, params) for p, params in jobs]
+    sched = Scheduler(engine, max_batch=4, prefill_chunk=16)
+    try:
+        got = _run_all(sched, jobs, stagger=0.002)
+    finally:
+        sched.close(timeout=5)
+    assert got == expected
+    assert any(expected)
+    # they really shared decode steps: far fewer steps than tokens generated
+    assert sched.steps < sum(len(engine.tokenizer.encode(t)) for t in expected) * 0.7
+
+
+def test_seeded_sampling_batched_equals_unbatched(engine):
+    settings = [
+        dict(temperature=0.8, top_k=200, seed=1),
+        dict(temperature=1.2, top_k=None, seed=2),
+        dict(temperature=0.7, top_k=5, top_p=0.9, seed=3),
+        dict(temperature=1.0, top_k=200, repetition_penalty=1.3, seed=4),
+        dict(temperature=0, seed=5),
+        dict(temperature=0.9, top_k=40, seed=6),
+    ]
+    jobs = [(p, SamplingParams(max_new_tokens=20, stop_at_newline=False, **kw)) for p, kw in zip(PROMPTS, settings)]
+    expected = [engine.generate(p, params) for p, params in jobs]
+    sched = Scheduler(engine, max_batch=8)
+    try:
+        got = _run_all(sched, jobs)
+    finally:
+        sched.close(timeout=5)
+    assert got == expected
+    assert len(set(expected)) == len(expected)
+
+
+def test_stop_strings_and_sliding_window_match_the_engine(engine):
+    long_prompt = "Human: " + "word " * 80 + "\nAssistant:"  # close to block_size 96: the window slides
+    base = SamplingParams(temperature=0, max_new_tokens=40, stop_at_newline=False)
+    free = engine.generate(PROMPTS[2], base)
+    stop = free[len(free) // 2 : len(free) // 2 + 3]  # a string the reply is known to contain
+    jobs = [(PROMPTS[2], base.updated(stop=(stop,))), (long_prompt, base), (PROMPTS[0], base.updated(max_new_tokens=0))]
+    expected = [engine.generate(p, params) for p, params in jobs]
+    assert len(expected[0]) < len(free) and stop not in expected[0]
+    assert expected[2] == ""
+    sched = Scheduler(engine, max_batch=3, prefill_chunk=32)
+    try:
+        assert _run_all(sched, jobs) == expected
+    finally:
+        sched.close(timeout=5)
+
+
+def test_a_short_request_does_not_wait_for_a_long_one(engine):
+    sched = Scheduler(engine, max_batch=2)
+    try:
+        long, short = Collector(), Collector()
+        sched.submit(PROMPTS[2], SamplingParams(temperature=0, max_new_tokens=80, stop_at_newline=False), long)
+        assert long.first.wait(10)
+        sched.submit(PROMPTS[0], SamplingParams(temperature=0, max_new_tokens=3, stop_at_newline=False), short)
+        short.text, long.text
+        assert short.finished_at < long.finished_at
+    finally:
+        sched.close(timeout=5)
+
+
+def test_cancellation_frees_the_slot(engine):
+    sched = Scheduler(engine, max_batch=1, max_queue=4)
+    try:
+        endless = Collector()
+        r = sched.submit(PROMPTS[1], SamplingParams(temperature=1.0, max_new_tokens=10_000, stop_at_newline=False), endless)
+        assert endless.first.wait(10)
+        nxt = Collector()
+        sched.submit(PROMPTS[0], SamplingParams(temperature=0, max_new_tokens=5, stop_at_newline=False), nxt)
+        time.sleep(0.05)
+        assert sched.waiting == 1 and not nxt.first.is_set()  # the only row is taken
+        r.cancel()
+        assert nxt.done.wait(10) and nxt.error is None  # it got the freed row
+        assert endless.done.is_set()
+        steps = sched.steps
+        time.sleep(0.05)
+        assert sched.steps == steps and sched.running == 0  # the cancelled request consumes nothing
+        assert len(r.reply) < 10_000
+    finally:
+        sched.close(timeout=5)
+
+
+def test_cancelled_while_waiting_never_runs(engine):
+    sched = Scheduler(engine, max_batch=1)
+    try:
+        first = Collector()
+        sched.submit(PROMPTS[2], SamplingParams(temperature=0, max_new_tokens=30, stop_at_newline=False), first)
+        assert first.first.wait(10)
+        waiting = Collector()
+        r = sched.submit(PROMPTS[0], SamplingParams(temperature=0, max_new_tokens=30), waiting)
+        r.cancel()
+        assert waiting.done.wait(10) and waiting.parts == [] and r.reply == []
+        first.text
+    finally:
+        sched.close(timeout=5)
+
+
+def test_queue_bound_raises_busy(engine):
+    sched = Scheduler(engine, max_batch=1, max_queue=2)
+    try:
+        params = SamplingParams(temperature=1.0, max_new_tokens=10_000, stop_at_newline=False)
+        running = Collector()
+        handles = [sched.submit(PROMPTS[0], params, running)]
+        assert running.first.wait(10)
+        handles += [sched.submit(PROMPTS[1], params, Collector()) for _ in range(2)]
+        with pytest.raises(Busy):
+            sched.submit(PROMPTS[2], params, Collector())
+        assert sched.waiting == 2 and sched.running == 1
+        handles[1].cancel()
+        time.sleep(0.05)
+        sched.submit(PROMPTS[2], params, Collector())  # room again
+    finally:
+        sched.close(drain=False, timeout=5)
+    assert sched.stopped
+
+
+def test_bad_params_are_refused_before_queueing(engine):
+    sched = Scheduler(engine)
+    try:
+        with pytest.raises(ValueError, match="temperature"):
+            sched.submit("Human: hi\nAssistant:", SamplingParams(temperature=-1), Collector())
+        assert sched.waiting == 0
+    finally:
+        sched.close(timeout=5)
+
+
+def test_follow_up_turn_reuses_the_cached_prefix(engine):
+    prefixes = PrefixCache(budget_bytes=64 * 2**20)
+    sched = Scheduler(engine, max_batch=2, prefill_chunk=8, prefix_cache=prefixes)
+    params = SamplingParams(temperature=0, max_new_tokens=6, stop_at_newline=False)
+    try:
+        turn1 = "Human: tell me about the sea and the ships on it\nAssistant:"
+        reply1 = _run_all(sched, [(turn1, params)])[0]
+        turn2 = f"{turn1}{reply1.rstrip()}\n\nHuman: and the fish?\nAssistant:"
+        sink = Collector()
+        r = sched.submit(turn2, params, sink)
+        assert sink.text == engine.generate(turn2, params)
+        # everything up to the reply's first token (re-tokenized after "Assistant:") is reused
+        assert r.reused >= len(engine.tokenizer.encode(turn1)) - 1
+        assert prefixes.hits == 1
+    finally:
+        sched.close(timeout=5)
