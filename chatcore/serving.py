@@ -62,8 +62,9 @@ class _Serial:
     def submit(self, prompt: str, params: SamplingParams, sink: Sink) -> _Handle:
         handle = _Handle()
         with self._lock:
-            if self._pending >= self.max_queue and (self._active or self._pending):
-                raise Busy(f"{self._pending} requests are already waiting; try again shortly")
+            # as before batching: the running request counts too (max_queue 0 refuses everything)
+            if self._pending + self._active >= self.max_queue:
+                raise Busy(f"{self._pending + self._active} requests are already waiting; try again shortly")
             self._pending += 1
             self._handles.add(handle)
 
@@ -101,8 +102,9 @@ class _Serial:
 class Generator:
     """Async front of one engine at a time (see the module docstring).
 
-    `max_queue`: requests waiting for a slot beyond the running ones; past it,
-    `stream` raises `Busy`. `max_batch`: conversations decoding together.
+    `max_queue`: with batching, requests waiting for a free batch row (past it,
+    `stream` raises `Busy`); one at a time, requests in flight, the running one
+    included. `max_batch`: conversations decoding together.
     `prefix_cache_mb`: memory for reusable conversation states (0: off).
     """
 
