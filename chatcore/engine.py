@@ -168,18 +168,37 @@ class Engine:
     ) -> Iterator[str]:
         """Yield the reply's text as it is generated (see the module docstring)."""
         validate(params)
-        for delta in self._deltas(prompt, params, cancelled):
-            if delta:
-                yield delta
-
-    def _deltas(self, prompt: str, params: SamplingParams, cancelled: Callable[[], bool] | None) -> Iterator[str]:
-        if params.max_new_tokens == 0:
-            return
-        ids = self.tokenizer.encode(prompt) or [self.tokenizer.eot_token]  # empty prompt: start of a document
-        ids = ids[-(self.block_size - 1) :]  # leave room for at least one new token
         stops = list(params.stop) + (["\n"] if params.stop_at_newline else [])
         scanner = _StopScanner(stops)
         decoder = self.tokenizer.stream_decoder()
+        for tok in self.tokens(self.tokenizer.encode(prompt), params, cancelled):
+            text, stopped = scanner.feed(decoder.push(tok))
+            if text:
+                yield text
+            if stopped:
+                return
+        text, stopped = scanner.feed(decoder.flush())
+        rest = text if stopped else text + scanner.flush()
+        if rest:
+            yield rest
+
+    def tokens(
+        self,
+        ids: Sequence[int],
+        params: SamplingParams = SamplingParams(),
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Iterator[int]:
+        """Yield new token ids after prompt ``ids`` until end-of-text (not yielded),
+        ``max_new_tokens`` or ``cancelled()``. No text-level stop rules here.
+
+        The next step is computed only when the consumer asks for the next token,
+        so a consumer that stops iterating wastes no work.
+        """
+        validate(params)
+        if params.max_new_tokens == 0:
+            return
+        ids = list(ids) or [self.tokenizer.eot_token]  # empty prompt: the start of a document
+        ids = ids[-(self.block_size - 1) :]  # leave room for at least one new token
         gen = make_generator(params.seed, self.device)
         vocab = self.tokenizer.n_vocab
         reply: list[int] = []
@@ -191,14 +210,11 @@ class Engine:
             # the model's vocabulary may be padded (nanoGPT's 50304): never pick a padding id
             tok = int(sample(logits[:, :vocab], params, [gen], [reply], self._exempt)[0])
             if tok == self.tokenizer.eot_token:
-                break
-            reply.append(tok)
-            text, stopped = scanner.feed(decoder.push(tok))
-            yield text
-            if stopped:
                 return
+            reply.append(tok)
+            yield tok
             if i == params.max_new_tokens - 1:
-                break
+                return
             if cache.length(0) >= cache.max_len:
                 # context full: restart from the newest half, as nanoGPT's sliding crop would
                 context = (ids + reply)[-(self.block_size // 2) :]
@@ -206,10 +222,6 @@ class Engine:
                 logits = self._forward(context, cache)
             else:
                 logits = self._forward([tok], cache)
-        text, stopped = scanner.feed(decoder.flush())
-        yield text
-        if not stopped:
-            yield scanner.flush()
 
     def _forward(self, ids: list[int], cache) -> torch.Tensor:
         idx = torch.tensor([ids], dtype=torch.long, device=self.device)

@@ -160,3 +160,12 @@ def load_hf(
     model, meta = load_hf_dir(d, device=device, dtype=dtype)
     meta["provenance"]["base_model"] = str(name_or_path)
     return model, meta
+
+
+def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """chatcore/nanoGPT weights under Hugging Face GPT2LMHeadModel's keys and Conv1D layout
+    (views where possible: no copy of the weights)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        out[k] = v.t() if k.endswith(_CONV1D) else v
+    return out

@@ -1,0 +1,257 @@
+"""Single-conversation generation speed: chatcore's Engine vs the seed's loop vs transformers.
+
+GPT-2 124M shapes with random weights (the same weights in every contestant),
+fp32, 2 torch threads, the same sampling settings (temperature 0.8, top-k 200,
+seeded) and the same number of new tokens. Prompts of 32 and 512 tokens.
+
+Each contestant runs in its own fresh process (same command, ``--worker``), so
+its peak RSS is its own and no contestant warms the caches for another.
+
+    python benchmarks/engine.py            # full run (the seed's loop takes minutes at 512 tokens)
+    python benchmarks/engine.py --quick    # 24 new tokens: a smoke run
+    python benchmarks/engine.py --json     # one JSON object per measurement
+
+Columns: TTFT (prompt in -> first new token out), decode tok/s (the tokens after
+the first, per second of decoding), total tok/s (all new tokens over the whole
+call), peak RSS of the process. Ratios are chatcore / transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTESTANTS = ("chatcore", "seed-loop", "transformers")
+TEMPERATURE, TOP_K, SEED = 0.8, 200, 1234
+
+
+def build_model():
+    import torch
+
+    from chatcore.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = GPT(GPTConfig())  # GPT-2 124M shapes
+    model.to_empty(device="cpu")
+    for name, p in model.named_parameters():  # cheap deterministic random weights
+        g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        if p.dim() >= 2:
+            p.data.normal_(0.0, 0.02, generator=g)
+        elif name.endswith("weight"):
+            p.data.fill_(1.0)
+        else:
+            p.data.normal_(0.0, 0.02, generator=g)
+    model.transformer.wte.weight = model.lm_head.weight
+    return model.eval()
+
+
+def prompt_ids(n: int) -> list[int]:
+    import torch
+
+    g = torch.Generator().manual_seed(n)
+    return torch.randint(0, 50256, (n,), generator=g).tolist()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# --- contestants: each returns (time to first token, end time, tokens) from a start time ----
+
+
+def run_chatcore(model, ids, new_tokens):
+    from chatcore.engine import Engine
+    from chatcore.sampling import SamplingParams
+
+    engine = getattr(run_chatcore, "engine", None) or Engine(model, model_id="bench", device="cpu", dtype="float32")
+    run_chatcore.engine = engine
+    params = SamplingParams(temperature=TEMPERATURE, top_k=TOP_K, max_new_tokens=new_tokens, seed=SEED, stop_at_newline=False)
+    t0 = time.perf_counter()
+    first, n = None, 0
+    for _ in engine.tokens(ids, params):
+        n += 1
+        if first is None:
+            first = time.perf_counter()
+    return t0, first, time.perf_counter(), n
+
+
+def run_seed_loop(model, ids, new_tokens):
+    """The seed's generation: the whole context through the model for every token, no cache."""
+    import torch
+    from torch.nn import functional as F
+
+    g = torch.Generator().manual_seed(SEED)
+    idx = torch.tensor([ids])
+    t0 = time.perf_counter()
+    first = None
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            idx_cond = idx[:, -model.config.block_size :]
+            pos = torch.arange(idx_cond.size(1))
+            x = model.transformer.wte(idx_cond) + model.transformer.wpe(pos)
+            for block in model.transformer.h:
+                x = block(x)
+            logits = model.lm_head(model.transformer.ln_f(x[:, [-1], :]))[:, -1, :] / TEMPERATURE
+            v, _ = torch.topk(logits, min(TOP_K, logits.size(-1)))
+            logits[logits < v[:, [-1]]] = -float("inf")
+            nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=g)
+            idx = torch.cat((idx, nxt), dim=1)
+            if first is None:
+                first = time.perf_counter()
+    return t0, first, time.perf_counter(), idx.size(1) - len(ids)
+
+
+def run_transformers(model, ids, new_tokens):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.generation.streamers import BaseStreamer
+
+    from chatcore.hf import to_hf_state_dict
+
+    hf = getattr(run_transformers, "hf", None)
+    if hf is None:
+        c = model.config
+        cfg = GPT2Config(n_positions=c.block_size, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
+        with torch.device("meta"):
+            hf = GPT2LMHeadModel(cfg)
+        hf.load_state_dict(to_hf_state_dict(model), strict=False, assign=True)
+        hf.tie_weights()
+        hf.eval()
+        run_transformers.hf = hf
+
+    class Timer(BaseStreamer):
+        def __init__(self):
+            self.calls, self.first = 0, None
+
+        def put(self, value):
+            self.calls += 1
+            if self.calls == 2:  # the first put() is the prompt
+                self.first = time.perf_counter()
+
+        def end(self):
+            pass
+
+    timer = Timer()
+    torch.manual_seed(SEED)
+    inp = torch.tensor([ids])
+    t0 = time.perf_counter()
+    out = hf.generate(
+        inp,
+        attention_mask=torch.ones_like(inp),
+        do_sample=True,
+        temperature=TEMPERATURE,
+        top_k=TOP_K,
+        top_p=1.0,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        pad_token_id=50256,
+        streamer=timer,
+    )
+    return t0, timer.first, time.perf_counter(), out.size(1) - len(ids)
+
+
+RUNNERS = {"chatcore": run_chatcore, "seed-loop": run_seed_loop, "transformers": run_transformers}
+
+
+def worker(name: str, prompts: list[int], new_tokens: int, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    model = build_model()
+    run = RUNNERS[name]
+    run(model, prompt_ids(8), 4)  # warm-up: kernels, allocator, lazy imports
+    for p in prompts:
+        t0, first, end, n = run(model, prompt_ids(p), new_tokens)
+        rec = dict(
+            engine=name,
+            prompt_tokens=p,
+            new_tokens=n,
+            ttft_s=round(first - t0, 4),
+            decode_tok_s=round((n - 1) / (end - first), 3) if n > 1 else None,
+            total_tok_s=round(n / (end - t0), 3),
+        )
+        print(json.dumps(rec), flush=True)
+    print(json.dumps(dict(engine=name, peak_rss_mb=round(peak_rss_mb(), 1))), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="24 new tokens instead of 150")
+    ap.add_argument("--json", action="store_true", help="one JSON object per measurement")
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--prompts", default="32,512", help="prompt lengths in tokens, comma-separated")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--engines", default=",".join(CONTESTANTS))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    new_tokens = args.new_tokens or (24 if args.quick else 150)
+    prompts = [int(p) for p in args.prompts.split(",")]
+    if args.worker:
+        worker(args.worker, prompts, new_tokens, args.threads)
+        return
+
+    results: dict[tuple[str, int], dict] = {}
+    rss: dict[str, float] = {}
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
+    for name in args.engines.split(","):
+        cmd = [sys.executable, __file__, "--worker", name, "--prompts", args.prompts,
+               "--new-tokens", str(new_tokens), "--threads", str(args.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+        if proc.returncode != 0:
+            sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
+        for line in proc.stdout.splitlines():
+            if not line.startswith("{"):
+                continue
+            rec = json.loads(line)
+            if args.json:
+                print(json.dumps(dict(rec, threads=args.threads, dtype="float32", model="gpt2-124M-random")))
+            if "peak_rss_mb" in rec:
+                rss[name] = rec["peak_rss_mb"]
+            else:
+                results[(name, rec["prompt_tokens"])] = rec
+
+    if args.json:
+        for p in prompts:
+            ours, ref = results.get(("chatcore", p)), results.get(("transformers", p))
+            if ours and ref and ours["decode_tok_s"] and ref["decode_tok_s"]:
+                print(json.dumps(dict(
+                    ratio="chatcore/transformers", prompt_tokens=p,
+                    decode_speedup=round(ours["decode_tok_s"] / ref["decode_tok_s"], 3),
+                    ttft_ratio=round(ours["ttft_s"] / ref["ttft_s"], 3),
+                )))
+        return
+
+    print(f"GPT-2 124M shapes, random weights, fp32, {args.threads} threads, {new_tokens} new tokens, "
+          f"temperature {TEMPERATURE}, top-k {TOP_K}")
+    head = f"{'engine':<13} {'prompt':>6} {'new':>4} {'TTFT s':>8} {'decode tok/s':>13} {'total tok/s':>12} {'peak RSS MB':>12}"
+    print(head)
+    print("-" * len(head))
+    for name in args.engines.split(","):
+        for p in prompts:
+            r = results.get((name, p))
+            if r:
+                dec = f"{r['decode_tok_s']:.2f}" if r["decode_tok_s"] else "-"
+                print(f"{name:<13} {p:>6} {r['new_tokens']:>4} {r['ttft_s']:>8.3f} {dec:>13} {r['total_tok_s']:>12.2f} {rss.get(name, 0):>12.0f}")
+    for p in prompts:
+        ours, ref, seed = results.get(("chatcore", p)), results.get(("transformers", p)), results.get(("seed-loop", p))
+        if ours and ref:
+            line = (f"prompt {p:>4}: decode {ours['decode_tok_s'] / ref['decode_tok_s']:.2f}x transformers "
+                    f"(target >= 1.5x), TTFT {ours['ttft_s'] / ref['ttft_s']:.2f}x transformers' (target <= 1.0)")
+            if seed:
+                line += f", total {ours['total_tok_s'] / seed['total_tok_s']:.1f}x the seed's loop"
+            print(line)
+    if "chatcore" in rss:
+        print(f"chatcore peak RSS {rss['chatcore']:.0f} MB (target <= 800 MB)")
+
+
+if __name__ == "__main__":
+    main()
