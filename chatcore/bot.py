@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from contextlib import aclosing
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -117,14 +118,16 @@ class Bot:
         await self._call("prompt_built", bot=self, message=message, prompt=prompt)
 
         parts: list[str] = []
-        async for delta in self.generator.stream(prompt.text, params):
-            if not parts:
-                delta = delta.lstrip()  # the prompt ends at "Assistant:"; the reply's first space is format
-                if not delta:
-                    continue
-            parts.append(delta)
-            if on_delta is not None:
-                await await_me_maybe(on_delta(delta))
+        # aclosing: when on_delta raises (the client went away), the engine stops now, not at garbage collection.
+        async with aclosing(self.generator.stream(prompt.text, params)) as stream:
+            async for delta in stream:
+                if not parts:
+                    delta = delta.lstrip()  # the prompt ends at "Assistant:"; the reply's first space is format
+                    if not delta:
+                        continue
+                parts.append(delta)
+                if on_delta is not None:
+                    await await_me_maybe(on_delta(delta))
         reply = Reply(text="".join(parts).strip(), message=message, model_id=engine.model_id)
         await self._call("reply_ready", bot=self, message=message, reply=reply)
         if not reply.text:
