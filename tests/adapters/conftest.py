@@ -202,3 +202,25 @@ async def slack_bot(tmp_path: Path, fake_slack: FakeSlack) -> AsyncIterator[Any]
     for bot, adapter, task in running:
         await stop_adapter(adapter, task)
         await bot.close()
+
+
+@pytest.fixture
+async def http_bot(tmp_path: Path) -> AsyncIterator[Any]:
+    """`await http_bot(settings, replies, config=...)` -> (bot, adapter, base_url) serving on 127.0.0.1."""
+    running: list[tuple[Any, Any, asyncio.Task]] = []
+
+    async def run(settings: dict[str, Any] | None = None, replies: Any = None, **kwargs: Any) -> tuple[Any, Any, str]:
+        bot = build_bot(tmp_path, "http", {"host": "127.0.0.1", "port": 0, **(settings or {})}, replies, **kwargs)
+        adapter = bot.enabled_adapters(["http"])[0]
+        try:
+            task = await start_adapter(adapter, adapter.ready.wait)
+        except BaseException:
+            await bot.close()
+            raise
+        running.append((bot, adapter, task))
+        return bot, adapter, f"http://127.0.0.1:{adapter.port}"
+
+    yield run
+    for bot, adapter, task in running:
+        await stop_adapter(adapter, task)
+        await bot.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -15,6 +16,12 @@ from .fake_discord import MESSAGE_CONTENT, user
 ALICE = user(5, "alice")
 BOB = user(6, "bob")
 OTHER_BOT = user(7, "otherbot", bot=True)
+
+
+def gated(reply: str) -> tuple[threading.Event, object]:
+    """A scripted model that answers only once the test opens the gate."""
+    gate = threading.Event()
+    return gate, lambda prompt: reply if gate.wait(10) else "the test never opened the gate"
 
 
 def mention(fake) -> str:
@@ -165,10 +172,15 @@ async def test_generated_pings_cannot_notify_anyone(discord_bot, fake_discord):
 
 
 async def test_a_full_queue_gets_a_polite_busy_answer(discord_bot, fake_discord):
-    await discord_bot(config={"serving": {"max_queue": 0}})
-    await fake_discord.send_message("hi", author=ALICE, dm=True)
-    (sent,) = await fake_discord.wait_sent(1)
-    assert sent["content"] == BUSY_TEXT
+    gate, answer = gated("finally")
+    bot, _ = await discord_bot(replies=answer, config={"serving": {"max_queue": 1}})
+    await fake_discord.send_message("first", author=ALICE, dm=True)
+    await eventually(lambda: bot.engine.prompts)  # the model is busy with the first message
+    await fake_discord.send_message("second", author=BOB, dm=True)
+    (busy,) = await fake_discord.wait_sent(1)
+    assert busy["content"] == BUSY_TEXT
+    gate.set()
+    assert (await fake_discord.wait_sent(2))[1]["content"] == "finally"
 
 
 async def test_bad_token_is_a_clear_startup_error(tmp_path, fake_discord, monkeypatch):

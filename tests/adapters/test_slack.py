@@ -144,10 +144,15 @@ async def test_generated_text_cannot_mention_anyone(slack_bot, fake_slack):
 
 
 async def test_a_full_queue_gets_a_polite_busy_answer(slack_bot, fake_slack):
-    await slack_bot(config={"serving": {"max_queue": 0}})
-    await fake_slack.push(fake_slack.event_body(fake_slack.message("hi", ALICE)))
-    (post,) = await fake_slack.wait_posts(1)
-    assert post["text"] == BUSY_TEXT
+    gate, answer = gated("finally")
+    bot, _ = await slack_bot(replies=answer, config={"serving": {"max_queue": 1}})
+    await fake_slack.push(fake_slack.event_body(fake_slack.message("first", ALICE)))
+    await eventually(lambda: bot.engine.prompts)  # the model is busy with the first message
+    await fake_slack.push(fake_slack.event_body(fake_slack.message("second", BOB, channel="D0000002")))
+    (busy,) = await fake_slack.wait_posts(1)
+    assert busy["text"] == BUSY_TEXT and busy["channel"] == "D0000002"
+    gate.set()
+    assert (await fake_slack.wait_posts(2))[1]["text"] == "finally"
 
 
 # --- HTTP Events API ---------------------------------------------------------------------------

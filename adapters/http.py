@@ -1,0 +1,332 @@
+"""HTTP adapter (aiohttp): the seed's /chat plus an OpenAI-compatible API.
+
+Endpoints:
+
+- ``POST /chat``: ``{"message": "...", "user": "...", "conversation": "..."}`` -> ``{"response": "..."}``
+- ``POST /v1/chat/completions``: OpenAI chat completions, plain JSON or SSE (``"stream": true``)
+- ``GET /v1/models``: the one model this bot serves
+- ``POST /feedback``: ``{"id": "<chatcmpl id>", "value": 1 | -1, "user": "..."}`` rates a reply
+- ``GET /health``: liveness and the serving model (never needs the API key)
+
+The bot keeps its own conversation history, so of the OpenAI ``messages`` only
+the last ``user`` message is used. Which conversation it continues:
+``http:<conversation>:<user>``, where ``user`` is the request's ``user`` field
+(OpenAI's end-user id) and ``conversation`` the ``X-Chatcore-Conversation``
+header (or, for /chat, the ``conversation`` field), ``default`` when absent.
+A request with neither a user nor a conversation is a one-off: it sees no
+earlier turns and later requests do not see it.
+
+Sampler settings from the request (temperature, top_p, max_tokens, stop, seed)
+apply to that request only; ``max_tokens`` may not exceed the configured
+``max_tokens`` limit. With ``api_key`` set, every endpoint but /health needs
+``Authorization: Bearer <key>``. A full model queue answers 503 with
+Retry-After, which OpenAI clients retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from chatcore import hookimpl
+from chatcore.adapter import Adapter
+from chatcore.config import Field
+from chatcore.message import Message
+from chatcore.sampling import SamplingParams
+from chatcore.serving import Busy
+
+log = logging.getLogger("chatcore.http")
+
+CONVERSATION_HEADER = "X-Chatcore-Conversation"
+RETRY_AFTER_S = 1
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's ``{"error": {...}}`` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", *,
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.type, self.param, self.code, self.headers = status, type, param, code, headers
+
+    def response(self) -> web.Response:
+        body = {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
+        return web.json_response(body, status=self.status, headers=self.headers)
+
+
+class HttpAdapter(Adapter):
+    name = "http"
+    config_schema = {
+        "host": Field(str, "127.0.0.1", help="Address to listen on (0.0.0.0: every interface; set api_key)."),
+        "port": Field(int, 8080, help="Port to listen on (0 picks a free one)."),
+        "api_key": Field(str, None, secret=True,
+                         help="Bearer key every request but /health must carry: ${CHATCORE_API_KEY}. Empty: none."),
+        "max_request_bytes": Field(int, 64 * 1024, help="Larger request bodies are refused (413)."),
+        "max_tokens": Field(int, 512, help="The most new tokens one request may ask for."),
+        "model_name": Field(str, None, help="Model id shown by /v1/models (default: the serving model's id)."),
+    }
+
+    def __init__(self, bot: Any, config: dict[str, Any]) -> None:
+        super().__init__(bot, config)
+        self.api_key = config.get("api_key") or None
+        self.max_tokens_limit = int(config.get("max_tokens", 512))
+        self.port: int | None = None  # the port actually bound
+        self.ready = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=int(self.config.get("max_request_bytes", 64 * 1024)),
+                              middlewares=[self._errors, self._auth])
+        app.router.add_get("/health", self.health)
+        app.router.add_post("/chat", self.chat)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/feedback", self.feedback)
+        return app
+
+    async def start(self) -> None:
+        host = self.config.get("host", "127.0.0.1")
+        if not self.api_key and host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("http: listening on %s without api_key: anyone who can reach it can use the bot", host)
+        self._runner = web.AppRunner(self.make_app(), access_log=None, shutdown_timeout=5.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, int(self.config.get("port", 8080)))
+        try:
+            await site.start()
+            self.port = site._server.sockets[0].getsockname()[1]
+            log.info("http: listening on http://%s:%s", host, self.port)
+            self.ready.set()
+            await self._stopped.wait()
+        finally:
+            await self._runner.cleanup()
+
+    async def stop(self) -> None:
+        self._stopped.set()
+
+    # --- middlewares ---------------------------------------------------------------------
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return exc.response()
+        except web.HTTPRequestEntityTooLarge:
+            return ApiError(413, f"request body is larger than {request.app._client_max_size} bytes",
+                            code="request_too_large").response()
+        except web.HTTPException as exc:  # 404, 405, ...: the same JSON error shape as everything else
+            if exc.status < 400:
+                raise
+            return ApiError(exc.status, exc.reason, "invalid_request_error").response()
+        except Busy as exc:
+            return ApiError(503, f"the model is busy: {exc}", "server_overloaded", code="busy",
+                            headers={"Retry-After": str(RETRY_AFTER_S)}).response()
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise  # the client went away: nothing to answer
+        except Exception:
+            log.exception("http: %s %s failed", request.method, request.path)
+            return ApiError(500, "internal error", "server_error").response()
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+        if self.api_key and request.path != "/health":
+            given = request.headers.get("Authorization", "")
+            scheme, _, key = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
+                raise ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)",
+                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+
+    # --- endpoints ---------------------------------------------------------------------
+
+    @property
+    def model_id(self) -> str:
+        return self.config.get("model_name") or self.bot.engine.model_id
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "model": self.bot.engine.model_id})
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": self.model_id, "object": "model", "created": 0, "owned_by": self.bot.name}]})
+
+    async def chat(self, request: web.Request) -> web.Response:
+        body = await _json_object(request)
+        text = body.get("message")
+        if not isinstance(text, str) or not text.strip():
+            raise ApiError(400, '"message" must be a non-empty string', param="message")
+        conversation = request.headers.get(CONVERSATION_HEADER) or _optional_str(body, "conversation")
+        message = self._message(text, _optional_str(body, "user"), conversation)
+        reply = await self.bot.handle(message)
+        return web.json_response({"response": reply.text if reply else ""})
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        body = await _json_object(request)
+        text = _last_user_message(body.get("messages"))
+        params = self._params(body)
+        n = body.get("n", 1)
+        if n not in (1, None):
+            raise ApiError(400, "only n=1 is supported", param="n")
+        message = self._message(text, _optional_str(body, "user"), request.headers.get(CONVERSATION_HEADER))
+        completion = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_id}
+        if body.get("stream"):
+            return await self._stream(request, message, params, completion)
+        reply = await self.bot.handle(message, params=params)
+        content = reply.text if reply else ""
+        if reply is not None:
+            await self.bot.record_delivery(reply, completion["id"])
+        return web.json_response({**completion, "object": "chat.completion", "choices": [{
+            "index": 0, "message": {"role": "assistant", "content": content},
+            "finish_reason": self._finish_reason(content, params), "logprobs": None}]})
+
+    async def _stream(self, request: web.Request, message: Message, params: SamplingParams,
+                      completion: dict[str, Any]) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        streamed: list[str] = []
+
+        async def send(delta: dict[str, Any], finish_reason: str | None = None) -> None:
+            if not response.prepared:  # only now: a busy queue can still answer 503 instead of a stream
+                await response.prepare(request)
+                await send({"role": "assistant", "content": ""})
+            chunk = {**completion, "object": "chat.completion.chunk",
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+
+        async def on_delta(text: str) -> None:
+            streamed.append(text)
+            await send({"content": text})
+
+        try:
+            reply = await self.bot.handle(message, on_delta=on_delta, params=params)
+        except ConnectionResetError:
+            log.debug("http: client left %s; generation stopped", completion["id"])
+            return response
+        except Exception:
+            if not response.prepared:
+                raise  # still time for a proper status (503 when busy)
+            log.exception("http: streaming %s failed", completion["id"])
+            await response.write(b'data: {"error": {"message": "internal error", "type": "server_error"}}\n\n')
+            return response
+        content = reply.text if reply else ""
+        if reply is not None:
+            await self.bot.record_delivery(reply, completion["id"])
+            if not streamed:  # a command or plugin answered without the model
+                await send({"content": content})
+        await send({}, self._finish_reason(content, params))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def feedback(self, request: web.Request) -> web.Response:
+        body = await _json_object(request)
+        completion_id, value = body.get("id"), body.get("value")
+        if not isinstance(completion_id, str) or value not in (1, -1) or isinstance(value, bool):
+            raise ApiError(400, '"id" must be a completion id and "value" 1 or -1')
+        user = _optional_str(body, "user") or "anonymous"
+        if not await self.bot.feedback(self.name, completion_id, user, value):
+            raise ApiError(404, f"no reply with id {completion_id!r}", param="id")
+        return web.json_response({"ok": True})
+
+    # --- translation ----------------------------------------------------------------------
+
+    def _message(self, text: str, user: str | None, conversation: str | None) -> Message:
+        if user is None and conversation is None:
+            conversation = f"once-{uuid.uuid4().hex}"  # no identity given: no shared history either
+        return Message(text=text, adapter=self.name, channel=conversation or "default", user=user or "anonymous",
+                       is_direct=True)
+
+    def _params(self, body: dict[str, Any]) -> SamplingParams:
+        """The request's sampler settings on top of the configured ones, checked."""
+        base: SamplingParams = self.bot.params
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        if max_tokens is not None:
+            if not _is_int(max_tokens) or not 1 <= max_tokens <= self.max_tokens_limit:
+                raise ApiError(400, f"max_tokens must be an integer from 1 to {self.max_tokens_limit}",
+                               param="max_tokens")
+        else:
+            max_tokens = min(base.max_new_tokens, self.max_tokens_limit)
+        temperature = _number(body, "temperature", 0.0, 2.0)
+        top_p = _number(body, "top_p", 0.0, 1.0)
+        if top_p is not None and top_p <= 0:
+            raise ApiError(400, "top_p must be greater than 0", param="top_p")
+        seed = body.get("seed")
+        if seed is not None and not _is_int(seed):
+            raise ApiError(400, "seed must be an integer", param="seed")
+        stop = body.get("stop")
+        if isinstance(stop, str):
+            stop = [stop]
+        if stop is not None and (not isinstance(stop, list) or len(stop) > 4
+                                 or not all(isinstance(s, str) and s for s in stop)):
+            raise ApiError(400, "stop must be a string or a list of up to 4 non-empty strings", param="stop")
+        return base.updated(temperature=temperature, top_p=top_p, max_new_tokens=max_tokens, seed=seed,
+                            stop=base.stop + tuple(stop or ()))
+
+    def _finish_reason(self, content: str, params: SamplingParams) -> str:
+        # The bot does not report why generation ended; a reply as long as the budget ran out of it.
+        return "length" if content and self.bot.engine.count_tokens(content) >= params.max_new_tokens else "stop"
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    limit = request.app._client_max_size
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"request body is larger than {limit} bytes", code="request_too_large")
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return body
+
+
+def _optional_str(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > 256:
+        raise ApiError(400, f'"{key}" must be a string of at most 256 characters', param=key)
+    return value
+
+
+def _last_user_message(messages: Any) -> str:
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, '"messages" must be a non-empty list', param="messages")
+    for item in reversed(messages):
+        if isinstance(item, dict) and item.get("role") == "user":
+            content = item.get("content")
+            if isinstance(content, list):  # content parts: keep the text ones
+                content = "\n".join(p.get("text", "") for p in content
+                                    if isinstance(p, dict) and p.get("type") == "text")
+            if not isinstance(content, str) or not content.strip():
+                raise ApiError(400, "the last user message has no text", param="messages")
+            return content
+    raise ApiError(400, '"messages" has no message with role "user"', param="messages")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(body: dict[str, Any], key: str, low: float, high: float) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ApiError(400, f"{key} must be a number from {low:g} to {high:g}", param=key)
+    return float(value)
+
+
+@hookimpl
+def register_adapters(register):
+    register("http", HttpAdapter)
