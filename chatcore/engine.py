@@ -203,17 +203,17 @@ class Engine:
         vocab = self.tokenizer.n_vocab
         reply: list[int] = []
         cache = self.model.new_cache(1, max_len=min(self.block_size, len(ids) + params.max_new_tokens))
+        if cancelled is not None and cancelled():
+            return
         logits = self._forward(ids, cache)
         for i in range(params.max_new_tokens):
-            if cancelled is not None and cancelled():
-                return
             # the model's vocabulary may be padded (nanoGPT's 50304): never pick a padding id
             tok = int(sample(logits[:, :vocab], params, [gen], [reply], self._exempt)[0])
             if tok == self.tokenizer.eot_token:
                 return
             reply.append(tok)
             yield tok
-            if i == params.max_new_tokens - 1:
+            if i == params.max_new_tokens - 1 or (cancelled is not None and cancelled()):
                 return
             if cache.length(0) >= cache.max_len:
                 # context full: restart from the newest half, as nanoGPT's sliding crop would
