@@ -101,8 +101,11 @@ def from_store(store: Any, since_id: int = 0) -> list[Exchange]:
     by `Store.exchanges`; a reply whose votes sum below zero counts as marked bad.
     """
     return [
-        Exchange(user=e.user_text, assistant=e.reply_text, conversation=f"store:{e.conversation_id}",
-                 user_id=e.user_key, bad=e.feedback < 0, id=e.id)
+        Exchange(user=e.user_text, assistant=e.reply_text,
+                 # An imported chat_history.jsonl lands as one conversation, but its lines are
+                 # independent exchanges (the seed format has no boundaries): one document each.
+                 conversation=f"import:{e.id}" if e.source == "import" else f"store:{e.conversation_id}",
+                 user_id=None if e.source == "import" else e.user_key, bad=e.feedback < 0, id=e.id)
         for e in store.exchanges(since_id=since_id)
     ]
 

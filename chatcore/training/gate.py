@@ -8,7 +8,8 @@ a community's chat does not cost the model its English). A rejected candidate
 stays on disk for inspection.
 
 `Registry` keeps ``<models>/registry.json``: the serving checkpoint and the
-history of promotions and rejections. It keeps the last `keep` promoted
+history of promotions and rejections (checkpoints are native
+``finetuned_YYYYMMDD_HHMMSS.safetensors`` files with their JSON sidecars). It keeps the last `keep` promoted
 checkpoints (and the last `keep_rejected` rejected ones) and deletes older ones;
 `rollback` returns to the previous promotion, or to the configured base model.
 Writes are atomic (temp file + rename) and serialised by a file lock, so the bot
@@ -22,7 +23,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -172,7 +172,7 @@ class Registry:
             gone["rolled_back_at"] = time.time()
             data["rejected"].append(gone)
             # Skip promotions whose files were pruned or removed by hand.
-            while data["promoted"] and not (self.dir / data["promoted"][-1]["name"]).is_dir():
+            while data["promoted"] and not (self.dir / data["promoted"][-1]["name"]).is_file():
                 data["promoted"].pop()
             data["serving"] = data["promoted"][-1]["name"] if data["promoted"] else None
             self._prune(data)
@@ -182,17 +182,18 @@ class Registry:
 
     def _inside(self, checkpoint: str | os.PathLike) -> Path:
         path = Path(checkpoint).resolve()
-        if path.parent != self.dir.resolve() or not path.is_dir():
-            raise ValueError(f"{checkpoint} is not a checkpoint folder in {self.dir}")
+        if path.parent != self.dir.resolve() or not path.is_file() or path.suffix != ".safetensors":
+            raise ValueError(f"{checkpoint} is not a .safetensors checkpoint in {self.dir}")
         return path
 
     def _prune(self, data: dict[str, Any]) -> None:
-        # Only folders this loop wrote (finetuned_*) are ever deleted.
+        # Only checkpoints this loop wrote (finetuned_*) are ever deleted, with their sidecars.
         def remove(names: list[str]) -> None:
             for name in names:
                 p = self.dir / name
-                if name.startswith(CANDIDATE_PREFIX) and name != data["serving"] and p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
+                if name.startswith(CANDIDATE_PREFIX) and name != data["serving"]:
+                    p.unlink(missing_ok=True)
+                    p.with_suffix(".json").unlink(missing_ok=True)
 
         old = data["promoted"][:-self.keep]
         data["promoted"] = data["promoted"][-self.keep:]
@@ -211,4 +212,4 @@ def serving_checkpoint(models_dir: str | os.PathLike) -> Path | None:
     except RuntimeError as exc:
         log.warning("%s; serving the configured model", exc)
         return None
-    return current if current is not None and current.is_dir() else None
+    return current if current is not None and current.is_file() else None

@@ -235,7 +235,7 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, progress: bool =
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         tokens += x.numel()
-        train_loss = float(loss)
+        train_loss = loss.item()
         ema = train_loss if ema is None else 0.9 * ema + 0.1 * train_loss
         bar.set_postfix(loss=f"{ema:.3f}", lr=f"{lr:.1e}")
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:

@@ -1,0 +1,213 @@
+"""One fine-tune job, start to finish: data, training, candidate, gate, registry.
+
+Run in-process with `run_job`, or as the scheduler's worker process::
+
+    python -m chatcore.training.job SPEC.json [--lock-fd N]
+
+Steps: read the exchanges (history store and/or seed-format JSONL files), apply
+the guards, split by conversation; load the start weights (`spec.base`, the
+configured base model by default, so a user who ran ``/forget`` drops out of the
+model at the next fine-tune, not only out of the data); train; write the
+candidate ``<models>/finetuned_YYYYMMDD_HHMMSS.safetensors`` (atomically, with
+provenance); judge it against the serving model (`spec.serving`) on the
+held-out split; record the promotion or rejection in the registry and mark the
+fine-tune in the store so the exchange counter restarts.
+
+The result (a JSON-able dict, also ``result.json`` in the job folder) has
+``status`` = ``promoted`` | ``rejected`` | ``failed`` | ``cancelled``, the metrics and
+the data report. A cancelled or failed job writes no candidate and changes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("chatcore.training")
+
+
+@dataclass
+class JobSpec:
+    models_dir: str
+    base: str  # start weights: a checkpoint file, a Hugging Face dir, or a hub name such as "gpt2"
+    serving: str | None = None  # what the candidate must beat (None: the same as base)
+    store: str | None = None  # SQLite history file
+    jsonl: list[str] = field(default_factory=list)  # extra seed-format chat_history.jsonl files
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
+    guards: dict[str, Any] = field(default_factory=dict)  # GuardConfig fields
+    gate: dict[str, Any] = field(default_factory=dict)  # GateConfig fields
+    val_fraction: float = 0.1
+    threads: int | None = None
+    progress: bool = True
+
+
+def load_model(spec: str):
+    """Weights for a checkpoint path or a Hugging Face hub name (cache only: a job never downloads)."""
+    from ..checkpoint import load
+    from ..hf import load_hf
+
+    if Path(spec).expanduser().exists():
+        return load(Path(spec).expanduser())
+    return load_hf(spec, local_files_only=True)
+
+
+def candidate_path(models_dir: Path) -> Path:
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    path = models_dir / f"finetuned_{stamp}.safetensors"
+    n = 1
+    while path.exists():  # two jobs in one second (tests)
+        path = models_dir / f"finetuned_{stamp}_{n}.safetensors"
+        n += 1
+    return path
+
+
+def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    from ..checkpoint import save
+    from ..tokenizer import Tokenizer
+    from .data import GuardConfig, build_dataset, from_store, load_jsonl, tokenize
+    from .gate import GateConfig, Registry, judge
+    from .train import TrainConfig, set_threads, train
+
+    t0 = time.time()
+    set_threads(spec.threads)
+    models_dir = Path(spec.models_dir).expanduser()
+    train_cfg = TrainConfig.from_dict(spec.train)
+    guard_cfg = GuardConfig.from_dict(spec.guards)
+    gate_cfg = GateConfig.from_dict(spec.gate)
+
+    # data
+    exchanges, bad_lines, up_to_id = [], [], None
+    store = None
+    if spec.store:
+        from ..store import Store
+
+        store = Store(spec.store)
+        exchanges += from_store(store)
+        up_to_id = max((e.id for e in exchanges if e.id is not None), default=0)
+    for path in spec.jsonl:
+        rows, bad = load_jsonl(path)
+        exchanges += rows
+        bad_lines += bad
+    tok = Tokenizer()
+    data = build_dataset(exchanges, tok, guards=guard_cfg, loss_on=train_cfg.loss_on,
+                         val_fraction=spec.val_fraction, seed=train_cfg.seed, bad_lines=bad_lines)
+    log.info("data: %d train / %d validation exchanges; guards %s", data.train_exchanges,
+             data.val_exchanges, data.guard_report)
+    if data.train_exchanges == 0 or data.val_exchanges == 0:
+        raise ValueError(f"not enough data to fine-tune: {data.train_exchanges} training and "
+                         f"{data.val_exchanges} validation exchange(s) after the guards ({data.guard_report})")
+
+    # models
+    model, base_meta = load_model(spec.base)
+    serving = copy.deepcopy(model) if spec.serving in (None, spec.base) else load_model(spec.serving)[0]
+    serving.eval()
+
+    outcome = train(model, data, train_cfg, progress=spec.progress, should_stop=should_stop)
+
+    # candidate: written atomically (temp name + rename inside checkpoint.save)
+    cand = candidate_path(models_dir)
+    save(model, cand, base_model=spec.base, iteration=outcome.best_iter,
+         train_loss=outcome.final_train_loss, val_loss=outcome.best_val_loss, data_hash=data.hash,
+         data=data.summary(), training=asdict(train_cfg), stopped=outcome.stopped,
+         initial_val_loss=outcome.initial_val_loss)
+
+    general = None
+    if gate_cfg.general_text:
+        general = general_text_data(gate_cfg.general_text, tok)
+    verdict = judge(model, serving, data.val, gate_cfg, general)
+    registry = Registry(models_dir, keep=gate_cfg.keep, keep_rejected=gate_cfg.keep_rejected)
+    result = {
+        "status": "promoted" if verdict.promoted else "rejected",
+        "candidate": str(cand),
+        "base": spec.base,
+        "serving": spec.serving or spec.base,
+        "gate": verdict.as_dict(),
+        "training": {k: v for k, v in outcome.as_dict().items() if k != "history"},
+        "history": outcome.history,
+        "data": data.summary(),
+        "up_to_id": up_to_id,
+        "seconds": round(time.time() - t0, 1),
+    }
+    if verdict.promoted:
+        registry.promote(cand, metrics=result["gate"])
+    else:
+        registry.reject(cand, metrics=result["gate"])
+    if store is not None:
+        store.mark_finetune(checkpoint=cand.name, up_to_id=up_to_id)
+        store.close()
+    log.info("%s: %s", result["status"], verdict.reason)
+    return result
+
+
+def general_text_data(path: str, tok):
+    """A fixed general-text set: seed-format JSONL (reply tokens) or plain text (every token)."""
+    from .data import TokenData, load_jsonl, tokenize
+
+    import torch
+
+    p = Path(path).expanduser()
+    if p.suffix == ".jsonl":
+        rows, _ = load_jsonl(p)
+        return tokenize(rows, tok)
+    ids = tok.encode(p.read_text(encoding="utf-8"))
+    return TokenData(torch.tensor(ids, dtype=torch.long), torch.ones(len(ids), dtype=torch.bool), 1)
+
+
+# --- worker process ------------------------------------------------------------------
+
+
+def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m chatcore.training.job")
+    parser.add_argument("spec")
+    parser.add_argument("--lock-fd", type=int, default=None, help="inherited lock (kept open while running)")
+    args = parser.parse_args(argv)
+    spec_path = Path(args.spec)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+    try:
+        os.nice(5)  # serving first
+    except OSError:
+        pass
+    stop = {"flag": False}
+
+    def on_signal(signum, frame):
+        stop["flag"] = True
+        log.info("signal %d: stopping at the next step", signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    from .train import Cancelled
+
+    spec = JobSpec(**json.loads(spec_path.read_text(encoding="utf-8")))
+    result_path = spec_path.with_name("result.json")
+    try:
+        result = run_job(spec, should_stop=lambda: stop["flag"])
+        rc = 0
+    except Cancelled as exc:
+        result, rc = {"status": "cancelled", "error": str(exc)}, 3
+    except Exception as exc:  # reported to the bot; the traceback goes to the job log
+        traceback.print_exc()
+        result, rc = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}, 1
+    result["job"] = spec_path.parent.name
+    _write_json_atomic(result_path, result)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Runs fine-tune jobs in a separate process, one at a time, so the bot keeps answering.
+
+- One job at a time: an exclusive ``flock`` on ``<models>/.finetune.lock``. The
+  parent takes it, the worker inherits the open file and the parent lets go, so
+  the lock lives exactly as long as the worker: a crashed or killed worker (even
+  ``kill -9``) releases it with its last file descriptor, and no stale lock can
+  block the next job. The lock file holds the worker's pid, for people.
+- Cancellable: `Job.cancel` sends SIGTERM; the worker stops at the next step and
+  writes nothing; SIGKILL follows if it does not exit in time.
+- Thread budget: the worker caps torch/OpenMP threads (default: all cores but
+  one) and lowers its priority, so serving keeps a core.
+- Nothing half-written is ever visible: the worker writes a candidate under a
+  hidden temporary name and renames it into place when complete
+  (`chatcore.checkpoint.save`); the serving model changes only through
+  `gate.Registry` after the gate. Temp files of dead workers are removed when
+  the next job starts.
+
+The worker is ``python -m chatcore.training.job SPEC.json`` (see `job.py`); each
+job has a folder ``<models>/jobs/<id>/`` with ``spec.json``, ``log.txt`` and,
+when it ends, ``result.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .job import JobSpec
+
+LOCK_NAME = ".finetune.lock"
+
+
+class Busy(RuntimeError):
+    """A fine-tune job is already running."""
+
+
+def default_threads() -> int:
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+class Job:
+    """A running (or finished) worker process."""
+
+    def __init__(self, job_id: str, folder: Path, proc: subprocess.Popen) -> None:
+        self.id = job_id
+        self.dir = folder
+        self.proc = proc
+        self.started_at = time.time()
+        self._result: dict[str, Any] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def poll(self) -> dict[str, Any] | None:
+        """The result once the worker has exited, else None."""
+        if self._result is None and self.proc.poll() is not None:
+            self._result = self._read_result()
+        return self._result
+
+    def wait(self, timeout: float | None = None) -> dict[str, Any]:
+        self.proc.wait(timeout)
+        result = self.poll()
+        assert result is not None
+        return result
+
+    async def wait_async(self, interval: float = 0.5) -> dict[str, Any]:
+        """Wait without blocking the event loop."""
+        while (result := self.poll()) is None:
+            await asyncio.sleep(interval)
+        return result
+
+    def cancel(self, grace: float = 15.0) -> dict[str, Any]:
+        """Stop the job: SIGTERM, then SIGKILL after `grace` seconds. Serving is never touched."""
+        if self.running:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.wait()
+
+    def progress(self) -> str:
+        """The last line the worker logged."""
+        try:
+            lines = (self.dir / "log.txt").read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return lines[-1] if lines else ""
+
+    def _read_result(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.dir / "result.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            rc = self.proc.returncode
+            how = f"killed by signal {-rc}" if rc is not None and rc < 0 else f"exited with code {rc}"
+            return {"status": "failed", "error": f"worker {how} without a result (see {self.dir / 'log.txt'})",
+                    "job": self.id}
+
+
+class Scheduler:
+    """Starts fine-tune workers for one models folder; `start` raises `Busy` while one runs."""
+
+    def __init__(self, models_dir: str | os.PathLike, *, threads: int | None = None,
+                 keep_jobs: int = 10) -> None:
+        self.models_dir = Path(models_dir).expanduser()
+        self.threads = threads or default_threads()
+        self.keep_jobs = keep_jobs
+        self.current: Job | None = None
+
+    @property
+    def lock_path(self) -> Path:
+        return self.models_dir / LOCK_NAME
+
+    def busy(self) -> bool:
+        """Whether any process (this one or another) holds the job lock."""
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
+
+    def start(self, spec: JobSpec) -> Job:
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(self.lock_path, "a+")
+        try:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise Busy(f"a fine-tune job is already running ({_lock_owner(self.lock_path)})") from None
+            self._clean_leftovers()
+            job_id = time.strftime("%Y%m%d_%H%M%S") + f"_{os.getpid()}"
+            folder = self.models_dir / "jobs" / job_id
+            folder.mkdir(parents=True)
+            spec = JobSpec(**{**asdict(spec), "models_dir": str(self.models_dir),
+                              "threads": spec.threads or self.threads})
+            (folder / "spec.json").write_text(json.dumps(asdict(spec), indent=2), encoding="utf-8")
+            env = {**os.environ, "OMP_NUM_THREADS": str(spec.threads), "MKL_NUM_THREADS": str(spec.threads),
+                   "PYTHONUNBUFFERED": "1"}
+            with open(folder / "log.txt", "ab") as logf:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "chatcore.training.job", str(folder / "spec.json"),
+                     "--lock-fd", str(lock.fileno())],
+                    stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                    pass_fds=(lock.fileno(),), env=env, cwd=str(self.models_dir),
+                )
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"pid {proc.pid} job {job_id}\n")
+            lock.flush()
+        finally:
+            lock.close()  # the worker holds the lock from here on
+        self.current = Job(job_id, folder, proc)
+        return self.current
+
+    def _clean_leftovers(self) -> None:
+        """Temp folders of workers that died mid-write, and old job folders. Called holding the lock."""
+        for p in self.models_dir.glob(".finetuned_*.tmp"):  # checkpoint.save's temp names
+            p.unlink(missing_ok=True)
+        jobs = sorted((self.models_dir / "jobs").glob("*")) if (self.models_dir / "jobs").is_dir() else []
+        for old in jobs[: max(0, len(jobs) - self.keep_jobs + 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _lock_owner(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip() or "pid unknown"
+    except OSError:
+        return "pid unknown"

@@ -1,0 +1,275 @@
+"""Auto-fine-tune: the bot learns from its own conversations, safely.
+
+Counts new eligible exchanges (the count is a query on the history store, so it
+survives restarts); at `every` of them (default 50), once the cooldown since the
+last fine-tune has passed, it starts a job in a separate process
+(`chatcore.training.scheduler`). When the job ends the gate has spoken: a
+promoted candidate is loaded off the event loop and hot-swapped into the running
+bot (`bot.generator.swap`), a rejected one stays on disk for inspection. Hooks
+``finetune_started`` / ``finetune_finished`` / ``finetune_promoted`` /
+``finetune_rejected`` fire with the metrics.
+
+``/finetune`` (admin) starts a job now; ``/finetune status`` and ``/finetune cancel``.
+
+Config (``plugins.auto_finetune``)::
+
+    enabled: true         # count and trigger automatically (/finetune works either way)
+    every: 50             # new exchanges per fine-tune (below 10 overfits: a warning)
+    cooldown_minutes: 60  # at least this long between automatic fine-tunes
+    threads: null         # training threads (null: all cores but one)
+    start_from: base      # base: the configured model; serving: the model serving now
+    training: {...}       # chatcore.training.train.TrainConfig (lr, max_iters, loss_on, ...)
+    guards: {...}         # chatcore.training.data.GuardConfig (duplicates, min length, user share, ...)
+    gate: {...}           # chatcore.training.gate.GateConfig (min_improvement, general_text, keep, ...)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import typing
+import weakref
+from pathlib import Path
+from typing import Any
+
+from chatcore import hookimpl
+from chatcore.bot import await_me_maybe
+from chatcore.config import Field
+from chatcore.training.data import GuardConfig
+from chatcore.training.gate import GateConfig, Registry, serving_checkpoint
+from chatcore.training.job import JobSpec
+from chatcore.training.scheduler import Busy, Job, Scheduler
+from chatcore.training.train import TrainConfig
+
+log = logging.getLogger("chatcore.auto_finetune")
+
+MIN_SENSIBLE = 10  # the seed's warning threshold
+
+
+def _schema_of(cls: type) -> dict[str, Field]:
+    """Config fields from a dataclass: each option validated with its key path and line."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Field] = {}
+    for f in dataclasses.fields(cls):
+        args = set(typing.get_args(hints[f.name])) - {type(None)} or {hints[f.name]}
+        if bool in args:
+            typ: Any = bool
+        elif float in args:
+            typ = (int, float)
+        elif int in args:
+            typ = int
+        elif str in args:
+            typ = str
+        else:
+            typ = list
+        default = f.default if f.default is not dataclasses.MISSING else None
+        out[f.name] = Field(typ, list(default) if isinstance(default, frozenset) else default)
+    return out
+
+
+@hookimpl
+def register_config(register):
+    register("plugins.auto_finetune", {
+        "enabled": Field(bool, True, help="Fine-tune automatically when enough new exchanges accumulated."),
+        "every": Field(int, 50, help="New eligible exchanges that trigger a fine-tune."),
+        "cooldown_minutes": Field((int, float), 60, help="Minimum time between automatic fine-tunes."),
+        "threads": Field(int, None, help="Training threads (default: all cores but one, so serving keeps one)."),
+        "start_from": Field(str, "base", choices=("base", "serving"),
+                            help="Start weights: the configured model (forgotten users leave the model too) "
+                                 "or the model serving now."),
+        "val_fraction": Field((int, float), 0.1, help="Share of conversations held out for the gate."),
+        "training": _schema_of(TrainConfig),
+        "guards": _schema_of(GuardConfig),
+        "gate": _schema_of(GateConfig),
+    })
+
+
+@hookimpl
+def register_commands(register):
+    register("finetune", finetune_command, admin=True)
+
+
+class State:
+    """One bot's fine-tune bookkeeping."""
+
+    def __init__(self, bot: Any) -> None:
+        cfg = bot.config.get("plugins.auto_finetune") or {}
+        self.cfg = cfg
+        self.models_dir = Path(bot.config.data_dir) / "models"
+        self.scheduler = Scheduler(self.models_dir, threads=cfg.get("threads"))
+        self.job: Job | None = None
+        self.task: asyncio.Task | None = None
+        self.last_attempt = 0.0
+        # What the configured model is, before any promoted checkpoint replaced it.
+        self.base_source = _source(bot.engine)
+        if cfg.get("every", 50) < MIN_SENSIBLE:
+            log.warning("plugins.auto_finetune.every is %d: fine-tuning on fewer than %d exchanges "
+                        "mostly overfits", cfg.get("every"), MIN_SENSIBLE)
+
+    @property
+    def running(self) -> bool:
+        return self.job is not None and self.job.running
+
+    def spec(self, bot: Any) -> JobSpec:
+        serving = _source(bot.engine)
+        base = self.base_source if self.cfg.get("start_from", "base") == "base" else serving
+        if not base:
+            raise RuntimeError("the serving model has no checkpoint on disk to fine-tune from")
+
+        def section(name: str) -> dict[str, Any]:
+            return {k: v for k, v in (self.cfg.get(name) or {}).items() if v is not None}
+
+        guards = section("guards")
+        guards.pop("excluded_users", None)
+        excluded = list((self.cfg.get("guards") or {}).get("excluded_users") or [])
+        if excluded:
+            guards["excluded_users"] = excluded
+        return JobSpec(models_dir=str(self.models_dir), base=base, serving=serving,
+                       store=str(bot.config.store_path), train=section("training"), guards=guards,
+                       gate=section("gate"), val_fraction=float(self.cfg.get("val_fraction", 0.1)),
+                       threads=self.cfg.get("threads"), progress=False)
+
+
+_states: "weakref.WeakKeyDictionary[Any, State]" = weakref.WeakKeyDictionary()
+
+
+def state_of(bot: Any) -> State:
+    st = _states.get(bot)
+    if st is None:
+        st = _states[bot] = State(bot)
+    return st
+
+
+def _source(engine: Any) -> str | None:
+    meta = getattr(engine, "meta", None) or {}
+    return meta.get("source")
+
+
+# --- lifecycle -----------------------------------------------------------------------
+
+
+@hookimpl
+async def startup(bot):
+    """Serve the last promoted checkpoint, if there is one and it is not already serving."""
+    st = state_of(bot)
+    promoted = serving_checkpoint(st.models_dir)
+    if promoted is not None and _source(bot.engine) != str(promoted):
+        engine = await asyncio.to_thread(load_engine, bot, promoted)
+        bot.generator.swap(engine)
+        log.info("serving the promoted fine-tune %s", promoted.name)
+
+
+@hookimpl
+def shutdown(bot):
+    st = _states.get(bot)
+    if st is not None and st.running:
+        log.info("cancelling the running fine-tune job")
+        st.job.cancel(grace=5)
+
+
+@hookimpl
+async def exchange_logged(bot, exchange):
+    st = state_of(bot)
+    if not st.cfg.get("enabled", True) or st.running:
+        return
+    if bot.store.exchanges_since_finetune() < st.cfg.get("every", 50):
+        return
+    cooldown = float(st.cfg.get("cooldown_minutes", 60)) * 60
+    last = bot.store.last_finetune()
+    since = time.time() - max(last["at"] if last else 0.0, st.last_attempt)
+    if since < cooldown:
+        return
+    try:
+        await start_job(bot)
+    except Busy as exc:
+        log.info("fine-tune not started: %s", exc)
+    except Exception as exc:  # never let learning break answering
+        st.last_attempt = time.time()
+        log.warning("fine-tune not started: %s", exc)
+
+
+async def start_job(bot: Any) -> Job:
+    """Start a fine-tune job now; its result is handled in the background. Raises Busy."""
+    st = state_of(bot)
+    if st.running:
+        raise Busy("a fine-tune job is already running")
+    st.last_attempt = time.time()
+    st.job = st.scheduler.start(st.spec(bot))
+    log.info("fine-tune job %s started (pid %d)", st.job.id, st.job.pid)
+    await _fire(bot, "finetune_started", bot=bot, job=st.job)
+    st.task = asyncio.create_task(_follow(bot, st.job))
+    return st.job
+
+
+async def _follow(bot: Any, job: Job) -> dict[str, Any]:
+    result = await job.wait_async()
+    await finish(bot, job, result)
+    return result
+
+
+async def finish(bot: Any, job: Any, result: dict[str, Any]) -> None:
+    """Act on a job's result: hooks, and the hot swap on promotion."""
+    await _fire(bot, "finetune_finished", bot=bot, job=job, result=result)
+    status = result.get("status")
+    if status == "promoted":
+        try:
+            engine = await asyncio.to_thread(load_engine, bot, Path(result["candidate"]))
+        except Exception as exc:  # the old model keeps serving
+            log.error("promoted checkpoint %s failed to load, still serving %s: %s",
+                      result.get("candidate"), bot.engine.model_id, exc)
+            result = {**result, "status": "failed", "error": f"loading the promoted model failed: {exc}"}
+            return
+        bot.generator.swap(engine)  # fully loaded first: no request sees half a model
+        log.info("now serving %s (validation loss %.4f, was %.4f)", engine.model_id,
+                 result["gate"]["candidate_val_loss"], result["gate"]["serving_val_loss"])
+        await _fire(bot, "finetune_promoted", bot=bot, result=result)
+    elif status == "rejected":
+        log.info("candidate rejected: %s", result["gate"]["reason"])
+        await _fire(bot, "finetune_rejected", bot=bot, result=result)
+    else:
+        log.warning("fine-tune job %s: %s", result.get("job"), result.get("error", status))
+
+
+def load_engine(bot: Any, checkpoint: Path) -> Any:
+    """A complete engine for `checkpoint`, built like the serving one."""
+    from chatcore.engine import Engine
+
+    engine = bot.generator.engine
+    return Engine.from_config({**bot.config["model"], "checkpoint": str(checkpoint)},
+                              tokenizer=getattr(engine, "tokenizer", None))
+
+
+async def _fire(bot: Any, name: str, **kwargs: Any) -> None:
+    for r in getattr(bot.pm.hook, name)(**kwargs):
+        await await_me_maybe(r)
+
+
+# --- /finetune -----------------------------------------------------------------------
+
+
+async def finetune_command(bot, message, args):
+    """Fine-tune on the new conversations now (status, cancel)."""
+    st = state_of(bot)
+    arg = args.strip().lower()
+    if arg == "status":
+        if st.running:
+            return f"Fine-tune job {st.job.id} is running: {st.job.progress() or 'starting'}"
+        reg = Registry(st.models_dir).current()
+        return (f"No fine-tune is running. {bot.store.exchanges_since_finetune()} new exchange(s) since the "
+                f"last one; serving {reg.name if reg else 'the base model'}.")
+    if arg == "cancel":
+        if not st.running:
+            return "No fine-tune is running."
+        await asyncio.to_thread(st.job.cancel)
+        return "Fine-tune cancelled; the serving model is unchanged."
+    if arg:
+        return "Usage: /finetune [status|cancel]"
+    try:
+        job = await start_job(bot)
+    except Busy as exc:
+        return f"Not started: {exc}."
+    except Exception as exc:
+        return f"Not started: {exc}"
+    return f"Fine-tune job {job.id} started; I keep answering meanwhile."
