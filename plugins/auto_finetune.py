@@ -241,8 +241,8 @@ def load_engine(bot: Any, checkpoint: Path) -> Any:
                               tokenizer=getattr(engine, "tokenizer", None))
 
 
-async def _fire(bot: Any, name: str, **kwargs: Any) -> None:
-    for r in getattr(bot.pm.hook, name)(**kwargs):
+async def _fire(owner: Any, hook: str, **kwargs: Any) -> None:
+    for r in getattr(owner.pm.hook, hook)(**kwargs):
         await await_me_maybe(r)
 
 
