@@ -70,7 +70,8 @@ class HttpAdapter(Adapter):
         "api_key": Field(str, None, secret=True,
                          help="Bearer key every request but /health must carry: ${CHATCORE_API_KEY}. Empty: none."),
         "max_request_bytes": Field(int, 64 * 1024, help="Larger request bodies are refused (413)."),
-        "max_tokens": Field(int, 512, help="The most new tokens one request may ask for."),
+        "max_tokens": Field(int, 512, help="The most new tokens one request may ask for (at most half the "
+                                           "model's context, so the prompt keeps room)."),
         "model_name": Field(str, None, help="Model id shown by /v1/models (default: the serving model's id)."),
     }
 
@@ -249,13 +250,13 @@ class HttpAdapter(Adapter):
     def _params(self, body: dict[str, Any]) -> SamplingParams:
         """The request's sampler settings on top of the configured ones, checked."""
         base: SamplingParams = self.bot.params
+        limit = min(self.max_tokens_limit, self.bot.engine.block_size // 2)  # leave the prompt room
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         if max_tokens is not None:
-            if not _is_int(max_tokens) or not 1 <= max_tokens <= self.max_tokens_limit:
-                raise ApiError(400, f"max_tokens must be an integer from 1 to {self.max_tokens_limit}",
-                               param="max_tokens")
+            if not _is_int(max_tokens) or not 1 <= max_tokens <= limit:
+                raise ApiError(400, f"max_tokens must be an integer from 1 to {limit}", param="max_tokens")
         else:
-            max_tokens = min(base.max_new_tokens, self.max_tokens_limit)
+            max_tokens = min(base.max_new_tokens, limit)
         temperature = _number(body, "temperature", 0.0, 2.0)
         top_p = _number(body, "top_p", 0.0, 1.0)
         if top_p is not None and top_p <= 0:
