@@ -147,7 +147,8 @@ class DiscordAdapter(Adapter):
         me = self.client.user
         if me is None or payload.user_id == me.id:
             return
-        if payload.message_author_id is not None and payload.message_author_id != me.id:
+        author = getattr(payload, "message_author_id", None)  # sent by Discord since 2024 (discord.py 2.4)
+        if author is not None and author != me.id:
             return
         value = FEEDBACK.get(_EMOJI_MODIFIERS.sub("", payload.emoji.name or ""))
         if value is not None:
