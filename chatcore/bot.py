@@ -114,7 +114,7 @@ class Bot:
         engine = self.generator.engine
         history = self.store.history(message, limit=self.config["bot"]["history_turns"])
         prompt = build_prompt(message.text, history, engine.count_tokens,
-                              budget=engine.block_size - params.max_new_tokens)
+                              budget=engine.block_size - min(params.max_new_tokens, engine.block_size // 2))
         await self._call("prompt_built", bot=self, message=message, prompt=prompt)
 
         parts: list[str] = []

@@ -211,6 +211,9 @@ class Store:
                     mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
                     if mode.lower() != "wal":
                         raise StoreError(f"history database {self.path}: cannot switch to WAL mode (got {mode})")
+                    # WAL + NORMAL never corrupts; a power cut may lose the last commits. The bot
+                    # writes from its event loop, so each exchange costs one fsync less.
+                    db.execute("PRAGMA synchronous = NORMAL")
                 self._migrate()
         except BaseException:
             db.close()
