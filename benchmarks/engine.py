@@ -4,8 +4,11 @@ GPT-2 124M shapes with random weights (the same weights in every contestant),
 fp32, 2 torch threads, the same sampling settings (temperature 0.8, top-k 200,
 seeded) and the same number of new tokens. Prompts of 32 and 512 tokens.
 
-Each contestant runs in its own fresh process (same command, ``--worker``), so
-its peak RSS is its own and no contestant warms the caches for another.
+The weights are written to a temporary directory first (a chatcore checkpoint
+and a Hugging Face directory); each contestant runs in its own fresh process
+(same command, ``--worker``) and loads them as it would in real use, so its
+peak RSS is its own, loading included, and no contestant warms the caches for
+another.
 
     python benchmarks/engine.py            # full run (the seed's loop takes minutes at 512 tokens)
     python benchmarks/engine.py --quick    # 24 new tokens: a smoke run
@@ -24,8 +27,8 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
-import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,25 +36,32 @@ CONTESTANTS = ("chatcore", "seed-loop", "transformers")
 TEMPERATURE, TOP_K, SEED = 0.8, 200, 1234
 
 
-def build_model():
-    import torch
+def write_models(d: Path) -> tuple[Path, Path]:
+    """Random GPT-2 124M weights saved twice: a chatcore checkpoint and a Hugging Face directory.
 
+    Every contestant loads its weights from disk the way it would in real use,
+    so peak RSS includes loading.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from chatcore import checkpoint
+    from chatcore.hf import to_hf_state_dict
     from chatcore.model import GPT, GPTConfig
 
     torch.manual_seed(0)
-    with torch.device("meta"):
-        model = GPT(GPTConfig())  # GPT-2 124M shapes
-    model.to_empty(device="cpu")
-    for name, p in model.named_parameters():  # cheap deterministic random weights
-        g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-        if p.dim() >= 2:
-            p.data.normal_(0.0, 0.02, generator=g)
-        elif name.endswith("weight"):
-            p.data.fill_(1.0)
-        else:
-            p.data.normal_(0.0, 0.02, generator=g)
-    model.transformer.wte.weight = model.lm_head.weight
-    return model.eval()
+    model = GPT(GPTConfig()).eval()  # GPT-2 124M shapes, GPT-2's init
+    native = checkpoint.save(model, d / "gpt2-random.safetensors", base_model="random")
+    hf_dir = d / "hf"
+    hf_dir.mkdir()
+    c = model.config
+    (hf_dir / "config.json").write_text(json.dumps(dict(
+        model_type="gpt2", architectures=["GPT2LMHeadModel"], n_positions=c.block_size, n_ctx=c.block_size,
+        vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+        activation_function="gelu_new", bos_token_id=50256, eos_token_id=50256)))
+    hf_state = {k: v.contiguous() for k, v in to_hf_state_dict(model).items() if k != "lm_head.weight"}
+    save_file(hf_state, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
+    return native, hf_dir
 
 
 def prompt_ids(n: int) -> list[int]:
@@ -68,12 +78,15 @@ def peak_rss_mb() -> float:
 # --- contestants: each returns (time to first token, end time, tokens) from a start time ----
 
 
-def run_chatcore(model, ids, new_tokens):
+def load_chatcore(native: Path, hf_dir: Path, threads: int):
     from chatcore.engine import Engine
+
+    return Engine.from_config({"checkpoint": str(native), "device": "cpu", "dtype": "float32", "threads": threads})
+
+
+def run_chatcore(engine, ids, new_tokens):
     from chatcore.sampling import SamplingParams
 
-    engine = getattr(run_chatcore, "engine", None) or Engine(model, model_id="bench", device="cpu", dtype="float32")
-    run_chatcore.engine = engine
     params = SamplingParams(temperature=TEMPERATURE, top_k=TOP_K, max_new_tokens=new_tokens, seed=SEED, stop_at_newline=False)
     t0 = time.perf_counter()
     first, n = None, 0
@@ -82,6 +95,12 @@ def run_chatcore(model, ids, new_tokens):
         if first is None:
             first = time.perf_counter()
     return t0, first, time.perf_counter(), n
+
+
+def load_seed_loop(native: Path, hf_dir: Path, threads: int):
+    from chatcore import checkpoint
+
+    return checkpoint.load(native)[0]
 
 
 def run_seed_loop(model, ids, new_tokens):
@@ -110,23 +129,16 @@ def run_seed_loop(model, ids, new_tokens):
     return t0, first, time.perf_counter(), idx.size(1) - len(ids)
 
 
-def run_transformers(model, ids, new_tokens):
+def load_transformers(native: Path, hf_dir: Path, threads: int):
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+
+
+def run_transformers(hf, ids, new_tokens):
+    import torch
     from transformers.generation.streamers import BaseStreamer
-
-    from chatcore.hf import to_hf_state_dict
-
-    hf = getattr(run_transformers, "hf", None)
-    if hf is None:
-        c = model.config
-        cfg = GPT2Config(n_positions=c.block_size, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
-        with torch.device("meta"):
-            hf = GPT2LMHeadModel(cfg)
-        hf.load_state_dict(to_hf_state_dict(model), strict=False, assign=True)
-        hf.tie_weights()
-        hf.eval()
-        run_transformers.hf = hf
 
     class Timer(BaseStreamer):
         def __init__(self):
@@ -159,15 +171,19 @@ def run_transformers(model, ids, new_tokens):
     return t0, timer.first, time.perf_counter(), out.size(1) - len(ids)
 
 
-RUNNERS = {"chatcore": run_chatcore, "seed-loop": run_seed_loop, "transformers": run_transformers}
+RUNNERS = {
+    "chatcore": (load_chatcore, run_chatcore),
+    "seed-loop": (load_seed_loop, run_seed_loop),
+    "transformers": (load_transformers, run_transformers),
+}
 
 
-def worker(name: str, prompts: list[int], new_tokens: int, threads: int) -> None:
+def worker(name: str, native: Path, hf_dir: Path, prompts: list[int], new_tokens: int, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    model = build_model()
-    run = RUNNERS[name]
+    load, run = RUNNERS[name]
+    model = load(native, hf_dir, threads)
     run(model, prompt_ids(8), 4)  # warm-up: kernels, allocator, lazy imports
     for p in prompts:
         t0, first, end, n = run(model, prompt_ids(p), new_tokens)
@@ -192,18 +208,25 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--engines", default=",".join(CONTESTANTS))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--models", help=argparse.SUPPRESS)
     args = ap.parse_args()
     new_tokens = args.new_tokens or (24 if args.quick else 150)
     prompts = [int(p) for p in args.prompts.split(",")]
     if args.worker:
-        worker(args.worker, prompts, new_tokens, args.threads)
+        d = Path(args.models)
+        worker(args.worker, d / "gpt2-random.safetensors", d / "hf", prompts, new_tokens, args.threads)
         return
+    with tempfile.TemporaryDirectory(prefix="chatcore-bench-") as d:
+        write_models(Path(d))
+        run_all(args, Path(d), prompts, new_tokens)
 
+
+def run_all(args, models: Path, prompts: list[int], new_tokens: int) -> None:
     results: dict[tuple[str, int], dict] = {}
     rss: dict[str, float] = {}
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
     for name in args.engines.split(","):
-        cmd = [sys.executable, __file__, "--worker", name, "--prompts", args.prompts,
+        cmd = [sys.executable, __file__, "--worker", name, "--models", str(models), "--prompts", args.prompts,
                "--new-tokens", str(new_tokens), "--threads", str(args.threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         if proc.returncode != 0:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, _torch_load, build_model
+from .checkpoint import ColumnMajor, CheckpointError, _torch_load, as_column_major, build_model, read_safetensors
 from .model import GPT, GPTConfig
 
 GPT2_SIZES = {  # name: (n_layer, n_head, n_embd)
@@ -57,19 +57,31 @@ def config_from_hf(cfg: dict, source: str = "config.json") -> GPTConfig:
     )
 
 
-def convert_hf_state_dict(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Hugging Face GPT2LMHeadModel / GPT2Model keys and layouts -> nanoGPT's."""
+def hf_name(k: str) -> str | None:
+    """nanoGPT's name for a Hugging Face GPT-2 tensor; None for tensors that are not weights."""
+    if k.endswith(".attn.bias") or k.endswith(".attn.masked_bias"):
+        return None  # causal-mask buffers
+    if k == "lm_head.weight":
+        return None  # tied to wte
+    return k if k.startswith("transformer.") else "transformer." + k  # GPT2Model exports lack the prefix
+
+
+def convert_hf_state_dict(
+    hf_state: dict[str, torch.Tensor], column_major: ColumnMajor | None = None
+) -> dict[str, torch.Tensor]:
+    """Hugging Face GPT2LMHeadModel / GPT2Model keys and layouts -> nanoGPT's.
+
+    A Conv1D weight ``[in, out]`` transposed is a column-major ``[out, in]``: it is
+    kept that way where ``column_major`` asks for it, made contiguous otherwise."""
     out = {}
     for k, v in hf_state.items():
-        if k.endswith(".attn.bias") or k.endswith(".attn.masked_bias"):
-            continue  # causal-mask buffers
-        if k == "lm_head.weight":
-            continue  # tied to wte
-        if not k.startswith("transformer."):
-            k = "transformer." + k  # GPT2Model exports lack the prefix
-        if k.endswith(_CONV1D):
+        name = hf_name(k)
+        if name is None:
+            continue
+        if name.endswith(_CONV1D):
             v = v.t()
-        out[k] = v.contiguous()
+        want_col = column_major is not None and v.dim() == 2 and column_major(name)
+        out[name] = as_column_major(v) if want_col else v.contiguous()
     return out
 
 
@@ -77,8 +89,11 @@ def load_hf_dir(
     path: str | Path,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    column_major: ColumnMajor | None = None,
 ) -> tuple[GPT, dict]:
-    """Load a local Hugging Face GPT-2 directory; returns (model, metadata)."""
+    """Load a local Hugging Face GPT-2 directory; returns (model, metadata).
+
+    ``column_major`` as in `chatcore.checkpoint.load`."""
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
@@ -92,18 +107,17 @@ def load_hf_dir(
     if weights is None:
         raise CheckpointError(f"{path} has neither model.safetensors nor pytorch_model.bin")
     if weights.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        # Conv1D weights are column-major once transposed; only the others need laying out
+        def read_col(k: str) -> bool:
+            name = hf_name(k)
+            return column_major is not None and name is not None and not name.endswith(_CONV1D) and column_major(name)
 
-        try:
-            hf_state = load_file(str(weights))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{weights} is corrupt or truncated: {e}") from e
+        hf_state = read_safetensors(weights, column_major=read_col)
     else:
         hf_state = _torch_load(weights)
-        if not isinstance(hf_state, dict):
-            raise CheckpointError(f"{weights}: expected a state dict")
-    model = build_model(cfg, convert_hf_state_dict(hf_state), source=str(weights))
+        if not isinstance(hf_state, dict) or not all(isinstance(v, torch.Tensor) for v in hf_state.values()):
+            raise CheckpointError(f"{weights}: expected a state dict of tensors")
+    model = build_model(cfg, convert_hf_state_dict(hf_state, column_major), source=str(weights))
     model.to(device)
     if dtype is not None:
         model.to(dtype)
@@ -152,12 +166,13 @@ def load_hf(
     dtype: torch.dtype | None = None,
     cache_dir: str | Path | None = None,
     local_files_only: bool = True,
+    column_major: ColumnMajor | None = None,
 ) -> tuple[GPT, dict]:
     """Load a local Hugging Face directory, or hub model ``name_or_path`` (cache, then download)."""
     if Path(name_or_path).is_dir():
-        return load_hf_dir(name_or_path, device=device, dtype=dtype)
+        return load_hf_dir(name_or_path, device=device, dtype=dtype, column_major=column_major)
     d = fetch(str(name_or_path), cache_dir=cache_dir, local_files_only=local_files_only)
-    model, meta = load_hf_dir(d, device=device, dtype=dtype)
+    model, meta = load_hf_dir(d, device=device, dtype=dtype, column_major=column_major)
     meta["provenance"]["base_model"] = str(name_or_path)
     return model, meta
 

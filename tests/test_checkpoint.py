@@ -13,7 +13,7 @@ import torch
 
 from chatcore import checkpoint as ckpt
 from chatcore.checkpoint import CheckpointError
-from engine_fixtures import tiny_model
+from tests.engine_fixtures import tiny_model
 
 
 def same_logits(a, b) -> bool:

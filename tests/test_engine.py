@@ -14,7 +14,7 @@ from chatcore.hf import to_hf_state_dict
 from chatcore.prompt import render_prompt
 from chatcore.sampling import SamplingParams
 from chatcore.tokenizer import Tokenizer
-from engine_fixtures import ScriptedGPT, greedy_no_cache, tiny_model
+from tests.engine_fixtures import ScriptedGPT, greedy_no_cache, tiny_model
 
 GREEDY = SamplingParams(temperature=0, stop_at_newline=False, max_new_tokens=30)
 
@@ -189,6 +189,11 @@ def test_from_config_loads_a_configured_checkpoint(tmp_path, tok):
     path = ckpt.save(model, tmp_path / "bot.safetensors", base_model="gpt2", iteration=3)
     engine = Engine.from_config({"checkpoint": str(path), "device": "cpu", "dtype": "float32"}, tokenizer=tok)
     assert engine.model_id == "bot (gpt2)"
+    # read straight into the decode layout: weights column-major, the head still tied
+    m = engine.model
+    assert m.lm_head.weight is m.transformer.wte.weight and m.lm_head.weight.stride() == (1, 50257)
+    assert m.transformer.h[1].mlp.c_proj.weight.stride() == (1, 32)
+    assert m.transformer.wpe.weight.is_contiguous()
     ids = tok.encode("Human: hi\nAssistant:")
     assert list(engine.tokens(ids, GREEDY)) == greedy_no_cache(model, ids, 30)
 

@@ -7,7 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from chatcore.model import GPT, GPTConfig, KVCache
-from engine_fixtures import greedy_no_cache, tiny_model
+from tests.engine_fixtures import greedy_no_cache, tiny_model
 
 TOL = 1e-4
 

@@ -9,7 +9,7 @@ import pytest
 
 from chatcore import tokenizer as tk
 from chatcore.tokenizer import Tokenizer, TokenizerError
-from engine_fixtures import GPT2_DIR
+from tests.engine_fixtures import GPT2_DIR
 
 
 @pytest.fixture(scope="module")
