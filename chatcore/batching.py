@@ -219,9 +219,38 @@ class Scheduler:
                 self._sampled([r], logits)
         decoding = [r for r in self._running if r.pending is not None and not r.todo]
         if decoding:
+            decoding = self._compact(decoding)
             logits = self._forward(decoding, [[r.pending] for r in decoding])
             self.steps += 1
             self._sampled(decoding, logits)
+
+    def _compact(self, decoding: list[Request]) -> list[Request]:
+        """Move the decoding requests to rows 0..n-1 (in that order) and return them sorted by row.
+
+        The model then reads their cache as one view instead of gathering every row's
+        keys and values on every layer. A move copies one row once, when requests
+        come and go; a prefilling request in the way swaps rows with the mover.
+        """
+        n = len(decoding)
+        holes = sorted(set(range(n)) - {r.row for r in decoding})
+        movers = sorted((r for r in decoding if r.row >= n), key=lambda r: r.row)
+        by_row = {r.row: r for r in self._running}
+        for r, hole in zip(movers, holes):
+            occupant = by_row.get(hole)
+            if occupant is None:
+                self.cache.copy_row(r.row, hole)
+                self.cache.reset(r.row)
+                with self._cond:
+                    self._free.remove(hole)
+                    self._free.append(r.row)
+                    self._free.sort()
+            else:
+                k, v = self.cache.snapshot(hole)
+                self.cache.copy_row(r.row, hole)
+                self.cache.restore(r.row, k, v)
+                occupant.row = r.row
+            r.row = hole
+        return sorted(decoding, key=lambda r: r.row)
 
     def _forward(self, requests: list[Request], tokens: list[list[int]]) -> torch.Tensor:
         T = max(len(t) for t in tokens)

@@ -388,6 +388,9 @@ class _Step:
         self.w_rows = rows_t[:, None].expand(B, T)[valid].to(dev)
         self.w_slots = (start[:, None] + t[None, :])[valid].to(dev)
         self.rows_dev = rows_t.to(dev)
+        # contiguous rows (a compacted decode batch) are read as a view; a gather would
+        # copy every row's whole cache on every layer, costing as much as the matmuls
+        self.read_rows = slice(r0, r0 + B) if contiguous else self.rows_dev
         self.L = L
         # a padded query behaves like its row's last real token, so it never reads a stale slot
         last = start[:, None] + torch.minimum(t[None, :], n_new_t[:, None] - 1)  # [B, T]
@@ -404,7 +407,7 @@ class _Step:
         # ck[rows, :, slots] indexes [N, nh, hs]; k.transpose(1, 2)[valid] is [N, nh, hs]
         ck[self.w_rows, :, self.w_slots] = k.transpose(1, 2)[self.valid]
         cv[self.w_rows, :, self.w_slots] = v.transpose(1, 2)[self.valid]
-        return ck[self.rows_dev, :, : self.L], cv[self.rows_dev, :, : self.L]
+        return ck[self.read_rows, :, : self.L], cv[self.read_rows, :, : self.L]
 
     def commit(self) -> None:
         self.cache.lengths[self.rows] = self.end

@@ -74,12 +74,24 @@ def _run_all(sched: Scheduler, jobs: list[tuple[str, SamplingParams]], stagger: 
 def test_greedy_batched_equals_unbatched(engine):
     jobs = [(p, SamplingParams(temperature=0, max_new_tokens=8 + 5 * i, stop_at_newline=i % 2 == 0)) for i, p in enumerate(PROMPTS)]
     expected = [engine.generate(p, params) for p, params in jobs]
-    sched = Scheduler(engine, max_batch=4, prefill_chunk=16)
+    sched = Scheduler(engine, max_batch=4, prefill_chunk=64)  # every prompt is one chunk of >= 2 tokens
+    decode_rows = []
+    forward = sched.model.forward_cached
+
+    def spy(idx, cache, rows, **kw):
+        if idx.size(1) == 1:
+            decode_rows.append(list(rows))
+        return forward(idx, cache, rows=rows, **kw)
+
+    sched.model = type("Spy", (), {"forward_cached": staticmethod(spy)})()
     try:
         got = _run_all(sched, jobs, stagger=0.002)
     finally:
         sched.close(timeout=5)
     assert got == expected
+    # requests came and went mid-batch, yet every decode step read rows 0..n-1 (one view, no gather)
+    assert {len(r) for r in decode_rows} >= {2, 4}
+    assert all(rows == list(range(len(rows))) for rows in decode_rows)
     assert any(expected)
     # they really shared decode steps: far fewer steps than tokens generated
     assert sched.steps < sum(len(engine.tokenizer.encode(t)) for t in expected) * 0.7
