@@ -39,7 +39,7 @@ from chatcore.bot import await_me_maybe
 from chatcore.config import Field
 from chatcore.training.data import GuardConfig
 from chatcore.training.gate import GateConfig, Registry, serving_checkpoint
-from chatcore.training.job import JobSpec
+from chatcore.training.job import JobSpec, spec_from_config
 from chatcore.training.scheduler import Busy, Job, Scheduler
 from chatcore.training.train import TrainConfig
 
@@ -117,19 +117,7 @@ class State:
         base = self.base_source if self.cfg.get("start_from", "base") == "base" else serving
         if not base:
             raise RuntimeError("the serving model has no checkpoint on disk to fine-tune from")
-
-        def section(name: str) -> dict[str, Any]:
-            return {k: v for k, v in (self.cfg.get(name) or {}).items() if v is not None}
-
-        guards = section("guards")
-        guards.pop("excluded_users", None)
-        excluded = list((self.cfg.get("guards") or {}).get("excluded_users") or [])
-        if excluded:
-            guards["excluded_users"] = excluded
-        return JobSpec(models_dir=str(self.models_dir), base=base, serving=serving,
-                       store=str(bot.config.store_path), train=section("training"), guards=guards,
-                       gate=section("gate"), val_fraction=float(self.cfg.get("val_fraction", 0.1)),
-                       threads=self.cfg.get("threads"), progress=False)
+        return spec_from_config(bot.config, base, serving, progress=False)
 
 
 _states: "weakref.WeakKeyDictionary[Any, State]" = weakref.WeakKeyDictionary()

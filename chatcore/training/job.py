@@ -52,6 +52,21 @@ class JobSpec:
     progress: bool = True
 
 
+def spec_from_config(config: Any, base: str, serving: str | None = None, **overrides: Any) -> JobSpec:
+    """A job for a bot's config: store, models folder and the ``plugins.auto_finetune`` sections."""
+    section = config.get("plugins.auto_finetune") or {}
+
+    def options(name: str) -> dict[str, Any]:
+        return {k: v for k, v in (section.get(name) or {}).items() if v is not None and v != []}
+
+    fields = dict(models_dir=str(Path(config.data_dir) / "models"), base=base, serving=serving,
+                  store=str(config.store_path), train=options("training"), guards=options("guards"),
+                  gate=options("gate"), val_fraction=float(section.get("val_fraction", 0.1)),
+                  threads=section.get("threads"))
+    fields.update(overrides)
+    return JobSpec(**fields)
+
+
 def load_model(spec: str):
     """Weights for a checkpoint path or a Hugging Face hub name (cache only: a job never downloads)."""
     from ..checkpoint import load

@@ -1,0 +1,155 @@
+"""Training speed and peak memory: chatcore's fine-tune loop vs the seed-style loop.
+
+GPT-2 124M shapes, batch 2 x 128, the sample conversations as data (same batches
+for every variant). Variants:
+
+- ``seed``: the seed's way: full logits, loss on the whole text, plain
+  ``torch.optim.AdamW`` (no fused kernel);
+- ``fused``: chatcore's loop with the whole-text loss (``loss_on: all``): fused AdamW;
+- ``chatcore``: chatcore's default (``loss_on: assistant``): fused AdamW, and the
+  output head computed only where a reply token is the target.
+
+Timing: all variants in one process, their steps interleaved (alternating order),
+medians reported, so drift on a shared machine hits all of them alike. Peak
+memory: each variant alone in its own process (ru_maxrss). Tokens/s counts input
+tokens (batch x block) per second of optimizer steps.
+
+    python benchmarks/training.py --steps 3          # readable table
+    python benchmarks/training.py --steps 3 --json   # one JSON object per measurement
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sample_conversations.jsonl"
+VARIANTS = ("seed", "fused", "chatcore")
+TARGET = 1.3
+
+
+def build(variant: str, tiny: bool, steps: int):
+    """A model, its optimizer, the batches and a `step(x, y)` for one variant."""
+    import torch
+
+    from chatcore.model import GPT, GPTConfig
+    from chatcore.tokenizer import Tokenizer
+    from chatcore.training.data import get_batch, load_jsonl, tokenize
+    from chatcore.training.train import TrainConfig, loss_sum, make_optimizer
+
+    torch.manual_seed(0)
+    shape = dict(n_layer=2, n_head=2, n_embd=64) if tiny else dict(n_layer=12, n_head=12, n_embd=768)
+    model = GPT(GPTConfig(block_size=1024, dropout=0.1, **shape)).train()
+    exchanges, _ = load_jsonl(SAMPLE)
+    loss_on = "assistant" if variant == "chatcore" else "all"
+    data = tokenize(exchanges, Tokenizer(), loss_on)
+    gen = torch.Generator().manual_seed(0)
+    batches = [get_batch(data, 2, 128, gen) for _ in range(steps + 1)]
+    params = list(model.parameters())
+    if variant == "seed":
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    else:
+        opt = make_optimizer(model, TrainConfig(fused=True))
+
+    def step(x, y) -> None:
+        if variant == "chatcore":
+            s, n = loss_sum(model, x, y)
+            loss = s / n
+        else:
+            _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+
+    return step, batches
+
+
+def child(variant: str, steps: int, tiny: bool, threads: int | None) -> dict:
+    """Peak memory of one variant alone in a process (a warm-up step and `steps` more)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    step, batches = build(variant, tiny, steps)
+    for x, y in batches:
+        step(x, y)
+    return {"variant": variant, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def timed(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Seconds per step of every variant, steps interleaved in one process so drift hits all alike."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    runs = {v: build(v, args.tiny, args.steps) for v in VARIANTS}
+    for v, (step, batches) in runs.items():
+        step(*batches[0])  # warm-up: optimizer state, allocator
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for i in range(args.steps):
+        for v in (VARIANTS if i % 2 == 0 else VARIANTS[::-1]):
+            step, batches = runs[v]
+            t0 = time.perf_counter()
+            step(*batches[i + 1])
+            times[v].append(time.perf_counter() - t0)
+    return times
+
+
+def run_child(variant: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--child", variant, "--steps", "1"]
+    if args.tiny:
+        cmd.append("--tiny")
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per variant and round")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--tiny", action="store_true", help="a 2-layer model, to check the script quickly")
+    p.add_argument("--json", action="store_true", help="one JSON object per measurement")
+    p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.steps, args.tiny, args.threads)))
+        return 0
+
+    import torch
+
+    times = timed(args)
+    memory = {v: run_child(v, args)["peak_rss_mb"] for v in VARIANTS}
+    seed_s = statistics.median(times["seed"])
+    rows = []
+    for v in VARIANTS:
+        sec = statistics.median(times[v])
+        rows.append({"variant": v, "s_per_step": sec, "tokens_per_s": 256 / sec, "peak_rss_mb": memory[v],
+                     "speedup_vs_seed": seed_s / sec, "steps": args.steps,
+                     "threads": args.threads or torch.get_num_threads(),
+                     "shape": "tiny" if args.tiny else "gpt2-124M", "batch": "2x128"})
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    print(f"training step, {rows[0]['shape']}, batch 2x128, median of {args.steps} interleaved steps, "
+          f"{rows[0]['threads']} thread(s); peak RSS of each variant alone")
+    print(f"{'variant':<10} {'s/step':>8} {'tokens/s':>9} {'peak RSS MB':>12} {'vs seed':>8}")
+    for row in rows:
+        print(f"{row['variant']:<10} {row['s_per_step']:>8.3f} {row['tokens_per_s']:>9.1f} "
+              f"{row['peak_rss_mb']:>12.0f} {row['speedup_vs_seed']:>7.2f}x")
+    best = rows[-1]["speedup_vs_seed"]
+    print(f"target >= {TARGET}x: {'met' if best >= TARGET else 'NOT met'} ({best:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
