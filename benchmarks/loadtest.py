@@ -1,0 +1,265 @@
+"""Load test: many concurrent clients against the HTTP adapter on loopback.
+
+A whole bot (plugins, SQLite history store, prompt building, continuous
+batching) serves GPT-2 124M shapes with random weights (``--model tiny`` for a
+small one) through the HTTP adapter on 127.0.0.1. Each client sends messages
+back to back for the duration, half of them through ``POST /chat``, half
+through ``POST /v1/chat/completions`` with ``"stream": true``, each client its
+own conversation. A busy answer (503, code ``busy``) is honoured by waiting the
+Retry-After seconds, as OpenAI's clients do.
+
+Checked afterwards: every request was answered or refused with the busy answer
+(anything else is an error; the target is 0), and every answered exchange is in
+the history store with exactly the text the client received.
+
+    python benchmarks/loadtest.py                 # 32 clients, 60 s
+    python benchmarks/loadtest.py --quick         # 8 clients, 10 s, tiny model
+    python benchmarks/loadtest.py --json          # one JSON object with the results
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serving import build_model, conversations  # noqa: E402  (the serving benchmark's model and data)
+
+
+@dataclass
+class Record:
+    client: int
+    endpoint: str
+    outcome: str  # answered | busy | error
+    latency: float
+    text: str
+    reply: str = ""
+    detail: str = ""
+
+
+class Server:
+    """The bot and its HTTP adapter on their own thread and event loop."""
+
+    def __init__(self, args: argparse.Namespace, data_dir: str) -> None:
+        self.args, self.data_dir = args, data_dir
+        self.ready = threading.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.port: int | None = None
+        self.bot = self.adapter = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="loadtest-server", daemon=True)
+
+    def start(self) -> int:
+        self._thread.start()
+        self.ready.wait()
+        if self.error:
+            raise self.error
+        return self.port
+
+    def call(self, coro, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.call(self.adapter.stop())
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:
+            self.error = exc
+            self.ready.set()
+
+    async def _serve(self) -> None:
+        from chatcore.engine import Engine
+        from chatcore.model import GPT, GPTConfig
+        from chatcore.quant import quantize_int8
+        from chatcore.testing import make_bot
+
+        a = self.args
+        if a.model == "tiny":
+            torch.manual_seed(0)
+            model = GPT(GPTConfig(block_size=256, n_layer=2, n_head=2, n_embd=64))
+        else:
+            model = build_model()
+        engine = Engine(model, model_id=f"{a.model}-random", device="cpu", dtype="float32")
+        if a.int8:
+            quantize_int8(engine.model)
+        config = {
+            "adapters": {"http": {"enabled": True, "host": "127.0.0.1", "port": 0}},
+            "generation": {"max_new_tokens": a.max_tokens},
+            "serving": {"max_queue": a.max_queue},
+            "plugins": {"commands": {"rate_limit": {"messages": 0}}, "auto_finetune": {"enabled": False}},
+        }
+        self.bot = make_bot(self.data_dir, engine=engine, config=config)
+        self.adapter = self.bot.enabled_adapters(["http"])[0]
+        self.loop = asyncio.get_running_loop()
+        task = asyncio.create_task(self.adapter.start())
+        await self.adapter.ready.wait()
+        self.port = self.adapter.port
+        self.ready.set()
+        try:
+            await task
+        finally:
+            await self.bot.close()
+
+    def stored(self) -> dict[str, str]:
+        """user text -> reply text of every exchange in the history store."""
+        async def read():
+            return {e.user_text: e.reply_text for e in self.bot.store.exchanges(include_opted_out=True)}
+        return self.call(read())
+
+
+async def client(i: int, url: str, deadline: float, lines: list[str], out: list[Record]) -> None:
+    endpoint = "/chat" if i % 2 == 0 else "/v1/chat/completions"
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        j = 0
+        while time.monotonic() < deadline:
+            text = f"[client {i} #{j}] {lines[(i * 31 + j) % len(lines)]}"
+            j += 1
+            t0 = time.perf_counter()
+            try:
+                if endpoint == "/chat":
+                    rec = await _chat(session, url, i, text)
+                else:
+                    rec = await _stream(session, url, i, text)
+            except Exception as exc:  # connection errors, bad JSON: all count as errors
+                rec = Record(i, endpoint, "error", 0.0, text, detail=f"{type(exc).__name__}: {exc}")
+            rec.latency = time.perf_counter() - t0
+            out.append(rec)
+            if rec.outcome == "busy":
+                await asyncio.sleep(float(rec.detail or 1))
+
+
+async def _chat(session, url: str, i: int, text: str) -> Record:
+    async with session.post(f"{url}/chat", json={"message": text, "user": f"client{i}"}) as r:
+        body = await r.json(content_type=None)
+        if r.status == 200:
+            return Record(i, "/chat", "answered", 0, text, reply=body["response"])
+        return _refusal(i, "/chat", text, r, body)
+
+
+async def _stream(session, url: str, i: int, text: str) -> Record:
+    body = {"model": "x", "stream": True, "user": f"client{i}", "messages": [{"role": "user", "content": text}]}
+    async with session.post(f"{url}/v1/chat/completions", json=body) as r:
+        if r.status != 200:
+            return _refusal(i, "/v1/chat/completions", text, r, await r.json(content_type=None))
+        parts, done = [], False
+        async for raw in r.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                break
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                return Record(i, "/v1/chat/completions", "error", 0, text, detail=str(chunk["error"]))
+            parts.append(chunk["choices"][0]["delta"].get("content") or "")
+        if not done:
+            return Record(i, "/v1/chat/completions", "error", 0, text, detail="stream ended without [DONE]")
+        return Record(i, "/v1/chat/completions", "answered", 0, text, reply="".join(parts))
+
+
+def _refusal(i: int, endpoint: str, text: str, r, body) -> Record:
+    if r.status == 503 and (body or {}).get("error", {}).get("code") == "busy":
+        return Record(i, endpoint, "busy", 0, text, detail=r.headers.get("Retry-After", "1"))
+    return Record(i, endpoint, "error", 0, text, detail=f"HTTP {r.status}: {body}")
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=None, help="concurrent clients (default 32)")
+    ap.add_argument("--seconds", type=float, default=None, help="how long clients keep sending (default 60)")
+    ap.add_argument("--model", choices=("gpt2", "tiny"), default=None, help="gpt2: 124M shapes (default); tiny: 2 layers")
+    ap.add_argument("--int8", action="store_true", help="serve int8 weights")
+    ap.add_argument("--max-tokens", type=int, default=32, help="generation.max_new_tokens")
+    ap.add_argument("--max-queue", type=int, default=16, help="serving.max_queue (requests waiting for a batch row)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="8 clients, 10 s, tiny model")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    args.clients = args.clients or (8 if args.quick else 32)
+    args.seconds = args.seconds or (10 if args.quick else 60)
+    args.model = args.model or ("tiny" if args.quick else "gpt2")
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    lines = [c["user"][:200] for c in conversations()]
+
+    with tempfile.TemporaryDirectory() as data_dir:
+        server = Server(args, data_dir)
+        port = server.start()
+        url = f"http://127.0.0.1:{port}"
+        records: list[Record] = []
+        started = time.perf_counter()
+
+        async def run() -> None:
+            deadline = time.monotonic() + args.seconds
+            await asyncio.gather(*(client(i, url, deadline, lines, records) for i in range(args.clients)))
+
+        asyncio.run(run())
+        wall = time.perf_counter() - started
+        stored = server.stored()
+        server.stop()
+
+    answered = [r for r in records if r.outcome == "answered"]
+    busy = [r for r in records if r.outcome == "busy"]
+    errors = [r for r in records if r.outcome == "error"]
+    # the bot logs what it answered (stripped); an all-whitespace reply is answered empty and not logged
+    expected = [r for r in answered if r.reply.strip()]
+    missing = [r for r in expected if stored.get(r.text) != r.reply.strip()]
+    lat = [r.latency for r in answered]
+    result = dict(
+        clients=args.clients, seconds=args.seconds, wall_s=round(wall, 1), model=f"{args.model}-random",
+        int8=args.int8, threads=args.threads, max_tokens=args.max_tokens, max_queue=args.max_queue,
+        requests=len(records), answered=len(answered), busy=len(busy), errors=len(errors),
+        empty_replies=len(answered) - len(expected), missing_from_store=len(missing),
+        p50_s=percentile(lat, 0.5), p95_s=percentile(lat, 0.95),
+        busy_p50_s=percentile([r.latency for r in busy], 0.5),
+        answered_per_s=round(len(answered) / wall, 2),
+        load_average=round(os.getloadavg()[0], 1),
+    )
+    if args.json:
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}))
+    else:
+        print(f"{args.clients} clients x {args.seconds:.0f} s on loopback, {result['model']}"
+              f"{' int8' if args.int8 else ' fp32'}, {args.threads} threads, max_new_tokens {args.max_tokens}, "
+              f"max_queue {args.max_queue}; load average {result['load_average']}")
+        print(f"  requests {len(records)}: answered {len(answered)} ({result['answered_per_s']}/s), "
+              f"busy {len(busy)}, errors {len(errors)} (target 0)")
+        if lat:
+            print(f"  answered latency p50 {result['p50_s']:.2f} s, p95 {result['p95_s']:.2f} s"
+                  + (f"; busy answers p50 {result['busy_p50_s'] * 1000:.0f} ms" if busy else ""))
+        print(f"  history store: {len(expected) - len(missing)} of {len(expected)} answered exchanges present "
+              f"with the exact reply ({result['empty_replies']} empty replies, not logged by design)")
+    for r in errors[:5]:
+        print(f"  error: client {r.client} {r.endpoint}: {r.detail}", file=sys.stderr)
+    for r in missing[:5]:
+        print(f"  missing: {r.text!r} -> {r.reply!r}", file=sys.stderr)
+    if errors or missing or not answered:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
