@@ -198,8 +198,8 @@ def follow_up_ttft(engine, history_tokens: int, reps: int) -> dict:
 
     convs = conversations()
     history = ""
-    for c in convs:
-        if engine.count_tokens(history + render_exchange(c["user"], c["assistant"])) > history_tokens:
+    for c in convs:  # whole exchanges until the history reaches `history_tokens`
+        if engine.count_tokens(history) >= history_tokens:
             break
         history += render_exchange(c["user"], c["assistant"])
     params = SamplingParams(temperature=0, max_new_tokens=12, stop_at_newline=False)
