@@ -80,7 +80,15 @@ def child(variant: str, steps: int, tiny: bool, threads: int | None) -> dict:
     step, batches = build(variant, tiny, steps)
     for x, y in batches:
         step(x, y)
-    return {"variant": variant, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"variant": variant, "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    # VmHWM belongs to this process image; ru_maxrss would carry the parent's peak over fork+exec.
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def timed(args: argparse.Namespace) -> dict[str, list[float]]:
@@ -126,14 +134,15 @@ def main() -> int:
 
     import torch
 
-    times = timed(args)
     memory = {v: run_child(v, args)["peak_rss_mb"] for v in VARIANTS}
+    times = timed(args)
     seed_s = statistics.median(times["seed"])
     rows = []
     for v in VARIANTS:
         sec = statistics.median(times[v])
         rows.append({"variant": v, "s_per_step": sec, "tokens_per_s": 256 / sec, "peak_rss_mb": memory[v],
                      "speedup_vs_seed": seed_s / sec, "steps": args.steps,
+                     "step_times": [round(t, 3) for t in times[v]],
                      "threads": args.threads or torch.get_num_threads(),
                      "shape": "tiny" if args.tiny else "gpt2-124M", "batch": "2x128"})
     if args.json:

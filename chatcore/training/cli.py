@@ -121,7 +121,10 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from .gate import Registry
 
     config = _config(args.config)
-    serving = Registry(Path(config.data_dir) / "models").rollback()  # LookupError: nothing to roll back
+    gate = config.get("plugins.auto_finetune.gate") or {}
+    registry = Registry(Path(config.data_dir) / "models", keep=gate.get("keep") or 3,
+                        keep_rejected=gate.get("keep_rejected") or 3)
+    serving = registry.rollback()  # LookupError: nothing to roll back
     print(f"now serving {serving.name if serving else 'the configured base model'}; "
           "restart the bot to load it")
     return 0

@@ -160,7 +160,7 @@ class Scheduler:
                     [sys.executable, "-m", "chatcore.training.job", str(folder / "spec.json"),
                      "--lock-fd", str(lock.fileno())],
                     stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                    pass_fds=(lock.fileno(),), env=env, cwd=str(self.models_dir),
+                    pass_fds=(lock.fileno(),), env=env,  # same cwd: relative paths in the spec still hold
                 )
             lock.seek(0)
             lock.truncate()
