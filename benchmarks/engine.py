@@ -72,7 +72,19 @@ def prompt_ids(n: int) -> list[int]:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's peak RSS in MiB.
+
+    VmHWM, not getrusage's ru_maxrss: on Linux the latter carries over the
+    high-water mark of the forked copy of the parent from before exec.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB elsewhere (macOS: bytes)
 
 
 # --- contestants: each returns (time to first token, end time, tokens) from a start time ----

@@ -212,7 +212,8 @@ class Engine:
         gen = make_generator(params.seed, self.device)
         vocab = self.tokenizer.n_vocab
         reply: list[int] = []
-        cache = self.model.new_cache(1, max_len=min(self.block_size, len(ids) + params.max_new_tokens))
+        # one row, filled in order: no slot is read before it is written, so no zeroing
+        cache = self.model.new_cache(1, max_len=min(self.block_size, len(ids) + params.max_new_tokens), zeroed=False)
         if cancelled is not None and cancelled():
             return
         logits = self._forward(ids, cache)

@@ -198,8 +198,8 @@ class GPT(nn.Module):
 
     # --- cached decoding -----------------------------------------------------------
 
-    def new_cache(self, max_batch: int = 1, max_len: int | None = None) -> "KVCache":
-        return KVCache(self.config, max_batch, max_len, device=self.device, dtype=self.dtype)
+    def new_cache(self, max_batch: int = 1, max_len: int | None = None, zeroed: bool = True) -> "KVCache":
+        return KVCache(self.config, max_batch, max_len, device=self.device, dtype=self.dtype, zeroed=zeroed)
 
     def forward_cached(
         self,
@@ -277,13 +277,19 @@ class KVCache:
         max_len: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        zeroed: bool = True,
     ):
         self.max_len = max_len or config.block_size
         self.max_batch = max_batch
         hd = config.n_embd // config.n_head
         shape = (config.n_layer, max_batch, config.n_head, self.max_len, hd)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # Zeroed by default: ragged batches mask stale slots, and a masked NaN would
+        # still poison the attention sum. A single row filled in order never reads a
+        # slot before writing it, so it may skip the zeroing (and the memory stays
+        # untouched until used).
+        alloc = torch.zeros if zeroed else torch.empty
+        self.k = alloc(shape, device=device, dtype=dtype)
+        self.v = alloc(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(max_batch, dtype=torch.long)  # on the CPU: read every step
 
     def length(self, row: int) -> int:
