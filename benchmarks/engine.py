@@ -219,6 +219,8 @@ def main() -> None:
     ap.add_argument("--prompts", default="32,512", help="prompt lengths in tokens, comma-separated")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--engines", default=",".join(CONTESTANTS))
+    ap.add_argument("--seed-tokens", type=int, default=None,
+                    help="new tokens for the seed's loop only (it needs minutes at 512 tokens); default: --new-tokens")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--models", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -238,8 +240,9 @@ def run_all(args, models: Path, prompts: list[int], new_tokens: int) -> None:
     rss: dict[str, float] = {}
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
     for name in args.engines.split(","):
+        n = args.seed_tokens if name == "seed-loop" and args.seed_tokens else new_tokens
         cmd = [sys.executable, __file__, "--worker", name, "--models", str(models), "--prompts", args.prompts,
-               "--new-tokens", str(new_tokens), "--threads", str(args.threads)]
+               "--new-tokens", str(n), "--threads", str(args.threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         if proc.returncode != 0:
             sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
