@@ -110,7 +110,8 @@ class State:
 
     @property
     def running(self) -> bool:
-        return self.job is not None and self.job.running
+        """A job runs, or its result (gate verdict, hot swap) is still being acted on."""
+        return (self.job is not None and self.job.running) or (self.task is not None and not self.task.done())
 
     def spec(self, bot: Any) -> JobSpec:
         serving = _source(bot.engine)

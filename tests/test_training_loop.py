@@ -165,3 +165,24 @@ def test_job_end_to_end_writes_a_candidate_with_provenance(tmp_path):
         assert s.exchanges_since_finetune() == 0  # the counter restarts
         assert s.last_finetune()["checkpoint"] == cand.name
     assert not list(models.glob(".*.tmp"))
+
+
+def test_output_vocab_loss_is_the_exact_full_vocabulary_loss(dataset):
+    from chatcore.training.data import get_batch
+    from chatcore.training.train import OutputVocab, loss_sum
+
+    model = tiny().eval()
+    vocab = OutputVocab.most_frequent(dataset.train.tokens, 500, model.config.vocab_size)
+    vocab.tie(model)
+    x, y = get_batch(dataset.train, 3, 64, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        s, n = loss_sum(model, x, y, vocab)
+        _, full = model(x, y)
+    assert (y >= 0).logical_and(vocab.index[y.clamp(min=0)] < 0).any()  # some targets are rest tokens
+    assert (s / n).item() == pytest.approx(full.item(), rel=1e-5)
+    # the rest rows stay zero through training
+    model.train()
+    s, n = loss_sum(model, x, y, vocab)
+    (s / n).backward()
+    rest = vocab.index < 0
+    assert model.transformer.wte.weight.grad[rest].abs().sum() == 0

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .data import Exchange, build_dataset, load_jsonl
-from .train import TrainConfig, loss_sum, make_optimizer, set_threads, train
+from .train import OutputVocab, TrainConfig, loss_sum, make_optimizer, set_threads, train
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class StarterConfig:
     max_exchanges: int = 30000
     batch_size: int = 8
     learning_rate: float = 2e-3
+    output_vocab: int = 8192  # most frequent tokens it learns to say (the head's cost); 0: all
     seed: int = 1337
 
 
@@ -88,14 +89,20 @@ def build_starter(out: str | Path, *, corpus: str | Path | None = None, cfg: Sta
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                           n_embd=cfg.n_embd, dropout=0.0))
-    iters = _fit_iterations(model, data, cfg)
+    vocab = None
+    if cfg.output_vocab:
+        # The 50257-token head is most of a small model's step: learn only the frequent
+        # tokens (the rest keep zero rows, so the saved model is an ordinary GPT).
+        vocab = OutputVocab.most_frequent(data.train.tokens, cfg.output_vocab, model.config.vocab_size)
+        vocab.tie(model)
+    iters = _fit_iterations(model, data, cfg, vocab)
     tcfg = TrainConfig(learning_rate=cfg.learning_rate, min_lr=cfg.learning_rate / 10, batch_size=cfg.batch_size,
                        block_size=128, max_iters=iters, warmup_iters=min(100, iters // 10), dropout=0.0,
                        eval_interval=max(50, iters // 8), eval_max_batches=16, patience=1000,
                        weight_decay=0.1, beta2=0.99, seed=cfg.seed)
     log.info("starter model: %.1fM parameters, %d iterations on %d tokens from %s",
              sum(p.numel() for p in model.parameters()) / 1e6, iters, len(data.train), source)
-    outcome = train(model, data, tcfg, progress=progress)
+    outcome = train(model, data, tcfg, progress=progress, vocab=vocab)
     path = save(model, out, base_model="starter (from scratch)", iteration=outcome.iters,
                 train_loss=outcome.final_train_loss, val_loss=outcome.best_val_loss, data_hash=data.hash,
                 corpus=source, data=data.summary())
@@ -103,7 +110,7 @@ def build_starter(out: str | Path, *, corpus: str | Path | None = None, cfg: Sta
     return path
 
 
-def _fit_iterations(model: Any, data: Any, cfg: StarterConfig) -> int:
+def _fit_iterations(model: Any, data: Any, cfg: StarterConfig, vocab: OutputVocab | None) -> int:
     """Time a few steps on a throw-away copy to fit the iteration count into the time budget."""
     import copy
 
@@ -116,7 +123,7 @@ def _fit_iterations(model: Any, data: Any, cfg: StarterConfig) -> int:
     for _ in range(4):
         x, y = get_batch(data.train, cfg.batch_size, min(128, cfg.block_size), gen)
         t0 = time.perf_counter()
-        s, n = loss_sum(probe, x, y)
+        s, n = loss_sum(probe, x, y, vocab)
         opt.zero_grad(set_to_none=True)
         (s / max(n, 1)).backward()
         opt.step()

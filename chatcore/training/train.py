@@ -115,7 +115,40 @@ def hidden_states(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
     return t.ln_f(x)
 
 
-def loss_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+@dataclass
+class OutputVocab:
+    """The output tokens a from-scratch model may predict; all others have zero embedding rows.
+
+    Used by the starter model: with the rows of the other tokens held at zero, their
+    logits are exactly 0, so the full-vocabulary cross-entropy is
+    ``logsumexp([kept logits, log(n_rest)]) - target logit`` (0 for a rest token):
+    exact, at the cost of a head over `ids` only (a few thousand tokens instead of 50257).
+    """
+
+    ids: torch.Tensor  # kept token ids, sorted
+    index: torch.Tensor  # [vocab]: position in `ids`, or -1
+    n_rest: int
+
+    @classmethod
+    def most_frequent(cls, tokens: torch.Tensor, size: int, n_vocab: int) -> "OutputVocab":
+        counts = torch.bincount(tokens, minlength=n_vocab)
+        ids = counts.argsort(descending=True)[:size]
+        ids = ids[counts[ids] > 0].sort().values
+        index = torch.full((n_vocab,), -1, dtype=torch.long)
+        index[ids] = torch.arange(len(ids))
+        return cls(ids, index, n_vocab - len(ids))
+
+    def tie(self, model: nn.Module) -> None:
+        """Zero the other rows and keep them at zero (their gradients are dropped)."""
+        rest = (self.index < 0).nonzero().squeeze(1)
+        w = model.transformer.wte.weight
+        with torch.no_grad():
+            w[rest] = 0.0
+        w.register_hook(lambda g: g.index_fill(0, rest, 0.0))
+
+
+def loss_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+             vocab: OutputVocab | None = None) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the targets that are not -1, and how many there were.
 
     The head runs only on those positions: the same loss as `GPT.forward`, less work.
@@ -126,13 +159,25 @@ def loss_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.
     n = int(keep.sum())
     if n == 0:
         return h.sum() * 0.0, 0
-    logits = model.lm_head(h.reshape(-1, h.size(-1))[keep])
-    return F.cross_entropy(logits.float(), y[keep], reduction="sum"), n
+    h = h.reshape(-1, h.size(-1))[keep]
+    y = y[keep]
+    if vocab is None:
+        logits = model.lm_head(h)
+        return F.cross_entropy(logits.float(), y, reduction="sum"), n
+    # One extra class stands for all rest tokens together (logit log(n_rest)); a rest
+    # target's own logit is 0, i.e. log(n_rest) below its class: add that back.
+    rest_logit = math.log(vocab.n_rest) if vocab.n_rest else -math.inf
+    logits = F.linear(h, model.lm_head.weight[vocab.ids]).float()
+    logits = torch.cat([logits, logits.new_full((logits.size(0), 1), rest_logit)], dim=1)
+    pos = vocab.index[y]
+    is_rest = pos < 0
+    loss = F.cross_entropy(logits, torch.where(is_rest, len(vocab.ids), pos), reduction="sum")
+    return loss + is_rest.sum() * (rest_logit if vocab.n_rest else 0.0), n
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: TokenData, batch_size: int = 8, block_size: int = 128,
-             max_batches: int | None = None) -> float:
+             max_batches: int | None = None, vocab: OutputVocab | None = None) -> float:
     """Mean loss per target token over the whole split (or its first `max_batches` batches)."""
     if len(data) < 2:
         return float("nan")
@@ -141,7 +186,7 @@ def evaluate(model: nn.Module, data: TokenData, batch_size: int = 8, block_size:
     total, count = 0.0, 0
     block = min(block_size, model.config.block_size)
     for x, y in eval_batches(data, batch_size, block, max_batches):
-        s, n = loss_sum(model, x, y)
+        s, n = loss_sum(model, x, y, vocab)
         total += float(s)
         count += n
     model.train(was_training)
@@ -185,7 +230,7 @@ class TrainOutcome:
 
 
 def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, progress: bool = True,
-          should_stop: Callable[[], bool] | None = None) -> TrainOutcome:
+          should_stop: Callable[[], bool] | None = None, vocab: OutputVocab | None = None) -> TrainOutcome:
     """Fine-tune `model` in place; on return it holds the weights of its best evaluation."""
     cfg.validate()
     if len(data.train) < 2:
@@ -200,7 +245,7 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, progress: bool =
 
     def val() -> float:
         return evaluate(model, data.val, batch_size=max(cfg.batch_size, 8), block_size=block,
-                        max_batches=cfg.eval_max_batches)
+                        max_batches=cfg.eval_max_batches, vocab=vocab)
 
     initial = val()
     best, best_iter, bad_evals = initial, 0, 0
@@ -222,8 +267,8 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, progress: bool =
         for g in opt.param_groups:
             g["lr"] = lr
         x, y = get_batch(data.train, cfg.batch_size, block, gen)
-        if cfg.head_on_targets_only:
-            s, n = loss_sum(model, x, y)
+        if cfg.head_on_targets_only or vocab is not None:
+            s, n = loss_sum(model, x, y, vocab)
             if n == 0:
                 continue
             loss = s / n
