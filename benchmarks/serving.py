@@ -303,19 +303,19 @@ def int8_quality(checkpoint: str | None, steps: int) -> dict:
         train = [[compact[t] for t in d] for d in train]
         held_out = [[compact[t] for t in d] for d in held_out]
         torch.manual_seed(0)
-        model = GPT(GPTConfig(block_size=128, vocab_size=len(vocab), n_layer=4, n_head=4, n_embd=128))
+        model = GPT(GPTConfig(block_size=64, vocab_size=len(vocab), n_layer=2, n_head=4, n_embd=128))
         stream = torch.tensor([t for d in train for t in d])
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
         g = torch.Generator().manual_seed(0)
         for _ in range(steps):
-            starts = torch.randint(0, len(stream) - 129, (16,), generator=g)
-            batch = torch.stack([stream[s : s + 129] for s in starts])
+            starts = torch.randint(0, len(stream) - 65, (8,), generator=g)
+            batch = torch.stack([stream[s : s + 65] for s in starts])
             _, loss = model(batch[:, :-1].contiguous(), batch[:, 1:].contiguous())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         model.eval()
-        source = f"4-layer 128-wide model trained {steps} steps on 300 sample conversations"
+        source = f"2-layer 128-wide model trained {steps} steps on 300 sample conversations"
     q = quality(model, quantize_int8(copy.deepcopy(model)), held_out)
     return dict(evaluated=source, held_out_tokens=q.tokens, ppl_fp32=q.reference_ppl, ppl_int8=q.candidate_ppl,
                 ppl_change=q.ppl_change, top1_agreement=q.top1_agreement,
@@ -358,7 +358,8 @@ def main() -> None:
     def emit(section: str, name: str, **rec) -> None:
         rec = dict(section=section, name=name, threads=args.threads, model="gpt2-124M-random", **rec)
         out.append(rec)
-        print(f"[{time.perf_counter() - started:6.1f}s] {section}: {name} done", file=sys.stderr, flush=True)
+        brief = {k: round(v, 3) if isinstance(v, float) else v for k, v in rec.items() if k not in ("section", "name", "threads", "model")}
+        print(f"[{time.perf_counter() - started:6.1f}s] {section}: {name}: {brief}", file=sys.stderr, flush=True)
         if args.json:
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}), flush=True)
 
@@ -375,7 +376,7 @@ def main() -> None:
         emit("decode", "chatcore fp32", **decode_chatcore(fp32, ids, new_tokens))
         emit("decode", "transformers fp32", **decode_transformers(hf, ids, new_tokens))
     if "quality" not in skip:
-        emit("quality", "int8 vs fp32", **int8_quality(args.checkpoint, 100 if args.quick else 300))
+        emit("quality", "int8 vs fp32", **int8_quality(args.checkpoint, 100 if args.quick else 200))
     ratios = _ratios(out, n_conv)
     if args.json:
         for r in ratios:
