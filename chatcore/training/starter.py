@@ -105,7 +105,8 @@ def build_starter(out: str | Path, *, corpus: str | Path | None = None, cfg: Sta
     outcome = train(model, data, tcfg, progress=progress, vocab=vocab)
     path = save(model, out, base_model="starter (from scratch)", iteration=outcome.iters,
                 train_loss=outcome.final_train_loss, val_loss=outcome.best_val_loss, data_hash=data.hash,
-                corpus=source, data=data.summary())
+                corpus=source, data=data.summary(), initial_val_loss=outcome.initial_val_loss,
+                output_vocab=len(vocab.ids) if vocab is not None else model.config.vocab_size)
     log.info("starter model written to %s (validation loss %.3f)", path, outcome.best_val_loss)
     return path
 
