@@ -25,6 +25,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow  # a whole fine-tune job
 def test_finetune_command_promotes_then_rollback_returns(tmp_path, capsys, one_thread):
     torch.manual_seed(0)
     base = checkpoint.save(GPT(GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=32)), tmp_path / "base")

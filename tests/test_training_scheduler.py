@@ -64,6 +64,7 @@ def start_endless(d: Path, base: Path) -> tuple[Scheduler, object]:
     return sched, job
 
 
+@pytest.mark.slow  # a worker process: torch import + a short training
 def test_killed_job_leaves_serving_untouched_and_no_checkpoint(models):
     d, serving, base = models
     before = snapshot(d)
@@ -79,6 +80,7 @@ def test_killed_job_leaves_serving_untouched_and_no_checkpoint(models):
     assert not sched.busy()  # the lock died with the worker
 
 
+@pytest.mark.slow  # a worker process: torch import + a short training
 def test_cancel_stops_the_job_and_a_new_one_can_start(models):
     d, serving, base = models
     (d / ".finetuned_20260101_000001.safetensors.dead.tmp").write_bytes(b"half")  # a crash mid-write
@@ -143,6 +145,7 @@ class Recorder:
         self.events.append(("rejected", result))
 
 
+@pytest.mark.slow  # a worker process: torch import + a short training
 async def test_counter_triggers_at_n_survives_restart_and_promotion_swaps(tmp_path, caplog):
     from chatcore.plugins import auto_finetune
 
