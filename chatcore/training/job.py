@@ -90,7 +90,7 @@ def candidate_path(models_dir: Path) -> Path:
 def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     from ..checkpoint import save
     from ..tokenizer import Tokenizer
-    from .data import GuardConfig, build_dataset, from_store, load_jsonl, tokenize
+    from .data import GuardConfig, build_dataset, from_store, load_jsonl
     from .gate import GateConfig, Registry, judge
     from .train import TrainConfig, set_threads, train
 
