@@ -25,6 +25,21 @@ async def await_me_maybe(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
 
+def load_engine(config: Config) -> Any:
+    """The serving engine: the last promoted fine-tune if there is a sound one, else the configured model."""
+    from .checkpoint import CheckpointError
+    from .engine import Engine
+    from .training.gate import serving_checkpoint
+
+    promoted = serving_checkpoint(config.data_dir / "models")
+    if promoted is not None:
+        try:
+            return Engine.from_config({**config["model"], "checkpoint": str(promoted)})
+        except CheckpointError as exc:  # a damaged fine-tune never stops the bot from serving
+            log.warning("promoted checkpoint %s is unusable (%s); serving the configured model", promoted, exc)
+    return Engine.from_config(config["model"], starter=starter_for(config))
+
+
 def starter_for(config: Config) -> Callable[[], Any] | None:
     """The offline starter model's builder, when the config allows it (see chatcore.training.starter)."""
     if not config["model"]["starter"]:
@@ -71,7 +86,7 @@ class Bot:
             from .engine import Engine
 
             try:
-                engine = Engine.from_config(config["model"], starter=starter_for(config))
+                engine = load_engine(config)
             except BaseException:
                 store.close()
                 raise

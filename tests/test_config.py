@@ -138,3 +138,12 @@ def test_required_missing(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, "plugins:\n  p: {}\n"), schema)
     assert err.value.key == "plugins.p.url" and "required" in str(err.value)
+
+
+def test_default_yaml_is_the_generated_reference(schema):
+    # config/default.yaml is `chatcore config defaults`: every key, its default, its help.
+    from chatcore.config import render_defaults
+
+    shipped = (ROOT / "config" / "default.yaml").read_text()
+    assert shipped == render_defaults(make_plugin_manager().schema()), \
+        "config/default.yaml is stale: regenerate it with `chatcore config defaults > config/default.yaml`"
