@@ -29,7 +29,7 @@ def write(tmp_path: Path, text: str) -> Path:
     ("bot:\n  name: x\n  histroy_turns: 3\n", "bot.histroy_turns", 3, "did you mean 'history_turns'"),
     ("bot:\n  name: x\n\ngeneration:\n  top_k: lots\n", "generation.top_k", 5, "expected an integer"),
     ("model:\n  threads: true\n", "model.threads", 2, "expected an integer"),
-    ("model:\n  device: tpu\n", "model.device", 2, "must be one of"),
+    ("model:\n  dtype: int4\n", "model.dtype", 2, "must be one of"),
     ("bot:\n  name: a\n  name: b\n", "bot.name", 3, "duplicate key"),
     ("adapters:\n  stdin:\n    enabled: yes please\n", "adapters.stdin.enabled", 3, "true or false"),
     ("bogus: 1\n", "bogus", 1, "unknown key"),
