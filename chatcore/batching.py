@@ -156,6 +156,10 @@ class Scheduler:
         if timeout is not None:
             self._thread.join(timeout)
 
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the worker thread to end (after `close`)."""
+        self._thread.join(timeout)
+
     @property
     def stopped(self) -> bool:
         return self._stopped

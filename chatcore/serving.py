@@ -98,6 +98,9 @@ class _Serial:
                     handle.cancel()
         self._executor.shutdown(wait=False)
 
+    def join(self, timeout: float | None = None) -> None:
+        self._executor.shutdown(wait=True)  # its requests are cancelled: they end at their next word
+
 
 class Generator:
     """Async front of one engine at a time (see the module docstring).
@@ -168,10 +171,14 @@ class Generator:
     async def close(self) -> None:
         """Stop serving: running and waiting requests are cancelled (their streams end)."""
         self._closed = True
-        for backend in self._retired + ([self._backend] if self._backend is not None else []):
+        backends = self._retired + ([self._backend] if self._backend is not None else [])
+        for backend in backends:
             backend.close(drain=False)
         self._retired.clear()
         self._backend = None
+        # wait (off the event loop) for the workers to leave the model: a thread still inside
+        # torch when the interpreter exits aborts the process
+        await asyncio.to_thread(lambda: [b.join(10.0) for b in backends])
 
     def _make_backend(self, engine: Any) -> Scheduler | _Serial:
         if supports_batching(engine):
