@@ -90,7 +90,9 @@ class Bot:
             except BaseException:
                 store.close()
                 raise
-        generator = Generator(engine, max_queue=config["serving"]["max_queue"])
+        serving = config["serving"]
+        generator = Generator(engine, max_queue=serving["max_queue"], max_batch=serving["max_batch"],
+                              prefix_cache_mb=serving["prefix_cache_mb"])
         return cls(config, pm, store, generator)
 
     @property

@@ -253,7 +253,7 @@ class Engine:
         device = pick_device(cfg.get("device", "auto"))
         dtype = pick_dtype(cfg.get("dtype", "auto"), device)
         model, meta, model_id = resolve_model(cfg, starter, decode_column_major if device.type == "cpu" else None)
-        return cls(
+        engine = cls(
             model,
             tokenizer,
             model_id=model_id,
@@ -262,6 +262,12 @@ class Engine:
             threads=cfg.get("threads"),
             meta=meta,
         )
+        if cfg.get("quantize") == "int8":
+            from .quant import quantize_int8
+
+            quantize_int8(engine.model)
+            engine.model_id += " int8"  # stored with every exchange: which weights answered
+        return engine
 
 
 def resolve_model(

@@ -35,3 +35,15 @@ def test_promoted_checkpoint_serves_and_a_corrupt_one_falls_back(tmp_path):
 
     candidate.write_bytes(candidate.read_bytes()[:100])  # truncated on disk
     assert load_engine(config).model_id.startswith("base")
+
+
+def test_int8_option_serves_quantized_weights(tmp_path):
+    from chatcore.sampling import SamplingParams
+
+    base = checkpoint.save(_tiny(0), tmp_path / "base")
+    path = tmp_path / "bot.yaml"
+    path.write_text(f"bot:\n  data_dir: {tmp_path}\nmodel:\n  checkpoint: {base}\n  device: cpu\n  quantize: int8\n")
+    engine = load_engine(load_config(path, make_plugin_manager(entry_points=False).schema()))
+    assert engine.model_id.endswith(" int8")
+    assert type(engine.model.lm_head).__name__ == "Int8Linear"
+    engine.generate("Human: hi\nAssistant:", SamplingParams(max_new_tokens=4, temperature=0))
