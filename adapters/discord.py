@@ -24,13 +24,12 @@ from chatcore import hookimpl
 from chatcore.adapter import Adapter, AdapterError
 from chatcore.config import Field
 from chatcore.message import Message, Reply
-from chatcore.serving import Busy
+from chatcore.serving import BUSY_REPLY, Busy
 from chatcore.text import split_message
 
 log = logging.getLogger("chatcore.discord")
 
 MESSAGE_LIMIT = 2000
-BUSY_TEXT = "I'm answering a lot of messages right now; please try again in a moment."
 # Reactions that rate a reply; skin tones and the emoji variation selector are ignored.
 FEEDBACK = {"\N{THUMBS UP SIGN}": 1, "\N{THUMBS DOWN SIGN}": -1}
 _EMOJI_MODIFIERS = re.compile("[\U0001F3FB-\U0001F3FF\uFE0F]")
@@ -127,7 +126,7 @@ class DiscordAdapter(Adapter):
             async with message.channel.typing():
                 reply = await self.bot.handle(msg)
         except Busy:
-            await message.channel.send(BUSY_TEXT, reference=self._reference(message))
+            await message.channel.send(BUSY_REPLY, reference=self._reference(message))
             return
         if reply is not None:
             await self.deliver(message, reply)

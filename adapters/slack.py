@@ -34,12 +34,11 @@ from chatcore import hookimpl
 from chatcore.adapter import Adapter, AdapterError
 from chatcore.config import Field
 from chatcore.message import Message, Reply
-from chatcore.serving import Busy
+from chatcore.serving import BUSY_REPLY, Busy
 from chatcore.text import split_message
 
 log = logging.getLogger("chatcore.slack")
 
-BUSY_TEXT = "I'm answering a lot of messages right now; please try again in a moment."
 FEEDBACK = {"+1": 1, "thumbsup": 1, "-1": -1, "thumbsdown": -1}
 ANSWERED_SUBTYPES = (None, "thread_broadcast", "file_share")
 SEEN_EVENTS = 10_000  # event ids remembered for de-duplication (Slack retries within minutes)
@@ -228,7 +227,7 @@ class SlackAdapter(Adapter):
             try:
                 reply = await self.bot.handle(message)
             except Busy:
-                await self._post(event["channel"], thread, BUSY_TEXT)
+                await self._post(event["channel"], thread, BUSY_REPLY)
                 return
             if reply is not None:
                 await self.deliver(event["channel"], thread, reply)

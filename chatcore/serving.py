@@ -30,7 +30,10 @@ from .batching import DONE, Busy, Scheduler, Sink
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams
 
-__all__ = ["Busy", "Generator"]
+__all__ = ["BUSY_REPLY", "Busy", "Generator"]
+
+BUSY_REPLY = "I'm answering a lot of messages right now; please try again in a moment."
+"""What chat adapters tell a user whose message found the queue full."""
 
 
 def supports_batching(engine: Any) -> bool:

@@ -8,7 +8,8 @@ import threading
 import pytest
 
 from chatcore.adapter import AdapterError
-from chatcore.adapters.discord import BUSY_TEXT, DiscordAdapter
+from chatcore.adapters.discord import DiscordAdapter
+from chatcore.serving import BUSY_REPLY
 
 from .conftest import FeedbackSpy, build_bot, eventually, start_adapter
 from .fake_discord import MESSAGE_CONTENT, user
@@ -178,7 +179,7 @@ async def test_a_full_queue_gets_a_polite_busy_answer(discord_bot, fake_discord)
     await eventually(lambda: bot.engine.prompts)  # the model is busy with the first message
     await fake_discord.send_message("second", author=BOB, dm=True)
     (busy,) = await fake_discord.wait_sent(1)
-    assert busy["content"] == BUSY_TEXT
+    assert busy["content"] == BUSY_REPLY
     gate.set()
     assert (await fake_discord.wait_sent(2))[1]["content"] == "finally"
 

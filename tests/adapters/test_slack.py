@@ -10,7 +10,7 @@ import time
 import pytest
 
 from chatcore.adapter import AdapterError
-from chatcore.adapters.slack import BUSY_TEXT
+from chatcore.serving import BUSY_REPLY
 
 from .conftest import FeedbackSpy, build_bot, eventually
 
@@ -150,7 +150,7 @@ async def test_a_full_queue_gets_a_polite_busy_answer(slack_bot, fake_slack):
     await eventually(lambda: bot.engine.prompts)  # the model is busy with the first message
     await fake_slack.push(fake_slack.event_body(fake_slack.message("second", BOB, channel="D0000002")))
     (busy,) = await fake_slack.wait_posts(1)
-    assert busy["text"] == BUSY_TEXT and busy["channel"] == "D0000002"
+    assert busy["text"] == BUSY_REPLY and busy["channel"] == "D0000002"
     gate.set()
     assert (await fake_slack.wait_posts(2))[1]["text"] == "finally"
 
