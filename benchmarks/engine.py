@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONTESTANTS = ("chatcore", "seed-loop", "transformers")
+CONTESTANTS = ("chatcore", "chatcore-int8", "seed-loop", "transformers")
 TEMPERATURE, TOP_K, SEED = 0.8, 200, 1234
 
 
@@ -94,6 +94,14 @@ def load_chatcore(native: Path, hf_dir: Path, threads: int):
     from chatcore.engine import Engine
 
     return Engine.from_config({"checkpoint": str(native), "device": "cpu", "dtype": "float32", "threads": threads})
+
+
+def load_chatcore_int8(native: Path, hf_dir: Path, threads: int):
+    """The same engine with `model.quantize: int8` (fp32 activations, int8 weights)."""
+    from chatcore.engine import Engine
+
+    return Engine.from_config({"checkpoint": str(native), "device": "cpu", "dtype": "float32", "threads": threads,
+                               "quantize": "int8"})
 
 
 def run_chatcore(engine, ids, new_tokens):
@@ -185,6 +193,7 @@ def run_transformers(hf, ids, new_tokens):
 
 RUNNERS = {
     "chatcore": (load_chatcore, run_chatcore),
+    "chatcore-int8": (load_chatcore_int8, run_chatcore),
     "seed-loop": (load_seed_loop, run_seed_loop),
     "transformers": (load_transformers, run_transformers),
 }
@@ -281,6 +290,10 @@ def run_all(args, models: Path, prompts: list[int], new_tokens: int) -> None:
                 print(f"{name:<13} {p:>6} {r['new_tokens']:>4} {r['ttft_s']:>8.3f} {dec:>13} {r['total_tok_s']:>12.2f} {rss.get(name, 0):>12.0f}")
     for p in prompts:
         ours, ref, seed = results.get(("chatcore", p)), results.get(("transformers", p)), results.get(("seed-loop", p))
+        int8 = results.get(("chatcore-int8", p))
+        if int8 and ref:
+            print(f"prompt {p:>4}: int8 decode {int8['decode_tok_s'] / ref['decode_tok_s']:.2f}x transformers, "
+                  f"TTFT {int8['ttft_s'] / ref['ttft_s']:.2f}x transformers'")
         if ours and ref:
             line = (f"prompt {p:>4}: decode {ours['decode_tok_s'] / ref['decode_tok_s']:.2f}x transformers "
                     f"(target >= 1.5x), TTFT {ours['ttft_s'] / ref['ttft_s']:.2f}x transformers' (target <= 1.0)")
@@ -288,7 +301,8 @@ def run_all(args, models: Path, prompts: list[int], new_tokens: int) -> None:
                 line += f", total {ours['total_tok_s'] / seed['total_tok_s']:.1f}x the seed's loop"
             print(line)
     if "chatcore" in rss:
-        print(f"chatcore peak RSS {rss['chatcore']:.0f} MB (target <= 800 MB)")
+        print(f"chatcore peak RSS {rss['chatcore']:.0f} MB (target <= 800 MB)"
+              + (f"; int8: {rss['chatcore-int8']:.0f} MB" if "chatcore-int8" in rss else ""))
 
 
 if __name__ == "__main__":

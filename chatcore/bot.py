@@ -230,8 +230,11 @@ class Bot:
     async def _first_result(self, name: str, **kwargs: Any) -> Any:
         """A firstresult hook whose implementations may be async: the first non-None answer wins."""
         caller = getattr(self.pm.hook, name)
+        trace = self.pm.tracing
         for impl in reversed(caller.get_hookimpls()):  # pluggy's own call order
             result = await await_me_maybe(impl.function(**{a: kwargs[a] for a in impl.argnames}))
+            if trace:
+                trace(f"{name} [{impl.plugin_name}] returned {result!r:.120}")
             if result is not None:
                 return result
         return None

@@ -54,6 +54,7 @@ class PluginManager(pluggy.PluginManager):
         super().__init__("chatcore")
         self.add_hookspecs(hookspecs)
         self.unavailable: dict[str, str] = {}  # built-in name -> why it could not load
+        self.tracing: Callable[[str], None] | None = None  # set by CHATCORE_TRACE_HOOKS
 
     def adapters(self) -> dict[str, type]:
         found: dict[str, type] = {}
@@ -115,17 +116,22 @@ def make_plugin_manager(extra: Iterable[Any] = (), *, entry_points: bool = True)
 
 
 def _trace(pm: PluginManager) -> None:
+    def trace(line: str) -> None:
+        print(f"[chatcore hook] {line}", file=sys.stderr)
+
+    pm.tracing = trace  # also used by Bot for the firstresult hooks it calls itself
+
     def before(hook_name: str, hook_impls: list, kwargs: dict) -> None:
         names = ", ".join(impl.plugin_name for impl in hook_impls)
         args = ", ".join(f"{k}={_short(v)}" for k, v in kwargs.items())
-        print(f"[chatcore hook] {hook_name}({args}) -> [{names}]", file=sys.stderr)
+        trace(f"{hook_name}({args}) -> [{names}]")
 
     def after(outcome: Any, hook_name: str, hook_impls: list, kwargs: dict) -> None:
         try:
             result = outcome.get_result()
         except BaseException as exc:
             result = f"raised {exc!r}"
-        print(f"[chatcore hook] {hook_name} returned {_short(result)}", file=sys.stderr)
+        trace(f"{hook_name} returned {_short(result)}")
 
     pm.add_hookcall_monitoring(before, after)
 

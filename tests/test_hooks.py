@@ -118,12 +118,14 @@ def test_disabled_plugin_is_not_called(tmp_path):
 
 def test_trace_env_var_prints_hook_calls(tmp_path):
     code = (
-        "from chatcore.plugin_manager import make_plugin_manager\n"
-        "pm = make_plugin_manager(entry_points=False)\n"
-        "pm.adapters()\n"
+        "import asyncio\n"
+        "from chatcore.testing import make_bot\n"
+        f"bot = make_bot({str(tmp_path)!r})\n"
+        "asyncio.run(bot.handle(bot_message := __import__('chatcore').Message('hi', 'test', 'c', 'u')))\n"
     )
     env = {"CHATCORE_TRACE_HOOKS": "1", "PATH": ""}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "[chatcore hook] register_adapters(" in out.stderr
-    assert "returned" in out.stderr
+    assert "[chatcore hook] message_received [commands] returned None" in out.stderr
+    assert "[chatcore hook] exchange_logged(" in out.stderr and "returned" in out.stderr
