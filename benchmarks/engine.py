@@ -24,12 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import first_token_timer, peak_rss_mb  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTESTANTS = ("chatcore", "chatcore-int8", "seed-loop", "transformers")
@@ -69,22 +70,6 @@ def prompt_ids(n: int) -> list[int]:
 
     g = torch.Generator().manual_seed(n)
     return torch.randint(0, 50256, (n,), generator=g).tolist()
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS in MiB.
-
-    VmHWM, not getrusage's ru_maxrss: on Linux the latter carries over the
-    high-water mark of the forked copy of the parent from before exec.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB elsewhere (macOS: bytes)
 
 
 # --- contestants: each returns (time to first token, end time, tokens) from a start time ----
@@ -158,21 +143,7 @@ def load_transformers(native: Path, hf_dir: Path, threads: int):
 
 def run_transformers(hf, ids, new_tokens):
     import torch
-    from transformers.generation.streamers import BaseStreamer
-
-    class Timer(BaseStreamer):
-        def __init__(self):
-            self.calls, self.first = 0, None
-
-        def put(self, value):
-            self.calls += 1
-            if self.calls == 2:  # the first put() is the prompt
-                self.first = time.perf_counter()
-
-        def end(self):
-            pass
-
-    timer = Timer()
+    timer = first_token_timer()
     torch.manual_seed(SEED)
     inp = torch.tensor([ids])
     t0 = time.perf_counter()

@@ -27,7 +27,6 @@ Timings on a shared machine drift: compare within one run, as ratios.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import copy
 import json
 import os
@@ -38,6 +37,8 @@ import time
 import warnings
 import zlib
 from pathlib import Path
+
+from _common import first_token_timer  # benchmarks/ is on sys.path when a script runs
 
 import torch
 
@@ -253,25 +254,12 @@ def decode_chatcore(engine, ids: list[int], new_tokens: int) -> dict:
 
 
 def decode_transformers(hf, ids: list[int], new_tokens: int) -> dict:
-    from transformers.generation.streamers import BaseStreamer
-
-    class Timer(BaseStreamer):
-        def __init__(self):
-            self.calls, self.first = 0, None
-
-        def put(self, value):
-            self.calls += 1
-            if self.calls == 2:  # the first put() is the prompt
-                self.first = time.perf_counter()
-
-        def end(self):
-            pass
 
     inp = torch.tensor([ids])
     kw = dict(attention_mask=torch.ones_like(inp), do_sample=False, pad_token_id=50256)
     with torch.inference_mode():
         hf.generate(inp[:, :8], max_new_tokens=4, **{**kw, "attention_mask": torch.ones_like(inp[:, :8])})
-        timer = Timer()
+        timer = first_token_timer()
         t0 = time.perf_counter()
         out = hf.generate(inp, max_new_tokens=new_tokens, min_new_tokens=new_tokens, streamer=timer, **kw)
     end = time.perf_counter()

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import peak_rss_mb  # benchmarks/ is on sys.path when a script runs
 
 SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sample_conversations.jsonl"
 VARIANTS = ("seed", "fused", "chatcore")
@@ -81,14 +82,6 @@ def child(variant: str, steps: int, tiny: bool, threads: int | None) -> dict:
     for x, y in batches:
         step(x, y)
     return {"variant": variant, "peak_rss_mb": peak_rss_mb()}
-
-
-def peak_rss_mb() -> float:
-    # VmHWM belongs to this process image; ru_maxrss would carry the parent's peak over fork+exec.
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def timed(args: argparse.Namespace) -> dict[str, list[float]]:

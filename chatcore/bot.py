@@ -6,7 +6,7 @@ import asyncio
 import inspect
 from contextlib import aclosing
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +83,6 @@ class Bot:
         pm.disable(config["plugins"]["disabled"])
         store = Store(config.store_path)  # first: a locked or read-only database fails before the model loads
         if engine is None:
-            from .engine import Engine
-
             try:
                 engine = load_engine(config)
             except BaseException:

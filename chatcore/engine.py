@@ -323,7 +323,7 @@ def resolve_model(
         "No model to serve: no model.checkpoint is configured, "
         + "; ".join(tried)
         + ". To fix it: connect to the internet once so GPT-2 can be downloaded (about 500 MB), "
-        f"or copy a Hugging Face GPT-2 directory (config.json + model.safetensors) and set model.checkpoint to it"
+        "or copy a Hugging Face GPT-2 directory (config.json + model.safetensors) and set model.checkpoint to it"
         + (", or build the offline starter model" if starter is not None else "")
         + "."
     )

@@ -11,7 +11,6 @@ import torch
 from chatcore import checkpoint
 from chatcore.cli import main
 from chatcore.model import GPT, GPTConfig
-from chatcore.training.data import load_jsonl
 from chatcore.training.starter import StarterConfig, build_starter, chitchat_exchanges
 
 SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sample_conversations.jsonl"

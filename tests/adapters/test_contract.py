@@ -8,7 +8,6 @@ mentions and no "self" to ignore: those cases are skipped for it, with the reaso
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import Any
 

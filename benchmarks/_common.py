@@ -1,0 +1,41 @@
+"""Measurement helpers shared by the benchmark scripts (run as `python benchmarks/<name>.py`)."""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS in MiB.
+
+    VmHWM, not getrusage's ru_maxrss: on Linux the latter carries over the
+    high-water mark of the forked copy of the parent from before exec.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB elsewhere (macOS: bytes)
+
+
+def first_token_timer():
+    """A transformers streamer that records when `generate` produced its first new token."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class FirstTokenTimer(BaseStreamer):
+        def __init__(self) -> None:
+            self.calls, self.first = 0, None
+
+        def put(self, value) -> None:
+            self.calls += 1
+            if self.calls == 2:  # the first put() is the prompt
+                self.first = time.perf_counter()
+
+        def end(self) -> None:
+            pass
+
+    return FirstTokenTimer()
