@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from .adapter import AdapterError
 from .config import Config, load_config
 from .message import DROP, Message, Reply
 from .plugin_manager import Command, PluginManager, make_plugin_manager
@@ -44,10 +45,8 @@ def starter_for(config: Config) -> Callable[[], Any] | None:
     """The offline starter model's builder, when the config allows it (see chatcore.training.starter)."""
     if not config["model"]["starter"]:
         return None
-    try:
-        from .training.starter import starter_model
-    except ImportError:
-        return None
+    from .training.starter import starter_model
+
     return lambda: starter_model(config)
 
 
@@ -178,14 +177,14 @@ class Bot:
         missing = [n for n in wanted if n not in self.adapter_classes]
         if missing:
             why = [self.pm.unavailable.get(n, f"no adapter named {n!r}") for n in missing]
-            raise LookupError("; ".join(why))
+            raise AdapterError("; ".join(why))
         return [self.adapter_classes[n](self, self.config["adapters"].get(n, {})) for n in wanted]
 
     async def run(self, adapter_names: Iterable[str] | None = None) -> None:
         """Start the adapters and serve until they all finish or `stop()` is called."""
         self.adapters = self.enabled_adapters(adapter_names)
         if not self.adapters:
-            raise LookupError("no adapter is enabled: set adapters.<name>.enabled: true in the config")
+            raise AdapterError("no adapter is enabled: set adapters.<name>.enabled: true in the config")
         await self._call("startup", bot=self)
         tasks = [asyncio.create_task(a.start(), name=f"adapter:{a.name}") for a in self.adapters]
         stopper = asyncio.create_task(self._stopping.wait())

@@ -16,6 +16,7 @@ from typing import Any
 
 from . import __version__
 from .config import ConfigError
+from .training import cli as training_cli
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -47,8 +48,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_user_error(exc: Exception) -> bool:
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    return bool(names & {"Failure", "StoreError", "ModelNotFound", "CheckpointError", "LookupError"})
+    """Errors a user causes and can fix: one line, no traceback. Anything else is a bug and keeps its traceback."""
+    from .adapter import AdapterError
+    from .checkpoint import CheckpointError
+    from .engine import ModelNotFound
+    from .store import StoreError
+
+    return isinstance(exc, (Failure, StoreError, ModelNotFound, CheckpointError, AdapterError))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,16 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = csub.add_parser("defaults", help="print every key with its default (config/default.yaml)", description="Print the full default config, commented.")
     p.set_defaults(run=cmd_config_defaults)
 
-    _add_training_commands(sub, config_arg)
-    return parser
-
-
-def _add_training_commands(sub: Any, config_arg: Any) -> None:
-    try:
-        from .training import cli as training_cli
-    except ImportError:
-        return
     training_cli.add_commands(sub, config_arg)
+    return parser
 
 
 # --- helpers -----------------------------------------------------------------

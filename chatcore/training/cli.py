@@ -124,7 +124,10 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     gate = config.get("plugins.auto_finetune.gate") or {}
     registry = Registry(Path(config.data_dir) / "models", keep=gate.get("keep") or 3,
                         keep_rejected=gate.get("keep_rejected") or 3)
-    serving = registry.rollback()  # LookupError: nothing to roll back
+    try:
+        serving = registry.rollback()
+    except LookupError as exc:  # nothing to roll back
+        raise _fail(str(exc)) from None
     print(f"now serving {serving.name if serving else 'the configured base model'}; "
           "restart the bot to load it")
     return 0

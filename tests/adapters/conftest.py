@@ -133,6 +133,26 @@ async def stop_adapter(adapter: Any, task: asyncio.Task) -> None:
         pass
 
 
+class Running:
+    """The adapters a fixture started; `stop_all` stops them and closes their bots at teardown."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[Any, Any, asyncio.Task]] = []
+
+    async def start(self, bot: Any, adapter: Any, ready: Any) -> None:
+        try:
+            task = await start_adapter(adapter, ready)
+        except BaseException:
+            await bot.close()
+            raise
+        self.started.append((bot, adapter, task))
+
+    async def stop_all(self) -> None:
+        for bot, adapter, task in self.started:
+            await stop_adapter(adapter, task)
+            await bot.close()
+
+
 @pytest.fixture
 async def fake_discord(monkeypatch) -> AsyncIterator[FakeDiscord]:
     fake = await FakeDiscord().start()
@@ -147,23 +167,16 @@ async def discord_bot(tmp_path: Path, fake_discord: FakeDiscord, monkeypatch) ->
     from chatcore.adapters.discord import DiscordAdapter
 
     monkeypatch.setattr(DiscordAdapter, "guild_ready_timeout", 0.05)
-    running: list[tuple[Any, Any, asyncio.Task]] = []
+    running = Running()
 
     async def run(settings: dict[str, Any] | None = None, replies: Any = None, **kwargs: Any) -> tuple[Any, Any]:
         bot = build_bot(tmp_path, "discord", {"token": fake_discord.token, **(settings or {})}, replies, **kwargs)
         adapter = bot.enabled_adapters(["discord"])[0]
-        try:
-            task = await start_adapter(adapter, adapter.ready.wait)
-        except BaseException:
-            await bot.close()
-            raise
-        running.append((bot, adapter, task))
+        await running.start(bot, adapter, adapter.ready.wait)
         return bot, adapter
 
     yield run
-    for bot, adapter, task in running:
-        await stop_adapter(adapter, task)
-        await bot.close()
+    await running.stop_all()
 
 
 @pytest.fixture
@@ -176,7 +189,7 @@ async def fake_slack() -> AsyncIterator[FakeSlack]:
 @pytest.fixture
 async def slack_bot(tmp_path: Path, fake_slack: FakeSlack) -> AsyncIterator[Any]:
     """`await slack_bot(mode, settings, replies, config=...)` -> (bot, adapter), running against the fake."""
-    running: list[tuple[Any, Any, asyncio.Task]] = []
+    running = Running()
 
     async def run(mode: str = "socket", settings: dict[str, Any] | None = None, replies: Any = None,
                   **kwargs: Any) -> tuple[Any, Any]:
@@ -193,37 +206,23 @@ async def slack_bot(tmp_path: Path, fake_slack: FakeSlack) -> AsyncIterator[Any]
             if mode == "socket":
                 await fake_slack.socket_connected.wait()
 
-        try:
-            task = await start_adapter(adapter, ready)
-        except BaseException:
-            await bot.close()
-            raise
-        running.append((bot, adapter, task))
+        await running.start(bot, adapter, ready)
         return bot, adapter
 
     yield run
-    for bot, adapter, task in running:
-        await stop_adapter(adapter, task)
-        await bot.close()
+    await running.stop_all()
 
 
 @pytest.fixture
 async def http_bot(tmp_path: Path) -> AsyncIterator[Any]:
     """`await http_bot(settings, replies, config=...)` -> (bot, adapter, base_url) serving on 127.0.0.1."""
-    running: list[tuple[Any, Any, asyncio.Task]] = []
+    running = Running()
 
     async def run(settings: dict[str, Any] | None = None, replies: Any = None, **kwargs: Any) -> tuple[Any, Any, str]:
         bot = build_bot(tmp_path, "http", {"host": "127.0.0.1", "port": 0, **(settings or {})}, replies, **kwargs)
         adapter = bot.enabled_adapters(["http"])[0]
-        try:
-            task = await start_adapter(adapter, adapter.ready.wait)
-        except BaseException:
-            await bot.close()
-            raise
-        running.append((bot, adapter, task))
+        await running.start(bot, adapter, adapter.ready.wait)
         return bot, adapter, f"http://127.0.0.1:{adapter.port}"
 
     yield run
-    for bot, adapter, task in running:
-        await stop_adapter(adapter, task)
-        await bot.close()
+    await running.stop_all()
