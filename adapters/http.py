@@ -170,7 +170,10 @@ class HttpAdapter(Adapter):
         conversation = request.headers.get(CONVERSATION_HEADER) or _optional_str(body, "conversation")
         message = self._message(text, _optional_str(body, "user"), conversation)
         reply = await self.bot.handle(message)
-        return web.json_response({"response": reply.text if reply else ""})
+        body = {"response": reply.text if reply else ""}
+        if reply is not None and reply.files:  # /mydata: the file's JSON, inline
+            body["files"] = [{"name": f.name, "content": _file_content(f)} for f in reply.files]
+        return web.json_response(body)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await _json_object(request)
@@ -289,6 +292,12 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     return body
+
+
+def _file_content(file: Any) -> Any:
+    """A JSON file as its object, anything else as text."""
+    text = file.data.decode("utf-8", errors="replace")
+    return json.loads(text) if file.mime == "application/json" else text
 
 
 def _optional_str(body: dict[str, Any], key: str) -> str | None:

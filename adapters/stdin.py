@@ -11,6 +11,7 @@ import asyncio
 import getpass
 import sys
 import threading
+from pathlib import Path
 from typing import IO, Any
 
 from chatcore import Message, hookimpl
@@ -76,10 +77,20 @@ class StdinAdapter(Adapter):
 
         reply = await self.bot.handle(message, on_delta=on_delta if streaming else None)
         text_out = reply.text if reply else ""
+        for f in reply.files if reply else ():
+            text_out += f"\n{f.name} written to {self._save(f)}"
         if streaming and started and reply is not None and reply.from_model:
             self._write("\n")  # already streamed (a rewrite by a plugin shows in the history, not twice here)
         else:
             self._write(text_out + "\n")
+
+    def _save(self, file: Any) -> Path:
+        """A terminal cannot take an attachment: the file goes under <data_dir>/exports/."""
+        folder = self.bot.config.data_dir / "exports"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / Path(file.name).name
+        path.write_bytes(file.data)
+        return path
 
     def _write(self, text: str) -> None:
         self.stdout.write(text)

@@ -14,6 +14,8 @@ from typing import Any
 from chatcore import DROP, hookimpl
 from chatcore.bot import await_me_maybe
 from chatcore.config import Field
+from chatcore.consent import describe
+from chatcore.message import Reply
 
 
 @hookimpl
@@ -58,8 +60,9 @@ def message_received(bot, message):
     return _run(command, bot, message, args.strip())
 
 
-async def _run(command, bot, message, args: str) -> str:
-    return str(await await_me_maybe(command.handler(bot, message, args)))
+async def _run(command, bot, message, args: str) -> Any:
+    answer = await await_me_maybe(command.handler(bot, message, args))
+    return answer if isinstance(answer, Reply) else str(answer)  # a Reply may carry files
 
 
 class RateLimiter:
@@ -108,17 +111,24 @@ def reset(bot, message, args):
     return "OK, starting a new conversation."
 
 
-def forget(bot, message, args):
+async def forget(bot, message, args):
     """Delete everything I stored from you, and never train on your messages."""
     deleted = bot.store.forget_user(message.user_key)
-    return f"Done: I deleted {deleted} stored message(s) of yours and won't learn from you."
+    extra = []
+    for result in bot.pm.hook.user_forgotten(bot=bot, user_key=message.user_key, deleted=deleted):
+        note = await await_me_maybe(result)
+        if note:
+            extra.append(str(note))
+    return " ".join([f"Done: I deleted {deleted} stored message(s) of yours and won't learn from you.", *extra])
 
 
 def status(bot, message, args):
     """Show which model is serving and what I have learned so far."""
     stats = bot.store.stats()
+    days = bot.config.get("history.retention_days")
+    kept = f"I keep history for {days:g} days." if days else "I keep history until you /forget it."
     return (f"{bot.name} on model {bot.engine.model_id}: {stats['exchanges']} exchanges stored, "
-            f"{stats['since_finetune']} new since the last fine-tune.")
+            f"{stats['since_finetune']} new since the last fine-tune. {kept} {describe(bot, message)}")
 
 
 async def good(bot, message, args):

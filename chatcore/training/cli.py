@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .. import lineage
+
 
 def add_commands(sub: Any, config_arg: Any) -> None:
     p = sub.add_parser("finetune", help="fine-tune now on the new conversations, then gate and promote",
@@ -45,6 +47,7 @@ def add_commands(sub: Any, config_arg: Any) -> None:
     p.add_argument("--minutes", type=float, help="training time budget (default 4)")
     p.add_argument("--force", action="store_true", help="rebuild even if a starter model is cached")
     p.set_defaults(run=cmd_starter)
+    lineage.add_command(msub, config_arg)
 
 
 def _config(path: Path | None):
@@ -111,7 +114,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         print(f"{result['status']}: {Path(result['candidate']).name} - {g['reason']}")
         d = result["data"]
         print(f"data: {d['train_exchanges']} training / {d['val_exchanges']} validation exchanges; "
-              f"guards removed {sum(d['guards'].values())} ({', '.join(f'{k} {v}' for k, v in d['guards'].items() if v) or 'none'})")
+              f"guards removed {sum(d['guards'].values())} ({', '.join(f'{k} {v}' for k, v in d['guards'].items())})")
+        lin = result.get("lineage") or {}
+        if lin:
+            print(f"lineage: {lin['exchanges']} exchange(s) from {lin['users']} user(s), manifest {lin['manifest'][:19]}")
         if result["status"] == "promoted":
             print("A running bot serves it from its next start (or after /finetune in the bot).")
     return 0

@@ -1,0 +1,108 @@
+"""Which users' data is inside which model: ``chatcore model lineage``.
+
+Every fine-tune writes its lineage into the checkpoint's provenance (the
+safetensors header and the JSON sidecar): a content-addressed manifest of the
+exchange ids it trained on and the user keys they came from
+(`chatcore.training.data.lineage_manifest`, merged with the parent's when it
+started from a fine-tune). Here that is read back for the serving model and every
+checkpoint still on disk, and compared with the users the store now excludes
+(forgotten, opted out, /learn off): such a model still carries their data until
+a fine-tune from the base without them replaces it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+# Fine-tunes this loop writes (chatcore.training.gate.CANDIDATE_PREFIX; not imported: the CLI stays torch-free).
+CANDIDATE_PREFIX = "finetuned_"
+
+
+def lineage_of(checkpoint: Path) -> dict[str, Any] | None:
+    """The lineage recorded in a checkpoint, or None (not a fine-tune of this loop, or unreadable)."""
+    from .checkpoint import CheckpointError, read_meta
+
+    try:
+        meta = read_meta(checkpoint)
+    except CheckpointError:
+        return None
+    return (meta.get("provenance") or {}).get("lineage")
+
+
+def report(models_dir: str | Path, excluded: dict[str, float]) -> list[dict[str, Any]]:
+    """One row per model: the serving one first, then every kept checkpoint, newest first."""
+    from .training.gate import Registry
+
+    models_dir = Path(models_dir)
+    serving = Registry(models_dir).current()
+    on_disk = sorted(models_dir.glob(f"{CANDIDATE_PREFIX}*.safetensors"), reverse=True)
+    rows = []
+    if serving is None or not serving.is_file():
+        rows.append({"name": "base", "role": "serving", "manifest": None, "exchanges": 0, "users": 0,
+                     "forgotten_users": [], "note": "the configured base model: no chat data"})
+    for path in ([serving] if serving is not None and serving.is_file() else []) + [
+            p for p in on_disk if serving is None or p.name != serving.name]:
+        lin = lineage_of(path)
+        row = {"name": path.name, "role": "serving" if serving is not None and path.name == serving.name else "kept"}
+        if lin is None:
+            rows.append({**row, "manifest": None, "exchanges": None, "users": None, "forgotten_users": [],
+                         "note": "no lineage recorded (trained before lineage existed): treat as containing anyone"})
+            continue
+        users = lin.get("users", [])
+        rows.append({**row, "manifest": lin.get("manifest"), "exchanges": len(lin.get("exchange_ids", [])),
+                     "users": len(users), "forgotten_users": sorted(u for u in users if u in excluded),
+                     "inherited_from": lin.get("inherited_from")})
+    return rows
+
+
+def contains_any(models_dir: str | Path, checkpoint: Path | None, users: set[str]) -> bool:
+    """Whether `checkpoint` (None: the base) holds data of any of `users`; unknown lineage counts as yes."""
+    if checkpoint is None or not Path(checkpoint).name.startswith(CANDIDATE_PREFIX):
+        return False
+    lin = lineage_of(Path(checkpoint))
+    return lin is None or bool(users & set(lin.get("users", [])))
+
+
+def format_report(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    for r in rows:
+        head = f"{r['role']:<8} {r['name']}"
+        if r["manifest"] is None:
+            lines.append(f"{head}  {r['note']}")
+            continue
+        body = f"{r['exchanges']} exchange(s) from {r['users']} user(s), manifest {r['manifest'][:19]}"
+        if r.get("inherited_from"):
+            body += f" (includes {r['inherited_from']})"
+        gone = r["forgotten_users"]
+        flag = (f"CONTAINS DATA OF {len(gone)} USER(S) SINCE FORGOTTEN/OPTED OUT: {', '.join(gone)}"
+                if gone else "clean")
+        lines.append(f"{head}  {body}  {flag}")
+    return "\n".join(lines)
+
+
+def add_command(msub: Any, config_arg: Any) -> None:
+    """``chatcore model lineage`` under the ``model`` command group."""
+    p = msub.add_parser("lineage", help="which models contain data of users since forgotten",
+                        description="For the serving model and each kept checkpoint: the exchanges and users it "
+                                    "was trained on, and whether any of them has since been forgotten or opted out.")
+    config_arg(p)
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(run=cmd_lineage)
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from .cli import load
+    from .store import Store
+
+    _, config = load(args.config)
+    with Store(config.store_path, read_only=config.store_path.exists()) as store:
+        excluded = store.excluded_users()
+    rows = report(Path(config.data_dir) / "models", excluded)
+    print(json.dumps(rows, indent=2) if args.json else format_report(rows))
+    if any(r["forgotten_users"] for r in rows):
+        print("\nA fine-tune from the base model without them replaces these "
+              "(plugins.auto_finetune.on_forget; or run `chatcore finetune`).")
+    return 0
