@@ -102,7 +102,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         excluded = store.excluded_users()
     rows = report(Path(config.data_dir) / "models", excluded)
     print(json.dumps(rows, indent=2) if args.json else format_report(rows))
-    if any(r["forgotten_users"] for r in rows):
+    if not args.json and any(r["forgotten_users"] for r in rows):
         print("\nA fine-tune from the base model without them replaces these "
               "(plugins.auto_finetune.on_forget; or run `chatcore finetune`).")
     return 0
