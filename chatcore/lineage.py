@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,25 @@ def lineage_of(checkpoint: Path) -> dict[str, Any] | None:
     return (meta.get("provenance") or {}).get("lineage")
 
 
-def report(models_dir: str | Path, excluded: dict[str, float]) -> list[dict[str, Any]]:
+def _created_at(checkpoint: Path) -> float:
+    from .checkpoint import CheckpointError, read_meta
+
+    try:
+        stamp = (read_meta(checkpoint).get("provenance") or {}).get("created_at")
+        return datetime.fromisoformat(stamp).timestamp()
+    except (CheckpointError, TypeError, ValueError):
+        return 0.0  # unknown: any /forget counts as after it
+
+
+def flagged(lineage: dict[str, Any], created_at: float, excluded: dict[str, float],
+            forgotten: dict[str, float]) -> list[str]:
+    """The users in `lineage` who are excluded now, or ran /forget after the checkpoint was made."""
+    return sorted(u for u in lineage.get("users", [])
+                  if u in excluded or forgotten.get(u, -1.0) >= created_at)
+
+
+def report(models_dir: str | Path, excluded: dict[str, float],
+           forgotten: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """One row per model: the serving one first, then every kept checkpoint, newest first."""
     from .training.gate import Registry
 
@@ -51,14 +70,14 @@ def report(models_dir: str | Path, excluded: dict[str, float]) -> list[dict[str,
             rows.append({**row, "manifest": None, "exchanges": None, "users": None, "forgotten_users": [],
                          "note": "no lineage recorded (trained before lineage existed): treat as containing anyone"})
             continue
-        users = lin.get("users", [])
         rows.append({**row, "manifest": lin.get("manifest"), "exchanges": len(lin.get("exchange_ids", [])),
-                     "users": len(users), "forgotten_users": sorted(u for u in users if u in excluded),
+                     "users": len(lin.get("users", [])),
+                     "forgotten_users": flagged(lin, _created_at(path), excluded, forgotten or {}),
                      "inherited_from": lin.get("inherited_from")})
     return rows
 
 
-def contains_any(models_dir: str | Path, checkpoint: Path | None, users: set[str]) -> bool:
+def contains_any(checkpoint: Path | None, users: set[str]) -> bool:
     """Whether `checkpoint` (None: the base) holds data of any of `users`; unknown lineage counts as yes."""
     if checkpoint is None or not Path(checkpoint).name.startswith(CANDIDATE_PREFIX):
         return False
@@ -99,8 +118,8 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
     _, config = load(args.config)
     with Store(config.store_path, read_only=config.store_path.exists()) as store:
-        excluded = store.excluded_users()
-    rows = report(Path(config.data_dir) / "models", excluded)
+        excluded, forgotten = store.excluded_users(), store.forgotten()
+    rows = report(Path(config.data_dir) / "models", excluded, forgotten)
     print(json.dumps(rows, indent=2) if args.json else format_report(rows))
     if not args.json and any(r["forgotten_users"] for r in rows):
         print("\nA fine-tune from the base model without them replaces these "

@@ -575,13 +575,17 @@ class Store:
         return row[0] if row else "unset"
 
     def excluded_users(self) -> dict[str, float]:
-        """Users training must leave out now (forgotten, opted out, /learn off) and since when."""
+        """Users training must leave out now (forgotten or opted out, /learn off) and since when."""
         with self._translated() as db:
             rows = db.execute(
                 "SELECT user_key, MIN(at) FROM (SELECT user_key, at FROM opted_out UNION ALL "
-                "SELECT user_key, at FROM forgotten UNION ALL "
                 "SELECT user_key, at FROM consent WHERE state = 'no') GROUP BY user_key").fetchall()
         return dict(rows)
+
+    def forgotten(self) -> dict[str, float]:
+        """Users who ran /forget, and when (the last time): models trained before that hold data they took back."""
+        with self._translated() as db:
+            return dict(db.execute("SELECT user_key, at FROM forgotten").fetchall())
 
     def first_seen(self) -> dict[str, float]:
         """When each known user was first seen (survives retention; /forget removes it)."""

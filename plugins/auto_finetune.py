@@ -120,8 +120,8 @@ class State:
     def spec(self, bot: Any) -> JobSpec:
         serving = _source(bot.engine)
         base = self.base_source if self.cfg.get("start_from", "base") == "base" else serving
-        if base != self.base_source and contains_any(self.models_dir, Path(base) if base else None,
-                                                     set(bot.store.excluded_users())):
+        gone = set(bot.store.excluded_users()) | set(bot.store.forgotten())
+        if base != self.base_source and contains_any(Path(base) if base else None, gone):
             # Fine-tuning the serving model would carry forgotten users' data on: start from the base.
             log.info("the serving model holds data of users since forgotten: fine-tuning from the base")
             base = self.base_source
@@ -193,7 +193,7 @@ async def user_forgotten(bot, user_key, deleted):
     """retrain_now: a serving model trained on this user is replaced by a fine-tune without them, now."""
     st = state_of(bot)
     serving = _source(bot.engine)
-    if not contains_any(st.models_dir, Path(serving) if serving else None, {user_key}):
+    if not contains_any(Path(serving) if serving else None, {user_key}):
         return None
     if st.cfg.get("on_forget", "retrain_next") != "retrain_now":
         return "The current model learned from you; the next fine-tune starts from the base without you."

@@ -141,8 +141,8 @@ def test_forget_flags_every_checkpoint_trained_on_the_user_and_the_next_finetune
     assert first["lineage"]["exchanges"] == len(lineage["exchange_ids"]) > 0
     with Store(data / "history.db") as store:
         store.forget_user("stdin:alice")
-        excluded = store.excluded_users()
-    (row,) = [r for r in report(models, excluded) if r["name"] == Path(first["candidate"]).name]
+        excluded, forgotten = store.excluded_users(), store.forgotten()
+    (row,) = [r for r in report(models, excluded, forgotten) if r["name"] == Path(first["candidate"]).name]
     assert row["forgotten_users"] == ["stdin:alice"]
 
     second = run_job(spec)
@@ -150,7 +150,7 @@ def test_forget_flags_every_checkpoint_trained_on_the_user_and_the_next_finetune
     assert lineage2["users"] == ["stdin:bob"]
     with Store(data / "history.db") as store:
         assert all(store.get_exchange(i).user == "bob" for i in lineage2["exchange_ids"])
-    rows = {r["name"]: r for r in report(models, excluded)}
+    rows = {r["name"]: r for r in report(models, excluded, forgotten)}
     assert rows[Path(second["candidate"]).name]["forgotten_users"] == []
     assert rows[Path(first["candidate"]).name]["forgotten_users"] == ["stdin:alice"]
 
@@ -218,3 +218,42 @@ def test_config_check_explains_the_platform_permission(tmp_path, capsys):
     config.write_text("adapters:\n  discord:\n    enabled: true\n    token: t\n    training:\n      policy: off\n")
     assert main(["config", "check", str(config)]) == 0  # an unquoted YAML off (false) is off
     assert "training on discord: off" in capsys.readouterr().out
+
+
+async def test_retrain_now_starts_a_finetune_when_forget_hits_the_serving_model(tmp_path, monkeypatch):
+    from chatcore.plugins import auto_finetune
+    from chatcore.plugins.commands import forget
+
+    started = []
+
+    async def fake_start(bot):
+        started.append(bot)
+
+    monkeypatch.setattr(auto_finetune, "start_job", fake_start)
+    base = checkpoint.save(tiny(), tmp_path / "base")
+    ft = checkpoint.save(tiny(), tmp_path / "models" / "finetuned_20260101_000000",
+                         lineage={"manifest": "sha256:x", "exchange_ids": [1], "users": ["test:alice"], "file_rows": 0})
+    bot = make_bot(tmp_path, config={"model": {"checkpoint": str(base)},
+                                     "plugins": {"auto_finetune": {"on_forget": "retrain_now"}}})
+    bot.engine.meta = {"source": str(ft)}
+    try:
+        assert "I started a fine-tune without you now" in await forget(bot, Message("/forget", "test", "g", "alice"), "")
+        assert started == [bot]
+        await forget(bot, Message("/forget", "test", "g", "bob"), "")  # bob is not in the model
+        assert started == [bot]
+    finally:
+        await bot.close()
+
+
+def test_a_new_yes_after_forget_counts_from_then_but_old_models_stay_flagged(tmp_path):
+    from chatcore.lineage import flagged
+
+    with Store(tmp_path / "h.db") as store:
+        store.forget_user("test:alice")
+        assert store.consent_state("test:alice") == "no" and "test:alice" in store.excluded_users()
+        store.set_consent("test:alice", "yes")
+        assert store.consent_state("test:alice") == "yes" and store.excluded_users() == {}
+        forgotten_at = store.forgotten()["test:alice"]
+    lineage = {"users": ["test:alice"]}
+    assert flagged(lineage, forgotten_at - 10, {}, {"test:alice": forgotten_at}) == ["test:alice"]  # trained before
+    assert flagged(lineage, forgotten_at + 10, {}, {"test:alice": forgotten_at}) == []  # trained on the new yes
