@@ -166,7 +166,8 @@ async def test_counter_triggers_at_n_survives_restart_and_promotion_swaps(tmp_pa
     def msg(text: str, user: str):
         from chatcore.message import Message
 
-        return Message(text=text, adapter="test", channel="c", user=user, is_direct=True)
+        # stdin trains by default (opt_out); an adapter with no training policy ("test") never does.
+        return Message(text=text, adapter="stdin", channel="c", user=user, is_direct=True)
 
     bot = make_bot(tmp_path, engine=scripted(), config=config)
     await bot.handle(msg("hello there", "alice"))
@@ -207,7 +208,8 @@ async def test_finetune_command_is_admin_only_and_reports_status(tmp_path):
     from chatcore.message import Message
 
     def msg(text: str, user: str) -> Message:
-        return Message(text=text, adapter="test", channel="c", user=user, is_direct=True)
+        # stdin trains by default (opt_out); an adapter with no training policy ("test") never does.
+        return Message(text=text, adapter="stdin", channel="c", user=user, is_direct=True)
 
     try:
         assert "Unknown command" in (await bot.handle(msg("/finetune", "eve"))).text
