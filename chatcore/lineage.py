@@ -85,6 +85,17 @@ def contains_any(checkpoint: Path | None, users: set[str]) -> bool:
     return lin is None or bool(users & set(lin.get("users", [])))
 
 
+def gate_reference(serving: str | None, base: str, gone: set[str]) -> str:
+    """What a candidate must beat: the serving model, or the base when serving holds data of users in `gone`.
+
+    A model that must be replaced is no yardstick: a fine-tune without the forgotten
+    users' data would rarely beat the model that still has it.
+    """
+    if serving and serving != base and contains_any(Path(serving), gone):
+        return base
+    return serving or base
+
+
 def format_report(rows: list[dict[str, Any]]) -> str:
     lines = []
     for r in rows:

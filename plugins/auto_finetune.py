@@ -37,7 +37,7 @@ from typing import Any
 from chatcore import hookimpl
 from chatcore.bot import await_me_maybe
 from chatcore.config import Field
-from chatcore.lineage import contains_any
+from chatcore.lineage import contains_any, gate_reference
 from chatcore.training.data import GuardConfig
 from chatcore.training.gate import GateConfig, Registry, serving_checkpoint
 from chatcore.training.job import JobSpec, spec_from_config
@@ -127,7 +127,7 @@ class State:
             base = self.base_source
         if not base:
             raise RuntimeError("the serving model has no checkpoint on disk to fine-tune from")
-        return spec_from_config(bot.config, base, serving, progress=False)
+        return spec_from_config(bot.config, base, gate_reference(serving, base, gone), progress=False)
 
 
 _states: "weakref.WeakKeyDictionary[Any, State]" = weakref.WeakKeyDictionary()

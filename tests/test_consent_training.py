@@ -257,3 +257,13 @@ def test_a_new_yes_after_forget_counts_from_then_but_old_models_stay_flagged(tmp
     lineage = {"users": ["test:alice"]}
     assert flagged(lineage, forgotten_at - 10, {}, {"test:alice": forgotten_at}) == ["test:alice"]  # trained before
     assert flagged(lineage, forgotten_at + 10, {}, {"test:alice": forgotten_at}) == []  # trained on the new yes
+
+
+def test_a_serving_model_holding_forgotten_data_is_no_yardstick_for_the_gate(tmp_path):
+    from chatcore.lineage import gate_reference
+
+    ft = checkpoint.save(tiny(), tmp_path / "finetuned_20260101_000000",
+                         lineage={"manifest": "sha256:x", "exchange_ids": [1], "users": ["test:alice"], "file_rows": 0})
+    assert gate_reference(str(ft), "base", {"test:alice"}) == "base"  # the clean candidate must beat the base
+    assert gate_reference(str(ft), "base", {"test:bob"}) == str(ft)
+    assert gate_reference(None, "base", {"test:alice"}) == "base"

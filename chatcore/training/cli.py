@@ -80,8 +80,14 @@ def finetune(config: Any, *, jsonl: list[Path] = (), use_store: bool = True, max
         raise _fail("the configured model has no checkpoint on disk to fine-tune from")
     models_dir = Path(config.data_dir) / "models"
     promoted = serving_checkpoint(models_dir)
-    spec = spec_from_config(config, base, str(promoted) if promoted else base, progress=progress,
-                            jsonl=[str(f) for f in jsonl])
+    gone: set[str] = set()
+    if use_store:
+        from ..store import Store
+
+        with Store(config.store_path) as store:
+            gone = set(store.excluded_users()) | set(store.forgotten())
+    serving = lineage.gate_reference(str(promoted) if promoted else None, base, gone)
+    spec = spec_from_config(config, base, serving, progress=progress, jsonl=[str(f) for f in jsonl])
     if not use_store:
         spec.store = None
     if max_iters:
@@ -115,6 +121,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         d = result["data"]
         print(f"data: {d['train_exchanges']} training / {d['val_exchanges']} validation exchanges; "
               f"guards removed {sum(d['guards'].values())} ({', '.join(f'{k} {v}' for k, v in d['guards'].items())})")
+        if g.get("candidate_canary_loss") is not None:
+            print(f"canaries: loss {g['candidate_canary_loss']:.4f} (serving {g['serving_canary_loss']:.4f})")
         lin = result.get("lineage") or {}
         if lin:
             print(f"lineage: {lin['exchanges']} exchange(s) from {lin['users']} user(s), manifest {lin['manifest'][:19]}")
