@@ -208,8 +208,7 @@ async def test_finetune_command_is_admin_only_and_reports_status(tmp_path):
     from chatcore.message import Message
 
     def msg(text: str, user: str) -> Message:
-        # stdin trains by default (opt_out); an adapter with no training policy ("test") never does.
-        return Message(text=text, adapter="stdin", channel="c", user=user, is_direct=True)
+        return Message(text=text, adapter="test", channel="c", user=user, is_direct=True)
 
     try:
         assert "Unknown command" in (await bot.handle(msg("/finetune", "eve"))).text
