@@ -13,7 +13,7 @@ from chatcore.cli import main
 from chatcore.model import GPT, GPTConfig
 from chatcore.training.starter import StarterConfig, build_starter, chitchat_exchanges
 
-SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sample_conversations.jsonl"
+SAMPLE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "sample_conversations.jsonl"
 
 
 @pytest.fixture

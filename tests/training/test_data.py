@@ -13,7 +13,7 @@ from chatcore.tokenizer import Tokenizer
 from chatcore.training.data import (Exchange, GuardConfig, apply_guards, build_dataset, eval_batches, from_store,
                                     get_batch, load_jsonl, split_by_conversation, tokenize)
 
-SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sample_conversations.jsonl"
+SAMPLE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "sample_conversations.jsonl"
 
 
 @pytest.fixture(scope="module")

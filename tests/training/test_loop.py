@@ -17,7 +17,7 @@ from chatcore.training.gate import GateConfig, Registry, judge, serving_checkpoi
 from chatcore.training.job import JobSpec, run_job
 from chatcore.training.train import TrainConfig, evaluate, get_lr, train
 
-SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sample_conversations.jsonl"
+SAMPLE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "sample_conversations.jsonl"
 # Tiny and short: the 50257-token head dominates a tiny model's step, so few, small batches.
 FAST = dict(max_iters=30, eval_interval=10, warmup_iters=3, batch_size=4, block_size=64,
             learning_rate=3e-3, min_lr=3e-4)

@@ -23,7 +23,7 @@ from chatcore.training.gate import Registry
 from chatcore.training.job import JobSpec
 from chatcore.training.scheduler import Busy, Scheduler
 
-SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sample_conversations.jsonl"
+SAMPLE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "sample_conversations.jsonl"
 QUICK = dict(max_iters=10, eval_interval=5, warmup_iters=2, batch_size=4, block_size=64,
              learning_rate=3e-3, min_lr=3e-4)
 ENDLESS = dict(max_iters=100_000, eval_interval=100_000, batch_size=2, block_size=32)

@@ -18,7 +18,7 @@ from chatcore.prompt import render_exchange
 from chatcore.quant import Int8Linear, is_quantized, quality, quantize_int8
 from chatcore.tokenizer import Tokenizer
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sample_conversations.jsonl"
+DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "sample_conversations.jsonl"
 
 # Stated tolerance (also in the benchmark's report): held-out perplexity within 2%
 # of fp32, and the greedy next token the same as fp32's at >= 95% of positions.
