@@ -40,8 +40,8 @@ from chatcore import hookimpl
 from chatcore.adapter import Adapter
 from chatcore.config import Field
 from chatcore.message import Message
-from chatcore.sampling import SamplingParams
-from chatcore.serving import Busy
+from chatcore.params import SamplingParams
+from chatcore.message import Busy
 
 log = logging.getLogger("chatcore.http")
 

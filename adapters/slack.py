@@ -34,7 +34,7 @@ from chatcore import hookimpl
 from chatcore.adapter import Adapter, AdapterError
 from chatcore.config import Field
 from chatcore.message import Message, Reply
-from chatcore.serving import BUSY_REPLY, Busy
+from chatcore.message import BUSY_REPLY, Busy
 from chatcore.text import split_message
 
 log = logging.getLogger("chatcore.slack")

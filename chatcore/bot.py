@@ -1,11 +1,12 @@
-"""The bot runtime: one engine, one store, many adapters, every step a hook."""
+"""The bot runtime: one engine, one store, many adapters, every step a hook.
+
+Adapters see it only through `chatcore.adapter.BotSurface`."""
 
 from __future__ import annotations
 
 import asyncio
-import inspect
-from contextlib import aclosing
 import logging
+from contextlib import aclosing
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -13,44 +14,17 @@ from typing import Any
 from .adapter import AdapterError
 from .config import Config, load_config
 from .message import DROP, Message, Reply
-from .plugin_manager import Command, PluginManager, make_plugin_manager
+from .params import SamplingParams
+from .plugin_manager import Command, PluginManager, await_me_maybe, call_hook, make_plugin_manager
 from .prompt import build_prompt
-from .sampling import SamplingParams
 from .serving import Generator
 
 log = logging.getLogger("chatcore")
 
 
-async def await_me_maybe(value: Any) -> Any:
-    """Hooks may return a value or an awaitable (datasette's convention)."""
-    return await value if inspect.isawaitable(value) else value
-
-
-def load_engine(config: Config) -> Any:
-    """The serving engine: the last promoted fine-tune if there is a sound one, else the configured model."""
-    from .checkpoint import CheckpointError
-    from .engine import Engine
-    from .training.gate import serving_checkpoint
-
-    promoted = serving_checkpoint(config.data_dir / "models")
-    if promoted is not None:
-        try:
-            return Engine.from_config({**config["model"], "checkpoint": str(promoted)})
-        except CheckpointError as exc:  # a damaged fine-tune never stops the bot from serving
-            log.warning("promoted checkpoint %s is unusable (%s); serving the configured model", promoted, exc)
-    return Engine.from_config(config["model"], starter=starter_for(config))
-
-
-def starter_for(config: Config) -> Callable[[], Any] | None:
-    """The offline starter model's builder, when the config allows it (see chatcore.training.starter)."""
-    if not config["model"]["starter"]:
-        return None
-    from .training.starter import starter_model
-
-    return lambda: starter_model(config)
-
-
 class Bot:
+    """Answers messages (`handle`) and runs the adapters; implements `chatcore.adapter.BotSurface`."""
+
     def __init__(self, config: Config, pm: PluginManager, store: Any, generator: Generator) -> None:
         self.config = config
         self.pm = pm
@@ -75,6 +49,7 @@ class Bot:
     ) -> "Bot":
         """Load plugins, validate the config against everything they declare, open the store, load the model."""
         from .store import Store
+        from .weights import load_engine
 
         pm = pm or make_plugin_manager(plugins)
         if not isinstance(config, Config):
@@ -221,8 +196,7 @@ class Bot:
     # --- hook calling ------------------------------------------------------------------
 
     async def _call(self, name: str, **kwargs: Any) -> list[Any]:
-        results = getattr(self.pm.hook, name)(**kwargs)
-        return [await await_me_maybe(r) for r in results]
+        return await call_hook(self.pm, name, **kwargs)
 
     async def _first_result(self, name: str, **kwargs: Any) -> Any:
         """A firstresult hook whose implementations may be async: the first non-None answer wins."""

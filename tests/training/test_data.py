@@ -10,7 +10,7 @@ import torch
 
 from chatcore.prompt import render_exchange
 from chatcore.tokenizer import Tokenizer
-from chatcore.training.data import (Exchange, GuardConfig, apply_guards, build_dataset, eval_batches, from_store,
+from chatcore.training.data import (TrainingExchange, GuardConfig, apply_guards, build_dataset, eval_batches, from_store,
                                     get_batch, load_jsonl, split_by_conversation, tokenize)
 
 SAMPLE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "sample_conversations.jsonl"
@@ -21,8 +21,8 @@ def tok() -> Tokenizer:
     return Tokenizer()
 
 
-def ex(user: str, assistant: str, conv: str = "c", uid: str | None = None, bad: bool = False) -> Exchange:
-    return Exchange(user=user, assistant=assistant, conversation=conv, user_id=uid, bad=bad)
+def ex(user: str, assistant: str, conv: str = "c", uid: str | None = None, bad: bool = False) -> TrainingExchange:
+    return TrainingExchange(user=user, assistant=assistant, conversation=conv, user_id=uid, bad=bad)
 
 
 def test_tokens_are_the_rendered_conversation_and_mask_covers_replies(tok):

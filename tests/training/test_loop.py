@@ -13,7 +13,8 @@ from chatcore.model import GPT, GPTConfig
 from chatcore.store import Store
 from chatcore.tokenizer import Tokenizer
 from chatcore.training.data import build_dataset, load_jsonl
-from chatcore.training.gate import GateConfig, Registry, judge, serving_checkpoint
+from chatcore.registry import Registry, serving_checkpoint
+from chatcore.training.gate import GateConfig, judge
 from chatcore.training.job import JobSpec, run_job
 from chatcore.training.train import TrainConfig, evaluate, get_lr, train
 

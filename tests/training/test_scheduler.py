@@ -19,9 +19,9 @@ from chatcore.serving import Generator
 from chatcore.store import Store
 from chatcore.testing import ScriptedEngine, make_bot
 from chatcore.tokenizer import Tokenizer
-from chatcore.training.gate import Registry
+from chatcore.registry import Registry
 from chatcore.training.job import JobSpec
-from chatcore.training.scheduler import Busy, Scheduler
+from chatcore.training.scheduler import JobBusy, JobScheduler
 
 SAMPLE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "sample_conversations.jsonl"
 QUICK = dict(max_iters=10, eval_interval=5, warmup_iters=2, batch_size=4, block_size=64,
@@ -55,8 +55,8 @@ def snapshot(d: Path) -> set[str]:
     return {p.name for p in d.iterdir() if p.name not in ("jobs", ".finetune.lock")}
 
 
-def start_endless(d: Path, base: Path) -> tuple[Scheduler, object]:
-    sched = Scheduler(d, threads=1)
+def start_endless(d: Path, base: Path) -> tuple[JobScheduler, object]:
+    sched = JobScheduler(d, threads=1)
     job = sched.start(JobSpec(models_dir=str(d), base=str(base), jsonl=[str(SAMPLE)], train=ENDLESS,
                               progress=False))
     wait_for(lambda: "fine-tune:" in (job.dir / "log.txt").read_text(), what="training to start")
@@ -70,7 +70,7 @@ def test_killed_job_leaves_serving_untouched_and_no_checkpoint(models):
     before = snapshot(d)
     sched, job = start_endless(d, base)
     assert sched.busy()
-    with pytest.raises(Busy, match=f"pid {job.pid}"):
+    with pytest.raises(JobBusy, match=f"pid {job.pid}"):
         sched.start(JobSpec(models_dir=str(d), base=str(base)))  # one job at a time
     os.kill(job.pid, signal.SIGKILL)
     result = job.wait(30)
