@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ from chatcore.tokenizer import Tokenizer
 from chatcore.training.data import (TrainingExchange, GuardConfig, apply_guards, build_dataset, eval_batches, from_store,
                                     get_batch, load_jsonl, split_by_conversation, tokenize)
 
-SAMPLE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "sample_conversations.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +108,8 @@ def test_broken_jsonl_lines_are_skipped_and_counted(tmp_path):
     assert exchanges[1].bad and exchanges[1].user_id == "x:1"
 
 
-def test_sample_dataset_builds_with_a_held_out_split(tok):
-    exchanges, bad = load_jsonl(SAMPLE)
+def test_sample_dataset_builds_with_a_held_out_split(tok, sample_conversations):
+    exchanges, bad = load_jsonl(sample_conversations)
     assert len(exchanges) == 350 and not bad
     ds = build_dataset(exchanges, tok)
     assert ds.train_exchanges + ds.val_exchanges == ds.guard_report.kept
