@@ -18,12 +18,15 @@ from .params import SamplingParams
 from .plugin_manager import Command, PluginManager, await_me_maybe, call_hook, make_plugin_manager
 from .prompt import build_prompt
 from .serving import Generator
+from .weights import RegistryWatch, load_engine
 
 log = logging.getLogger("chatcore")
 
 
 class Bot:
     """Answers messages (`handle`) and runs the adapters; implements `chatcore.adapter.BotSurface`."""
+
+    registry_poll_s = 2.0  # how often a running bot looks for promotions and rollbacks made elsewhere
 
     def __init__(self, config: Config, pm: PluginManager, store: Any, generator: Generator) -> None:
         self.config = config
@@ -35,6 +38,7 @@ class Bot:
         self.adapter_classes = pm.adapters()
         self.adapters: list[Any] = []
         self._stopping = asyncio.Event()
+        self.registry_watch = RegistryWatch(config)  # from now on, registry changes are followed
 
     # --- building -------------------------------------------------------------
 
@@ -49,7 +53,6 @@ class Bot:
     ) -> "Bot":
         """Load plugins, validate the config against everything they declare, open the store, load the model."""
         from .store import Store
-        from .weights import load_engine
 
         pm = pm or make_plugin_manager(plugins)
         if not isinstance(config, Config):
@@ -162,6 +165,7 @@ class Bot:
             raise AdapterError("no adapter is enabled: set adapters.<name>.enabled: true in the config")
         await self._call("startup", bot=self)
         tasks = [asyncio.create_task(a.start(), name=f"adapter:{a.name}") for a in self.adapters]
+        follower = asyncio.create_task(self.follow_registry(), name="registry")
         stopper = asyncio.create_task(self._stopping.wait())
         try:
             pending = set(tasks)
@@ -173,6 +177,7 @@ class Bot:
                         raise task.exception()
         finally:
             stopper.cancel()
+            follower.cancel()
             await self.close_adapters()
             for task in tasks:
                 task.cancel()
@@ -181,6 +186,26 @@ class Bot:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    async def follow_registry(self) -> None:
+        """Serve what registry.json says, within seconds of a change made by any process (runs until cancelled).
+
+        The new engine loads off the event loop and is swapped in whole: requests already running
+        finish on the old one, none is dropped."""
+        watch = self.registry_watch
+        while True:
+            await asyncio.sleep(self.registry_poll_s)
+            if not await asyncio.to_thread(watch.changed):
+                continue
+            try:
+                engine = await asyncio.to_thread(watch.engine_if_needed, self.generator.engine)
+            except Exception as exc:  # a bad checkpoint or config: keep serving what serves
+                log.error("the registry changed but its model failed to load; still serving %s: %s",
+                          self.generator.engine.model_id, exc)
+                continue
+            if engine is not None:
+                self.generator.swap(engine)
+                log.info("now serving %s (registry.json changed)", engine.model_id)
 
     async def close_adapters(self) -> None:
         for adapter in self.adapters:

@@ -8,6 +8,10 @@
 5. the offline starter model (`chatcore.training.starter`, when ``model.starter``);
 6. otherwise `ModelNotFound`, saying what is missing and how to fix it.
 
+A running bot follows the registry (`RegistryWatch`): a promotion or rollback
+made by another process (``chatcore model rollback``, ``chatcore finetune``)
+serves within seconds, loaded fully before it is swapped in.
+
 Steps 2-6 are "the base": what serves when nothing is promoted, and what a
 fine-tune starts from (`base_checkpoint` names it without loading it).
 
@@ -36,7 +40,7 @@ from . import hf
 from .checkpoint import CheckpointError, ColumnMajor
 from .engine import Engine, decode_column_major, pick_device, pick_dtype
 from .model import GPT
-from .registry import serving_checkpoint
+from .registry import Registry, RegistryError, serving_checkpoint
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("chatcore")
@@ -159,6 +163,45 @@ def base_checkpoint(config: Any) -> str | None:
         path = starter_path(config)
         return str(path) if path.is_file() else None
     return None
+
+
+class RegistryWatch:
+    """Notices changes to registry.json and says which engine should serve now."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.path = models_dir(config) / "registry.json"
+        self.seen = self._stamp()
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def changed(self) -> bool:
+        """Whether registry.json changed since the last call (or since the bot started)."""
+        stamp = self._stamp()
+        if stamp == self.seen:
+            return False
+        self.seen = stamp
+        return True
+
+    def engine_if_needed(self, current: Any) -> Engine | None:
+        """A fully loaded engine for what the registry says serves now; None when that already serves
+        (or the registry is unreadable: the current model keeps serving)."""
+        try:
+            promoted = Registry(models_dir(self.config)).current()
+        except RegistryError as exc:
+            log.error("%s; still serving %s", exc, getattr(current, "model_id", "the current model"))
+            return None
+        want = str(promoted) if promoted is not None and promoted.is_file() else base_checkpoint(self.config)
+        serving = (getattr(current, "meta", None) or {}).get("source")
+        if want is not None and serving is not None and Path(want).resolve() == Path(serving).resolve():
+            return None
+        engine = load_engine(self.config, getattr(current, "tokenizer", None))
+        return None if engine.meta.get("source") == serving else engine
 
 
 def starter_for(config: Any) -> Starter | None:
