@@ -226,8 +226,8 @@ def engine_for(bot: Any, checkpoint: Path) -> Any:
     return weights.engine_for(bot.config, checkpoint, getattr(bot.engine, "tokenizer", None))
 
 
-async def _fire(bot: Any, hook: str, **kwargs: Any) -> None:
-    await call_hook(bot.pm, hook, **kwargs)
+async def _fire(owner: Any, hook: str, **kwargs: Any) -> None:
+    await call_hook(owner.pm, hook, **kwargs)
 
 
 # --- /finetune -----------------------------------------------------------------------
