@@ -91,3 +91,18 @@ def test_history_stats_does_not_import_torch(tmp_path):
     Store(tmp_path / "history.db").close()
     assert "torch" not in _run_cli("history", "stats", "-c", str(config))
     assert "exchanges" in _modules_after.printed  # the command really ran
+
+
+def test_the_architecture_doc_says_how_built_ins_really_register():
+    import tomllib
+
+    from chatcore.plugin_manager import DEFAULT_PLUGINS
+
+    doc = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    entry_points = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"].get(
+        "entry-points", {}).get("chatcore", {})
+    assert not set(DEFAULT_PLUGINS) & set(entry_points)  # built-ins are listed in code, not entry points
+    assert "`DEFAULT_PLUGINS`" in doc and "they are not entry points" in doc
+    assert "registered through the entry-point group\n`chatcore` in `pyproject.toml`, exactly like third-party" not in doc
+    for module in DEFAULT_PLUGINS.values():  # the doc names every built-in's folder
+        assert module.split(".")[1] + "/" in doc
