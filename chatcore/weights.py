@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,8 +64,6 @@ def load_engine(config: Any, tokenizer: Tokenizer | None = None) -> Engine:
             return engine_for(config, promoted, tokenizer)
         except CheckpointError as exc:  # a damaged fine-tune never stops the bot from serving
             log.warning("promoted checkpoint %s is unusable (%s); serving the base model", promoted, exc)
-            print(f"chatcore: the promoted fine-tune {promoted.name} is unusable ({exc}); "
-                  "serving the base model instead", file=sys.stderr, flush=True)
     return build_engine(config["model"], starter_for(config), tokenizer)
 
 
