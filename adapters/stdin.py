@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from chatcore import Message, hookimpl
-from chatcore.adapter import Adapter
+from chatcore.adapter import Adapter, BotSurface
 from chatcore.config import Field
 
 
@@ -25,9 +25,10 @@ class StdinAdapter(Adapter):
         "user": Field(str, None, help="Your user id in the history (default: your login name)."),
         "operator_is_admin": Field(bool, True, help="Whoever types here may run admin commands."),
         "stream": Field(bool, True, help="Print replies token by token when interactive."),
+        "exports_dir": Field(str, ".", help="Where files a reply carries (/mydata) are written."),
     }
 
-    def __init__(self, bot: Any, config: dict[str, Any], *, stdin: IO[bytes] | None = None,
+    def __init__(self, bot: BotSurface, config: dict[str, Any], *, stdin: IO[bytes] | None = None,
                  stdout: IO[str] | None = None) -> None:
         super().__init__(bot, config)
         self.stdin = stdin if stdin is not None else sys.stdin.buffer
@@ -85,8 +86,8 @@ class StdinAdapter(Adapter):
             self._write(text_out + "\n")
 
     def _save(self, file: Any) -> Path:
-        """A terminal cannot take an attachment: the file goes under <data_dir>/exports/."""
-        folder = self.bot.config.data_dir / "exports"
+        """A terminal cannot take an attachment: the file goes into `exports_dir`."""
+        folder = Path(self.config.get("exports_dir") or ".").expanduser()
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / Path(file.name).name
         path.write_bytes(file.data)

@@ -12,14 +12,11 @@ a fine-tune from the base without them replaces it.
 
 from __future__ import annotations
 
-import argparse
-import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-# Fine-tunes this loop writes (chatcore.training.gate.CANDIDATE_PREFIX; not imported: the CLI stays torch-free).
-CANDIDATE_PREFIX = "finetuned_"
+from .registry import CANDIDATE_PREFIX, Registry
 
 
 def lineage_of(checkpoint: Path) -> dict[str, Any] | None:
@@ -53,8 +50,6 @@ def flagged(lineage: dict[str, Any], created_at: float, excluded: dict[str, floa
 def report(models_dir: str | Path, excluded: dict[str, float],
            forgotten: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """One row per model: the serving one first, then every kept checkpoint, newest first."""
-    from .training.gate import Registry
-
     models_dir = Path(models_dir)
     serving = Registry(models_dir).current()
     on_disk = sorted(models_dir.glob(f"{CANDIDATE_PREFIX}*.safetensors"), reverse=True)
@@ -111,28 +106,3 @@ def format_report(rows: list[dict[str, Any]]) -> str:
                 if gone else "clean")
         lines.append(f"{head}  {body}  {flag}")
     return "\n".join(lines)
-
-
-def add_command(msub: Any, config_arg: Any) -> None:
-    """``chatcore model lineage`` under the ``model`` command group."""
-    p = msub.add_parser("lineage", help="which models contain data of users since forgotten",
-                        description="For the serving model and each kept checkpoint: the exchanges and users it "
-                                    "was trained on, and whether any of them has since been forgotten or opted out.")
-    config_arg(p)
-    p.add_argument("--json", action="store_true", help="print the rows as JSON")
-    p.set_defaults(run=cmd_lineage)
-
-
-def cmd_lineage(args: argparse.Namespace) -> int:
-    from .cli import load
-    from .store import Store
-
-    _, config = load(args.config)
-    with Store(config.store_path, read_only=config.store_path.exists()) as store:
-        excluded, forgotten = store.excluded_users(), store.forgotten()
-    rows = report(Path(config.data_dir) / "models", excluded, forgotten)
-    print(json.dumps(rows, indent=2) if args.json else format_report(rows))
-    if not args.json and any(r["forgotten_users"] for r in rows):
-        print("\nA fine-tune from the base model without them replaces these "
-              "(plugins.auto_finetune.on_forget; or run `chatcore finetune`).")
-    return 0

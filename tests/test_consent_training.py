@@ -17,8 +17,10 @@ from chatcore.model import GPT, GPTConfig
 from chatcore.store import Store
 from chatcore.testing import make_bot
 from chatcore.tokenizer import Tokenizer
-from chatcore.training.data import Exchange, GuardConfig, apply_guards, build_dataset
-from chatcore.training.gate import DEFAULT_CANARIES, GateConfig, judge
+from chatcore.training.data import TrainingExchange as Exchange, apply_guards, build_dataset
+from chatcore.training.options import GuardConfig
+from chatcore.training.gate import DEFAULT_CANARIES, judge
+from chatcore.training.options import GateConfig
 from chatcore.training.job import JobSpec, canary_data, run_job
 from chatcore.training.train import TrainConfig, train
 

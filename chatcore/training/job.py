@@ -69,11 +69,10 @@ def spec_from_config(config: Any, base: str, serving: str | None = None, **overr
 
 def load_model(spec: str):
     """Weights for a checkpoint path or a Hugging Face hub name (cache only: a job never downloads)."""
-    from ..checkpoint import load
-    from ..hf import load_hf
+    from ..hf import load_any, load_hf
 
     if Path(spec).expanduser().exists():
-        return load(Path(spec).expanduser())
+        return load_any(Path(spec).expanduser())
     return load_hf(spec, local_files_only=True)
 
 
@@ -91,7 +90,8 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
     from ..checkpoint import save
     from ..tokenizer import Tokenizer
     from .data import GuardConfig, build_dataset, from_store, load_jsonl
-    from .gate import GateConfig, Registry, judge
+    from ..registry import Registry
+    from .gate import GateConfig, judge
     from .train import TrainConfig, set_threads, train
 
     t0 = time.time()
@@ -186,13 +186,14 @@ def inherit_lineage(lineage: dict[str, Any], base_meta: dict[str, Any]) -> dict[
 
 def canary_data(path: str | None, tok):
     """The canary prompts as reply-token data: the operator's JSONL file, else the built-in set."""
-    from .data import Exchange, load_jsonl, tokenize
+    from .data import TrainingExchange, load_jsonl, tokenize
     from .gate import DEFAULT_CANARIES
 
     if path:
         rows, _ = load_jsonl(Path(path).expanduser())
     else:
-        rows = [Exchange(user=u, assistant=a, conversation=f"canary:{i}") for i, (u, a) in enumerate(DEFAULT_CANARIES)]
+        rows = [TrainingExchange(user=u, assistant=a, conversation=f"canary:{i}")
+                for i, (u, a) in enumerate(DEFAULT_CANARIES)]
     return tokenize(rows, tok) if rows else None
 
 

@@ -171,7 +171,7 @@ async def test_http_trains_on_api_key_requests_only_and_returns_mydata_as_json(h
 async def test_stdin_writes_mydata_to_a_file_and_trains_by_default(tmp_path):
     from chatcore.adapters.stdin import StdinAdapter
 
-    bot = build_bot(tmp_path, "stdin", {"user": "op"})
+    bot = build_bot(tmp_path, "stdin", {"user": "op", "exports_dir": str(tmp_path / "exports")})
     out = io.StringIO()
     adapter = StdinAdapter(bot, bot.config["adapters"]["stdin"], stdin=io.BytesIO(b"hello\n/mydata\n"), stdout=out)
     try:
