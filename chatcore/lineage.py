@@ -74,7 +74,7 @@ def report(models_dir: str | Path, excluded: dict[str, float],
 
 def contains_any(checkpoint: Path | None, users: set[str]) -> bool:
     """Whether `checkpoint` (None: the base) holds data of any of `users`; unknown lineage counts as yes."""
-    if checkpoint is None or not Path(checkpoint).name.startswith(CANDIDATE_PREFIX):
+    if not users or checkpoint is None or not Path(checkpoint).name.startswith(CANDIDATE_PREFIX):
         return False
     lin = lineage_of(Path(checkpoint))
     return lin is None or bool(users & set(lin.get("users", [])))
