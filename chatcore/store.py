@@ -358,9 +358,9 @@ class Store:
             if st is not None and _identity(st) == identity:
                 continue
             what = "was deleted" if st is None else "was replaced by another file"
-            self._lost = (f"history database file {path} {what} while in use: writes since then are "
-                          "not stored anywhere a restart would find; refusing to store more. "
-                          "Restart the bot (restore the file from a backup first if it was not meant to go)")
+            self._lost = (f"history database file {path} {what} while in use: a write now could be lost or "
+                          "land in the wrong file, so nothing more is stored. Stop the bot, put the files "
+                          "back as they should be (history.db with its -wal and -shm), and restart it")
             log.critical("%s", self._lost)
             raise StoreError(self._lost)
 
@@ -392,6 +392,7 @@ class Store:
     def _write(self):
         """One write transaction; taken IMMEDIATE so a busy database waits up front, not mid-way."""
         with self._translated() as db:
+            self._check_files()  # before: no write lands in a file that replaced ours (our WAL would overlay it)
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
