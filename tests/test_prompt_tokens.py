@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
+from chatcore.message import Message
 from chatcore.prompt import build_prompt, render_exchange
 from chatcore.testing import ScriptedEngine, make_bot
 from chatcore.tokenizer import Tokenizer
@@ -32,8 +35,8 @@ def test_prompt_fits_the_budget_exactly_and_keeps_all_that_fits(count, budget):
         assert count(render_exchange(*HISTORY[-kept - 1]) + prompt.text) > budget
 
 
-def test_the_issues_example_fits(count):
-    assert count(build_prompt("what now?", HISTORY, count, budget=200).text) <= 200
+def test_a_budget_the_old_count_overran_fits(count):
+    assert count(build_prompt("what now?", HISTORY, count, budget=108).text) <= 108  # was 113
 
 
 class TiktokenEngine(ScriptedEngine):
@@ -44,14 +47,11 @@ class TiktokenEngine(ScriptedEngine):
         self.count_tokens = Tokenizer().count
 
 
-def test_prompts_through_the_bot_fit_the_engine(tmp_path, count):
-    engine = TiktokenEngine(["fine."] , block_size=128)
-    bot = make_bot(tmp_path, engine=engine, config={"generation": {"max_new_tokens": 20}})
+@pytest.mark.parametrize("max_new_tokens", [14, 20, 27, 33])
+def test_prompts_through_the_bot_fit_the_engine(tmp_path, count, max_new_tokens):
+    engine = TiktokenEngine(["item 3 is a fine thing."], block_size=128)
+    bot = make_bot(tmp_path, engine=engine, config={"generation": {"max_new_tokens": max_new_tokens}})
     try:
-        import asyncio
-
-        from chatcore.message import Message
-
         async def chat():
             for i in range(30):
                 await bot.handle(Message(text=f"tell me about item {i}, please", adapter="test",
@@ -60,6 +60,6 @@ def test_prompts_through_the_bot_fit_the_engine(tmp_path, count):
         asyncio.run(chat())
     finally:
         asyncio.run(bot.close())
-    budget = 128 - 20
+    budget = 128 - max_new_tokens
     assert max(count(p) for p in engine.prompts) <= budget
     assert max(count(p) for p in engine.prompts) > budget - 25  # the history was used, not dropped
