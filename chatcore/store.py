@@ -248,6 +248,8 @@ class Store:
         self._files: dict[str, tuple[int, int]] = {}  # path -> (st_dev, st_ino) of the files opened
         self._lost: str | None = None  # why the store refuses every call, once its file is gone
         self._thread: ThreadPoolExecutor | None = None  # the thread `run` calls the store on
+        # Guards `_thread` only: `_lock` may be held for seconds by a call waiting on a busy database.
+        self._thread_lock = threading.Lock()
         memory = self.path == ":memory:"
         if not memory:
             self.path = str(Path(path).expanduser())
@@ -406,7 +408,7 @@ class Store:
 
     async def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """`fn(*args, **kwargs)` (a method of this store) on the store's own thread: the event loop never waits on SQLite."""
-        with self._lock:
+        with self._thread_lock:
             if self._thread is None:
                 # One thread: calls keep their order, and a long wait on a lock ties up no shared pool.
                 self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatcore-store")
@@ -419,6 +421,7 @@ class Store:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+        with self._thread_lock:
             if self._thread is not None:
                 self._thread.shutdown(wait=False)  # close may run on that very thread
                 self._thread = None
