@@ -256,9 +256,10 @@ def _validate(node: yaml.Node, schema: Schema, prefix: str, file: str | None,
             raise ConfigError("unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else ""),
                               key=prefix + key, file=file, line=_line(key_node))
         given[key] = value_node
-    # A section that can be switched off (adapters) needs its required values only when on.
+    # A section that can be switched off (adapters) needs its required values only when on
+    # (`enabled: ${DISCORD_ON}` counts as on when the variable says so).
     enforce = not isinstance(schema.get("enabled"), Field) or (
-        "enabled" in given and _construct(given["enabled"]) is True)
+        "enabled" in given and _value(given["enabled"], schema["enabled"], prefix + "enabled", file, environ)[0] is True)
     out: dict[str, Any] = {}
     for key, spec in schema.items():
         path = prefix + key
@@ -281,15 +282,21 @@ def _validate(node: yaml.Node, schema: Schema, prefix: str, file: str | None,
                                   line=_line(node) if node.value else None)
             out[key] = _copy(spec.default)
             continue
-        value = _construct(value_node)
-        variables: list[str] = []
-        value = _substitute(value, path, file, _line(value_node), environ, variables)
-        if variables:
+        value, from_env = _value(value_node, spec, path, file, environ)
+        if from_env:
             secrets.add(path)  # whatever the key, a value from the environment is never printed
-            value = _from_environment(value, spec, path, file, _line(value_node), variables)
-        _check(value, spec, path, file, _line(value_node), enforce, shown=not variables)
+        _check(value, spec, path, file, _line(value_node), enforce, shown=not from_env)
         out[key] = value
     return out
+
+
+def _value(node: yaml.Node, spec: Field, path: str, file: str | None, environ: Mapping[str, str]) -> tuple[Any, bool]:
+    """The node's value with ``${VAR}`` substituted and converted to the key's type; and whether it used any."""
+    variables: list[str] = []
+    value = _substitute(_construct(node), path, file, _line(node), environ, variables)
+    if variables:
+        value = _from_environment(value, spec, path, file, _line(node), variables)
+    return value, bool(variables)
 
 
 def _defaults(schema: Schema, prefix: str, file: str | None, secrets: set[str], line: int | None) -> dict[str, Any]:

@@ -79,3 +79,15 @@ def test_config_check_does_not_print_env_values(tmp_path, monkeypatch, capsys):
     assert main(["config", "check", str(write(tmp_path, "bot:\n  history_turns: ${MY_TOKEN}\n"))]) == 2
     out = capsys.readouterr()
     assert SECRET not in out.out + out.err
+
+
+def test_a_section_switched_on_from_the_environment_needs_its_required_values(tmp_path):
+    from chatcore.config import Field
+
+    schema = full_schema(sections={"plugins.vault": {"enabled": Field(bool, False),
+                                                     "token": Field(str, required=True, secret=True)}})
+    path = write(tmp_path, "plugins:\n  vault:\n    enabled: ${VAULT_ON}\n")
+    assert load_config(path, schema, environ={"VAULT_ON": "no"}).get("plugins.vault.enabled") is False
+    with pytest.raises(ConfigError, match="required value is missing") as err:
+        load_config(path, schema, environ={"VAULT_ON": "yes"})
+    assert err.value.key == "plugins.vault.token"
