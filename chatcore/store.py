@@ -24,11 +24,12 @@ process (an import, the trainer, an sqlite3 shell) delays the exchange, up to
 event loop. Failures of SQLite itself (locked past that bound, read-only, not a
 database, disk full) surface as `StoreError` with a clear message.
 
-Every write checks, once committed, that the database file (and its ``-wal`` and
-``-shm`` files) at the path is still the one that was opened: a file deleted or
-replaced while the bot runs would swallow every later write unseen. The store
-then refuses every call with `StoreError` and logs why; nothing is acknowledged
-as stored that a restart would not find.
+Every write checks, before it starts and once committed, that the database file
+(and its ``-wal`` and ``-shm`` files) at the path is still the one that was opened:
+a file deleted or replaced while the bot runs would swallow every later write
+unseen (or overlay a restored backup with our WAL). The store then refuses every
+call with `StoreError` and logs why at CRITICAL; nothing is acknowledged as stored
+that a restart would not find.
 """
 
 from __future__ import annotations
