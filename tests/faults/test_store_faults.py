@@ -247,6 +247,7 @@ def test_database_made_read_only_mid_run_keeps_what_it_acknowledged(tmp_path):
     assert outcome.max_lag < MAX_LOOP_LAG_S
 
 
+@pytest.mark.slow  # a chatcore CLI process importing 200k lines
 def test_import_beside_a_running_bot_fails_no_chat(tmp_path):
     bot = make_bot(tmp_path, engine=ScriptedEngine(["fine."]))
     path = Path(bot.store.path)
