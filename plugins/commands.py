@@ -105,15 +105,15 @@ def help_(bot, message, args):
     return "Commands:\n" + "\n".join(lines)
 
 
-def reset(bot, message, args):
+async def reset(bot, message, args):
     """Start a new conversation: I forget the earlier turns of this one."""
-    bot.store.reset_conversation(message)
+    await bot.store.run(bot.store.reset_conversation, message)
     return "OK, starting a new conversation."
 
 
 async def forget(bot, message, args):
     """Delete everything I stored from you, and never train on your messages."""
-    deleted = bot.store.forget_user(message.user_key)
+    deleted = await bot.store.run(bot.store.forget_user, message.user_key)
     extra = []
     for result in bot.pm.hook.user_forgotten(bot=bot, user_key=message.user_key, deleted=deleted):
         note = await await_me_maybe(result)
@@ -122,13 +122,14 @@ async def forget(bot, message, args):
     return " ".join([f"Done: I deleted {deleted} stored message(s) of yours and won't learn from you.", *extra])
 
 
-def status(bot, message, args):
+async def status(bot, message, args):
     """Show which model is serving and what I have learned so far."""
-    stats = bot.store.stats()
+    stats = await bot.store.run(bot.store.stats)
     days = bot.config.get("history.retention_days")
     kept = f"I keep history for {days:g} days." if days else "I keep history until you /forget it."
     return (f"{bot.name} on model {bot.engine.model_id}: {stats['exchanges']} exchanges stored, "
-            f"{stats['since_finetune']} new since the last fine-tune. {kept} {describe(bot, message)}")
+            f"{stats['since_finetune']} new since the last fine-tune. {kept} "
+            f"{await bot.store.run(describe, bot, message)}")
 
 
 async def good(bot, message, args):
@@ -142,7 +143,7 @@ async def bad(bot, message, args):
 
 
 async def _rate_last(bot, message, value: int) -> str:
-    exchange = bot.store.last_exchange(message)
+    exchange = await bot.store.run(bot.store.last_exchange, message)
     if exchange is None:
         return "There is no reply of mine in this conversation to rate yet."
     await bot.rate(exchange, message.user_key, value)

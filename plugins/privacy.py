@@ -33,28 +33,30 @@ def register_commands(register):
     register("mydata", mydata)
 
 
-def learn(bot, message, args):
+async def learn(bot, message, args):
     """Whether I may learn from your messages: /learn on, /learn off, or /learn to see."""
     arg = args.strip().lower()
+    store = bot.store
     if arg in ("on", "yes"):
-        bot.store.set_consent(message.user_key, "yes")
-        return f"OK: from now on I may learn from your messages where training is on. {describe(bot, message)}"
+        await store.run(store.set_consent, message.user_key, "yes")
+        return ("OK: from now on I may learn from your messages where training is on. "
+                + await store.run(describe, bot, message))
     if arg in ("off", "no"):
-        bot.store.set_consent(message.user_key, "no")
+        await store.run(store.set_consent, message.user_key, "no")
         return ("OK: I won't learn from your messages, including the ones you already sent. "
                 "/forget also deletes them.")
     if arg:
         return "Usage: /learn [on|off]"
     state = {"yes": "you said yes", "no": "you said no", "unset": "you have not said"}[
-        bot.store.consent_state(message.user_key)]
-    return f"Learning from you: {state}. {describe(bot, message)}"
+        await store.run(store.consent_state, message.user_key)]
+    return f"Learning from you: {state}. {await store.run(describe, bot, message)}"
 
 
-def mydata(bot, message, args):
+async def mydata(bot, message, args):
     """Get a file of everything I stored about you (in a direct message)."""
     if not message.is_direct:
         return "Ask me in a direct message: I only send your data there, never in a shared channel."
-    data = bot.store.user_data(message.user_key)
+    data = await bot.store.run(bot.store.user_data, message.user_key)
     body = json.dumps(data, indent=2, ensure_ascii=False).encode("utf-8")
     name = f"mydata-{message.adapter}-{_safe(message.user)}.json"
     text = (f"Here is everything I stored about you: {len(data['exchanges'])} exchange(s), "
@@ -90,13 +92,13 @@ async def startup(bot):
     days = bot.config.get("history.retention_days")
     if not days:
         return
-    await asyncio.to_thread(run_retention, bot.store, days)
+    await bot.store.run(run_retention, bot.store, days)
 
     async def daily() -> None:
         while True:
             await asyncio.sleep(RETENTION_INTERVAL_S)
             try:
-                await asyncio.to_thread(run_retention, bot.store, days)
+                await bot.store.run(run_retention, bot.store, days)
             except Exception:  # a locked database one day is retried the next
                 log.exception("retention run failed")
 

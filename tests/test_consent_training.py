@@ -203,7 +203,7 @@ async def test_retention_deletes_old_exchanges_at_startup_and_status_says_so(tmp
             await privacy.startup(bot)
         assert [e.user_text for e in bot.store.exchanges()] == ["recent"]
         assert "deleted 1 exchange(s) and 1 conversation(s)" in caplog.text
-        assert "I keep history for 30 days" in status(bot, Message("/status", "stdin", "t", "op"), "")
+        assert "I keep history for 30 days" in await status(bot, Message("/status", "stdin", "t", "op"), "")
     finally:
         privacy.shutdown(bot)
         await bot.close()
