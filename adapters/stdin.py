@@ -16,6 +16,8 @@ from typing import IO, Any
 from chatcore import Message, hookimpl
 from chatcore.adapter import Adapter
 from chatcore.config import Field
+from chatcore.message import RateLimited
+from chatcore.serving import BUSY_REPLY, Busy
 
 
 class StdinAdapter(Adapter):
@@ -74,7 +76,15 @@ class StdinAdapter(Adapter):
             started = True
             self._write(delta)
 
-        reply = await self.bot.handle(message, on_delta=on_delta if streaming else None)
+        try:
+            reply = await self.bot.handle(message, on_delta=on_delta if streaming else None)
+        except Busy:
+            self._write(("\n" if started else "") + BUSY_REPLY + "\n")
+            return
+        except RateLimited as refused:
+            if refused.notice:
+                self._write(refused.notice + "\n")
+            return
         text_out = reply.text if reply else ""
         if streaming and started and reply is not None and reply.from_model:
             self._write("\n")  # already streamed (a rewrite by a plugin shows in the history, not twice here)

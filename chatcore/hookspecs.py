@@ -21,7 +21,8 @@ def register_adapters(register):
 
 @hookspec
 def register_commands(register):
-    """Register slash commands: ``register(name, handler, admin=False)``; help comes from the docstring."""
+    """Register slash commands: ``register(name, handler, admin=False, anonymous=False)``; help comes from the
+    docstring. Only ``anonymous=True`` commands run for a sender without an identity (they touch no one's data)."""
 
 
 @hookspec
@@ -63,7 +64,7 @@ def exchange_logged(bot, exchange):
 
 @hookspec
 def feedback_received(bot, exchange, user, value):
-    """A user rated a reply: ``value`` is +1 (good) or -1 (bad)."""
+    """A user rated a reply: ``value`` is +1 (good), -1 (bad), or 0 (they withdrew their vote)."""
 
 
 @hookspec
