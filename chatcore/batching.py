@@ -140,6 +140,8 @@ class Scheduler:
                 raise RuntimeError("this scheduler is closed")
             if len(self._waiting) >= self.max_queue and not (self._free and not self._waiting):
                 raise Busy(f"{len(self._waiting)} requests are already waiting; try again shortly")
+            if not self._running and not self._waiting:
+                self.heartbeat = time.monotonic()  # it was idle: no progress was owed before now
             self._waiting.append(request)
             self._cond.notify()
         return request
@@ -202,7 +204,6 @@ class Scheduler:
                 self._waiting.clear()
             for r in orphans:
                 _send(r, exc if isinstance(exc, Exception) else RuntimeError("the batch worker died"))
-            raise
         finally:
             self._stopped = True
 
