@@ -183,7 +183,7 @@ class SlackAdapter(Adapter):
         if event.get("bot_id") or event.get("subtype") not in ANSWERED_SUBTYPES:
             return None
         user = event.get("user")
-        if not user or user == self.bot_user_id:
+        if not user or user == self.bot_user_id or not event.get("channel") or not event.get("ts"):
             return None
         channel = event["channel"]
         is_dm = event.get("channel_type") == "im" or channel.startswith("D")
@@ -251,7 +251,8 @@ class SlackAdapter(Adapter):
 
     async def _on_reaction(self, body: dict[str, Any], event: dict[str, Any]) -> None:
         item = event.get("item") or {}
-        if item.get("type") != "message" or event.get("user") == self.bot_user_id:
+        if item.get("type") != "message" or not item.get("channel") or not item.get("ts") \
+                or not event.get("user") or event.get("user") == self.bot_user_id:
             return
         if event.get("item_user") and event["item_user"] != self.bot_user_id:
             return
