@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import aiohttp
@@ -248,3 +249,36 @@ async def test_feedback_needs_the_user_who_chatted(http_bot):
     status, _, _ = await send(f"{url}/feedback", {"id": result.id, "value": 1, "user": "ann"})
     assert status == 200
     await eventually(lambda: bot.store.find_by_platform_message_id("http", result.id).feedback == 1)
+
+
+async def test_a_huge_seed_never_reaches_the_real_batch_worker(tmp_path):
+    """The reported crash: the real model behind continuous batching, seed 2**64, then more requests."""
+    import torch
+
+    from chatcore.engine import Engine
+    from chatcore.model import GPT, GPTConfig
+    from chatcore.testing import make_bot
+    from chatcore.tokenizer import Tokenizer
+
+    from .conftest import Running
+
+    torch.manual_seed(0)
+    engine = Engine(GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)), Tokenizer(),
+                    model_id="tiny", device="cpu", dtype="float32")
+    bot = make_bot(tmp_path, engine=engine, config={
+        "adapters": {"http": {"enabled": True, "host": "127.0.0.1", "port": 0, "max_tokens": 8}},
+        "generation": {"max_new_tokens": 8}})
+    adapter = bot.enabled_adapters(["http"])[0]
+    running = Running()
+    await running.start(bot, adapter, adapter.ready.wait)
+    try:
+        url = f"http://127.0.0.1:{adapter.port}"
+        async with client(url) as api:
+            with pytest.raises(openai.BadRequestError):
+                await api.chat.completions.create(model="x", messages=USER_MESSAGE, seed=18446744073709551616)
+            results = await asyncio.gather(*(api.chat.completions.create(
+                model="x", messages=USER_MESSAGE, seed=i, user=f"u{i}") for i in range(3)))
+        assert all(r.choices[0].finish_reason in ("stop", "length") for r in results)
+        assert type(bot.generator.backend).__name__ == "Scheduler" and bot.health()["status"] == "ok"
+    finally:
+        await running.stop_all()
