@@ -21,8 +21,7 @@ def register_adapters(register):
 
 @hookspec
 def register_commands(register):
-    """Register slash commands: ``register(name, handler, admin=False, anonymous=False)``; help comes from the
-    docstring. Only ``anonymous=True`` commands run for a sender without an identity (they touch no one's data)."""
+    """Register slash commands: ``register(name, handler, admin=False, anonymous=False)``; help from the docstring."""
 
 
 @hookspec
