@@ -55,11 +55,10 @@ from typing import Any
 from aiohttp import web
 
 from chatcore import hookimpl
-from chatcore.adapter import Adapter
+from chatcore.adapter import Adapter, BotSurface
 from chatcore.config import Field
-from chatcore.message import Message, RateLimited
-from chatcore.sampling import SEED_MAX, SEED_MIN, SamplingParams, validate
-from chatcore.serving import Busy
+from chatcore.message import Busy, Message, RateLimited
+from chatcore.params import SEED_MAX, SEED_MIN, SamplingParams, validate
 
 log = logging.getLogger("chatcore.http")
 
@@ -100,7 +99,7 @@ class HttpAdapter(Adapter):
                                                 "from a browser; other cross-site requests are refused (403)."),
     }
 
-    def __init__(self, bot: Any, config: dict[str, Any]) -> None:
+    def __init__(self, bot: BotSurface, config: dict[str, Any]) -> None:
         super().__init__(bot, config)
         self.api_key = config.get("api_key") or None
         self.max_tokens_limit = int(config.get("max_tokens", 512))
@@ -296,11 +295,10 @@ class HttpAdapter(Adapter):
         if not isinstance(completion_id, str) or len(completion_id) > 256 or not _is_int(value) or value not in (1, -1):
             raise ApiError(400, '"id" must be a completion id and "value" 1 or -1')
         user = _optional_str(body, "user")
-        if self.bot.store.find_by_platform_message_id(self.name, completion_id) is None:
-            raise ApiError(404, f"no reply with id {completion_id!r}", param="id")
         if user is None:  # a vote is someone's: anonymous ones would overwrite each other
             raise ApiError(400, 'rating a reply needs the "user" you chatted as', param="user")
-        await self.bot.feedback(self.name, completion_id, user, value)
+        if not await self.bot.feedback(self.name, completion_id, user, value):
+            raise ApiError(404, f"no reply with id {completion_id!r}", param="id")
         return web.json_response({"ok": True})
 
     # --- translation ----------------------------------------------------------------------

@@ -279,6 +279,6 @@ async def test_a_huge_seed_never_reaches_the_real_batch_worker(tmp_path):
             results = await asyncio.gather(*(api.chat.completions.create(
                 model="x", messages=USER_MESSAGE, seed=i, user=f"u{i}") for i in range(3)))
         assert all(r.choices[0].finish_reason in ("stop", "length") for r in results)
-        assert type(bot.generator.backend).__name__ == "Scheduler" and bot.health()["status"] == "ok"
+        assert type(bot.generator.backend).__name__ == "BatchScheduler" and bot.health()["status"] == "ok"
     finally:
         await running.stop_all()

@@ -7,7 +7,7 @@ import io
 import threading
 
 from chatcore.adapters.stdin import StdinAdapter
-from chatcore.serving import BUSY_REPLY
+from chatcore.message import BUSY_REPLY
 from chatcore.testing import ScriptedEngine, make_bot
 
 

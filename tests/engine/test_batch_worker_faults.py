@@ -8,11 +8,11 @@ import threading
 import pytest
 import torch
 
-from chatcore import batching, serving
-from chatcore.batching import DONE, Scheduler
+from chatcore import batching, reply_text, serving
+from chatcore.batching import DONE, BatchScheduler
 from chatcore.engine import Engine
 from chatcore.model import GPT, GPTConfig
-from chatcore.sampling import SamplingParams, validate
+from chatcore.params import SamplingParams, validate
 from chatcore.serving import Generator
 from chatcore.testing import ScriptedEngine
 from chatcore.tokenizer import Tokenizer
@@ -54,7 +54,7 @@ def test_out_of_range_seeds_are_refused_before_they_reach_the_worker(seed):
 def test_a_seed_torch_refuses_fails_only_its_request(engine, monkeypatch):
     # as if validation had let it through: the worker must still survive
     monkeypatch.setattr(batching, "validate", lambda params: params)
-    scheduler = Scheduler(engine, max_batch=2)
+    scheduler = BatchScheduler(engine, max_batch=2)
     try:
         bad, good = Sink(), Sink()
         scheduler.submit("Human: bad seed\nAssistant:", PARAMS.updated(temperature=0.8, seed=2**64), bad)
@@ -70,7 +70,7 @@ def test_a_seed_torch_refuses_fails_only_its_request(engine, monkeypatch):
 
 def test_failures_inside_one_request_fail_only_that_request(engine, monkeypatch):
     """Inject a failure at admission (prompt) and while decoding (text) for one request; others complete."""
-    real_encode, real_push = engine.tokenizer.encode, batching._ReplyText.push
+    real_encode, real_push = engine.tokenizer.encode, reply_text.ReplyText.push
 
     def encode(text, *args, **kwargs):
         if "EXPLODE-AT-START" in text:
@@ -83,15 +83,15 @@ def test_failures_inside_one_request_fail_only_that_request(engine, monkeypatch)
         return real_push(self, token)
 
     monkeypatch.setattr(engine.tokenizer, "encode", encode)
-    monkeypatch.setattr(batching._ReplyText, "push", push)
-    real_start = Scheduler._start
+    monkeypatch.setattr(reply_text.ReplyText, "push", push)
+    real_start = BatchScheduler._start
 
     def start(self, r):
         real_start(self, r)
         r.text.poisoned = "EXPLODE-WHILE-DECODING" in r.prompt
 
-    monkeypatch.setattr(Scheduler, "_start", start)
-    scheduler = Scheduler(engine, max_batch=3)
+    monkeypatch.setattr(BatchScheduler, "_start", start)
+    scheduler = BatchScheduler(engine, max_batch=3)
     try:
         sinks = {p: Sink() for p in ["Human: one\nAssistant:", "Human: EXPLODE-AT-START\nAssistant:",
                                      "Human: two\nAssistant:", "Human: EXPLODE-WHILE-DECODING\nAssistant:",
@@ -108,14 +108,14 @@ def test_failures_inside_one_request_fail_only_that_request(engine, monkeypatch)
 
 
 def test_a_dead_worker_fails_waiting_requests_and_reports_itself(engine, monkeypatch):
-    scheduler = Scheduler(engine, max_batch=1)
+    scheduler = BatchScheduler(engine, max_batch=1)
     try:
         assert scheduler.health(60) is None
 
         def die(self):
             raise SystemExit("injected: the worker thread dies")
 
-        monkeypatch.setattr(Scheduler, "_step", die)
+        monkeypatch.setattr(BatchScheduler, "_step", die)
         sink = Sink()
         scheduler.submit("Human: hi\nAssistant:", PARAMS, sink)
         assert sink.wait().error is not None  # failed, not left hanging
