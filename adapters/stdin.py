@@ -35,9 +35,10 @@ class StdinAdapter(Adapter):
         self.interactive = stdin is None and sys.stdin.isatty() and sys.stdout.isatty()
         self.user = config.get("user") or _login_name()
         self._stopped = asyncio.Event()
+        self._lines: asyncio.Queue[bytes | None] = asyncio.Queue()  # None: end of input (or stop)
 
     async def start(self) -> None:
-        lines: asyncio.Queue[bytes | None] = asyncio.Queue()
+        lines = self._lines
         loop = asyncio.get_running_loop()
 
         def read() -> None:  # a daemon thread, so Ctrl-C never waits for a blocked readline
@@ -96,6 +97,7 @@ class StdinAdapter(Adapter):
 
     async def stop(self) -> None:
         self._stopped.set()
+        self._lines.put_nowait(None)  # wake a start() waiting for input (SIGTERM while nobody types)
 
 
 def _login_name() -> str:
