@@ -13,8 +13,7 @@ the last ``user`` message is used. Which conversation it continues:
 ``http:<conversation>:<user>``, where ``user`` is the request's ``user`` field
 (OpenAI's end-user id) and ``conversation`` the ``X-Chatcore-Conversation``
 header (or, for /chat, the ``conversation`` field), ``default`` when absent.
-A request with neither a user nor a conversation is a one-off: it sees no
-earlier turns and later requests do not see it.
+A request without a user is a one-off (see below), whatever its conversation.
 
 Sampler settings from the request (temperature, top_p, max_tokens, stop, seed)
 apply to that request only; ``max_tokens`` may not exceed the configured
@@ -48,9 +47,9 @@ import logging
 import math
 import time
 import uuid
-from urllib.parse import urlsplit
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
