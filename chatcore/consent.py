@@ -5,8 +5,8 @@ A policy is ``off``, ``opt_in`` (only users who said ``/learn on``) or ``opt_out
 is set per adapter in ``adapters.NAME.training`` and may be narrowed per
 workspace (Discord guild, Slack team) and per channel: the most specific one
 wins (channel, then workspace, then adapter). A Slack thread ``C1/1700.1``
-follows channel ``C1``. Anonymous HTTP requests are always ``off``: anyone can
-claim any ``user`` there.
+follows channel ``C1``. Unauthenticated requests (HTTP without the API key,
+`Message.authenticated` false) are always ``off``: anyone can claim any ``user`` there.
 
 `decide` runs when an exchange is logged and its answer is stored with it
 (`chatcore.store`), so a later policy change never reaches back:
@@ -50,7 +50,7 @@ def _section(config: Any, adapter: str) -> dict[str, Any]:
 
 def policy_for(config: Any, message: Message) -> str:
     """The training policy in force for `message`: channel, then workspace, then adapter."""
-    if message.adapter == "http" and not is_authenticated(config, message):
+    if not is_authenticated(message):
         return "off"
     section = _section(config, message.adapter)
     prefix = f"adapters.{message.adapter}.training"
@@ -64,13 +64,9 @@ def policy_for(config: Any, message: Message) -> str:
     return normalise(section.get("policy", DEFAULT_TRAINING_POLICY.get(message.adapter, "off")), f"{prefix}.policy")
 
 
-def is_authenticated(config: Any, message: Message) -> bool:
-    """HTTP: whether the request proved who it is (the API key); other adapters' users are the platform's."""
-    if message.adapter != "http":
-        return True
-    if getattr(message, "authenticated", None) is False or getattr(message, "anonymous", False):
-        return False
-    return bool(config.get("adapters.http.api_key"))
+def is_authenticated(message: Message) -> bool:
+    """Whether someone vouches for the sender (the platform, or HTTP's API key): self-declared users never teach."""
+    return message.authenticated and not message.anonymous
 
 
 def decide(config: Any, store: Any, message: Message) -> Decision:
@@ -78,9 +74,8 @@ def decide(config: Any, store: Any, message: Message) -> Decision:
     policy = policy_for(config, message)
     consent = store.consent_state(message.user_key)
     if policy == "off":
-        anonymous = message.adapter == "http" and not is_authenticated(config, message)
-        why = ("anonymous requests never teach me (anyone can claim any user)" if anonymous
-               else "training is off here")
+        why = ("training is off here" if is_authenticated(message)
+               else "unauthenticated requests never teach me (anyone can claim any user)")
         return Decision(policy, consent, False, why)
     if consent == "no":
         return Decision(policy, consent, False, "you said no (/learn off)")

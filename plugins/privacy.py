@@ -54,6 +54,8 @@ async def learn(bot, message, args):
 
 async def mydata(bot, message, args):
     """Get a file of everything I stored about you (in a direct message)."""
+    if not message.authenticated or message.anonymous:  # a self-declared user could be anyone
+        return "I can't be sure who you are here, so I can't hand out stored data (use the API key)."
     if not message.is_direct:
         return "Ask me in a direct message: I only send your data there, never in a shared channel."
     data = await bot.store.run(bot.store.user_data, message.user_key)

@@ -164,8 +164,11 @@ async def test_http_trains_on_api_key_requests_only_and_returns_mydata_as_json(h
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{anon_url}/chat", json={"message": "hello", "user": "ana"}) as r:
             assert r.status == 200
+        async with session.post(f"{anon_url}/chat", json={"message": "/mydata", "user": "ana"}) as r:
+            refused = await r.json()
     (row,) = anon.store.exchanges()
     assert row.policy == "off" and not row.trainable  # anyone can claim "ana" without a key
+    assert "files" not in refused and "can't be sure who you are" in refused["response"]
 
 
 async def test_stdin_writes_mydata_to_a_file_and_trains_by_default(tmp_path):
