@@ -88,10 +88,10 @@ def candidate_path(models_dir: Path) -> Path:
 
 
 def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
-    from ..checkpoint import save
+    from ..checkpoint import check_servable, save
     from ..tokenizer import Tokenizer
     from .data import GuardConfig, build_dataset, from_store, load_jsonl
-    from .gate import GateConfig, Registry, judge
+    from .gate import GateConfig, Registry, judge_file
     from .train import TrainConfig, set_threads, train
 
     t0 = time.time()
@@ -125,6 +125,7 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
 
     # models
     model, base_meta = load_model(spec.base)
+    check_servable(model, spec.base)  # a base that cannot serve cannot give a candidate that can
     serving = copy.deepcopy(model) if spec.serving in (None, spec.base) else load_model(spec.serving)[0]
     serving.eval()
 
@@ -137,10 +138,11 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
          data=data.summary(), training=asdict(train_cfg), stopped=outcome.stopped,
          initial_val_loss=outcome.initial_val_loss)
 
+    del model  # the gate judges the file just written, exactly what would serve
     general = None
     if gate_cfg.general_text:
         general = general_text_data(gate_cfg.general_text, tok)
-    verdict = judge(model, serving, data.val, gate_cfg, general)
+    verdict = judge_file(cand, serving, data.val, gate_cfg, general)
     registry = Registry(models_dir, keep=gate_cfg.keep, keep_rejected=gate_cfg.keep_rejected)
     result = {
         "status": "promoted" if verdict.promoted else "rejected",
