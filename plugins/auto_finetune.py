@@ -39,13 +39,11 @@ from chatcore.bot import await_me_maybe
 from chatcore.config import Field
 from chatcore.training.data import GuardConfig
 from chatcore.training.gate import GateConfig, Registry, serving_checkpoint
-from chatcore.training.job import JobSpec, spec_from_config
+from chatcore.training.job import MIN_SENSIBLE, JobSpec, spec_from_config
 from chatcore.training.scheduler import Busy, Job, Scheduler
 from chatcore.training.train import TrainConfig
 
 log = logging.getLogger("chatcore.auto_finetune")
-
-MIN_SENSIBLE = 10  # the seed's warning threshold
 
 
 def _schema_of(cls: type) -> dict[str, Field]:
@@ -143,6 +141,7 @@ def _source(engine: Any) -> str | None:
 async def startup(bot):
     """Serve the last promoted checkpoint, if there is one and it is not already serving."""
     st = state_of(bot)
+    await asyncio.to_thread(st.scheduler.clean)  # what crashed fine-tunes left behind
     promoted = serving_checkpoint(st.models_dir)
     if promoted is not None and _source(bot.engine) != str(promoted):
         engine = await asyncio.to_thread(load_engine, bot, promoted)

@@ -66,7 +66,7 @@ def finetune(config: Any, *, jsonl: list[Path] = (), use_store: bool = True, max
     from ..engine import resolve_model
     from .gate import serving_checkpoint
     from .job import run_job, spec_from_config
-    from .scheduler import LOCK_NAME
+    from .scheduler import LOCK_NAME, clean_leftovers
 
     for f in jsonl:
         if not Path(f).is_file():
@@ -91,6 +91,7 @@ def finetune(config: Any, *, jsonl: list[Path] = (), use_store: bool = True, max
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise _fail("a fine-tune job is already running (the bot's, or another chatcore finetune)") from None
+        clean_leftovers(models_dir)
         return run_job(spec)
 
 
