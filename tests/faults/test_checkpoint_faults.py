@@ -33,7 +33,7 @@ from chatcore.plugin_manager import make_plugin_manager
 from chatcore.testing import make_bot
 from chatcore.tokenizer import Tokenizer
 from chatcore.training.data import TokenData
-from chatcore.training.gate import Registry, judge_file
+from chatcore.training.gate import Registry
 
 from ..engine_fixtures import tiny_model
 
@@ -300,6 +300,8 @@ async def test_hot_swap_refuses_broken_candidate(tmp_path, case, caplog):
 
 @pytest.mark.parametrize("case", NATIVE)
 def test_gate_rejects_broken_candidate(tmp_path, case):
+    from chatcore.training.gate import judge_file
+
     broken = native_case(case, tmp_path / "finetuned_20260101_000000.safetensors")
     ids = Tokenizer().encode("Human: hello there\n\nAssistant: hi, how are you?\n\n" * 4)
     val = TokenData(torch.tensor(ids), torch.ones(len(ids), dtype=torch.bool), 1)
