@@ -24,16 +24,16 @@ import yaml
 from safetensors.torch import save_file
 
 from chatcore import checkpoint
-from chatcore.bot import load_engine
 from chatcore.checkpoint import CheckpointError
 from chatcore.config import parse_config
 from chatcore.engine import Engine
 from chatcore.hf import to_hf_state_dict
 from chatcore.plugin_manager import make_plugin_manager
+from chatcore.registry import Registry
 from chatcore.testing import make_bot
 from chatcore.tokenizer import Tokenizer
 from chatcore.training.data import TokenData
-from chatcore.training.gate import Registry
+from chatcore.weights import load_engine
 
 from ..engine_fixtures import tiny_model
 

@@ -17,12 +17,12 @@ import torch
 from chatcore import checkpoint
 from chatcore.checkpoint import CheckpointError
 from chatcore.model import GPT, GPTConfig
+from chatcore.registry import Registry
 from chatcore.testing import make_bot
-from chatcore.training.gate import Registry
 from chatcore.training.job import RESUME_NAME, JobSpec, run_job
-from chatcore.training.scheduler import Scheduler
+from chatcore.training.scheduler import JobScheduler
 
-SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sample_conversations.jsonl"
+SAMPLE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "sample_conversations.jsonl"
 SLOW = dict(max_iters=40, eval_interval=10, warmup_iters=2, batch_size=2, block_size=32,
             learning_rate=3e-3, min_lr=3e-4, patience=100, dropout=0.1)
 
@@ -111,7 +111,7 @@ def test_killed_job_resumes_and_ends_with_a_valid_candidate(tmp_path):
     base = checkpoint.save(tiny(), tmp_path / "base")
     data = jsonl(tmp_path / "data.jsonl", range(0, 120))
     models = tmp_path / "models"
-    sched = Scheduler(models, threads=1)
+    sched = JobScheduler(models, threads=1)
     job = sched.start(spec(models, base, data, max_iters=2000))
     end = time.monotonic() + 120
     while resume_iter(models) is None and job.running and time.monotonic() < end:
@@ -160,7 +160,7 @@ def test_scheduler_start_removes_what_crashed_fine_tunes_left(tmp_path):
     models = tmp_path / "models"
     kept, junk = leftovers(models)
     assert files(models) == kept | junk
-    assert Scheduler(models).clean()
+    assert JobScheduler(models).clean()
     assert files(models) == kept
     assert Registry(models).current().stem == "finetuned_20260101_000000"
 
@@ -169,7 +169,7 @@ def test_garbage_registry_leaves_every_candidate_alone(tmp_path):
     models = tmp_path / "models"
     kept, junk = leftovers(models)
     (models / "registry.json").write_text("[1, 2")
-    assert Scheduler(models).clean()
+    assert JobScheduler(models).clean()
     assert files(models) == (kept | junk) - {".finetuned_20260101_000005.safetensors.0123abcd.tmp",
                                               f".{RESUME_NAME}.0123abcd.tmp"}
 
