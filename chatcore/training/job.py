@@ -15,7 +15,11 @@ fine-tune in the store so the exchange counter restarts.
 
 The result (a JSON-able dict, also ``result.json`` in the job folder) has
 ``status`` = ``promoted`` | ``rejected`` | ``failed`` | ``cancelled``, the metrics and
-the data report. A cancelled or failed job writes no candidate and changes nothing.
+the data report. A cancelled or failed job writes no candidate and changes nothing
+but its resume state: each evaluation is saved to ``<models>/.finetune-resume.pt``
+(hidden, never a candidate), and the next job with the same data, options and
+start weights continues from there; it is removed once the registry has the
+candidate. Fewer than `MIN_SENSIBLE` exchanges: a warning, and training goes on.
 """
 
 from __future__ import annotations

@@ -12,8 +12,11 @@
 - Nothing half-written is ever visible: the worker writes a candidate under a
   hidden temporary name and renames it into place when complete
   (`chatcore.checkpoint.save`); the serving model changes only through
-  `chatcore.registry.Registry` after the gate. Temp files of dead workers are removed when
-  the next job starts.
+  `chatcore.registry.Registry` after the gate. What dead workers left (temp files,
+  orphan candidates the registry never recorded) is removed when the next job
+  starts, when the bot starts and by ``chatcore finetune`` (`clean_leftovers`).
+- Resumable: a killed or cancelled job continues from its last evaluation
+  (``<models>/.finetune-resume.pt``, see `chatcore.training.train.Resume`).
 
 The worker is ``python -m chatcore.training.job SPEC.json`` (see `job.py`); each
 job has a folder ``<models>/jobs/<id>/`` with ``spec.json``, ``log.txt`` and,
