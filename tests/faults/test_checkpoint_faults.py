@@ -45,8 +45,10 @@ def summary(request):
     yield
     line = f"checkpoint faults: {TALLY['tried']} cases tried, {TALLY['held']} held"
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(line)
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():  # past pytest's capture, into the run's summary
+            reporter.write_line(line)
 
 
 def held(ok: bool, why: object = "") -> None:
