@@ -1,0 +1,221 @@
+"""The dashboard's HTTP side: auth, CSRF, JSON endpoints, audited actions, and /metrics parsed by prometheus_client."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from chatcore.dashboard import Dashboard
+from chatcore.training.gate import Registry
+from chatcore.testing import make_bot
+
+from .dashboard_fixtures import PASSWORD, dashboard_bot
+
+
+@pytest.fixture
+async def dash(tmp_path):
+    bot = dashboard_bot(tmp_path, metrics_token=None)
+    server = Dashboard(bot, bot.config["dashboard"])
+    client = TestClient(TestServer(server.app))
+    await client.start_server()
+    yield bot, server, client
+    await client.close()
+    await bot.close()
+
+
+async def login(client, name="alice", password=PASSWORD):
+    r = await client.post("/login", data={"name": name, "password": password}, allow_redirects=False)
+    return r
+
+
+async def session(client) -> str:
+    r = await login(client)
+    assert r.status == 303 and r.headers["Location"] == "/"
+    cookie = r.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    return (await (await client.get("/api/session")).json())["csrf"]
+
+
+async def test_nothing_without_a_session(dash):
+    bot, server, client = dash
+    for path in ("/api/overview", "/api/learning", "/api/conversations", "/api/settings", "/api/audit",
+                 "/api/session"):
+        r = await client.get(path)
+        assert r.status == 401, path
+        assert "hello" not in await r.text()
+    r = await client.post("/api/actions/rollback", json={"confirm": True})
+    assert r.status == 401
+    assert Registry(server.models_dir).history()["serving"].endswith("000002.safetensors")
+    page = await (await client.get("/")).text()
+    assert "hello" not in page and "<form" in page  # the shell only: a login form, no data
+
+
+async def test_wrong_password_and_unknown_name_are_refused(dash):
+    bot, server, client = dash
+    for name, pw in (("alice", "nope"), ("mallory", PASSWORD), ("alice", "")):
+        r = await login(client, name, pw)
+        assert r.status == 303 and "failed" in r.headers["Location"]
+        assert (await client.get("/api/overview")).status == 401
+
+
+async def test_repeated_failed_logins_are_throttled(dash):
+    bot, server, client = dash
+    for _ in range(5):
+        await login(client, "alice", "nope")
+    assert (await login(client)).status == 429
+
+
+async def test_actions_need_the_csrf_token_and_a_confirmation(dash):
+    bot, server, client = dash
+    csrf = await session(client)
+    before = Registry(server.models_dir).history()["serving"]
+    r = await client.post("/api/actions/rollback", json={"confirm": True})
+    assert r.status == 403
+    r = await client.post("/api/actions/rollback", json={"confirm": True},
+                          headers={"X-CSRF-Token": csrf, "Origin": "http://evil.example"})
+    assert r.status == 403
+    r = await client.post("/api/actions/rollback", json={}, headers={"X-CSRF-Token": csrf})
+    assert r.status == 400
+    assert Registry(server.models_dir).history()["serving"] == before
+
+
+async def test_overview_counts_from_the_store(dash):
+    bot, server, client = dash
+    await session(client)
+    d = await (await client.get("/api/overview?days=7")).json()
+    assert len(d["days"]) == 7
+    assert sum(day["exchanges"] for day in d["days"]) == bot.store.stats()["exchanges"] == 36
+    assert [day["exchanges"] for day in d["days"]][:6] == [2, 3, 4, 5, 6, 7]
+    assert sum(day["good"] for day in d["days"]) > 0 and sum(day["bad"] for day in d["days"]) > 0
+    assert d["serving_model"] == "scripted" and d["serving_checkpoint"].endswith("000002.safetensors")
+    assert d["queue"]["busy"] == 0 and d["finetune"] == {"running": False}
+
+
+async def test_learning_lists_runs_with_curves_gate_and_timeline(dash):
+    bot, server, client = dash
+    await session(client)
+    d = await (await client.get("/api/learning")).json()
+    assert [r["status"] for r in d["runs"]] == ["serving", "rejected", "promoted"]
+    newest = d["runs"][0]
+    assert [p["iter"] for p in newest["history"]] == [0, 10, 20, 30]
+    assert newest["data"]["guards"] == {"exact_duplicates": 2, "bad_feedback": 2}
+    assert newest["gate"]["reason"] == "beats serving"
+    assert [e["event"] for e in d["timeline"]] == ["promoted", "rejected", "promoted"]
+
+
+async def test_conversations_search_filter_and_forget(dash):
+    bot, server, client = dash
+    csrf = await session(client)
+    d = await (await client.get("/api/conversations?q=SECRET")).json()
+    assert [e["user_text"] for e in d["exchanges"]] == ["secret plans"]
+    assert {"adapter": "slack", "channel": "ops", "exchanges": 1} in d["channels"]
+    d = await (await client.get("/api/conversations?adapter=discord&channel=general&limit=500")).json()
+    assert d["exchanges"] and all(e["channel"] == "general" for e in d["exchanges"])
+    assert any(e["feedback"] for e in d["exchanges"])
+    r = await client.post("/api/actions/forget", json={"confirm": True, "user_key": "slack:bob"},
+                          headers={"X-CSRF-Token": csrf})
+    assert r.status == 200, await r.text()
+    d = await (await client.get("/api/conversations?q=secret")).json()
+    assert d["exchanges"] == []  # /forget semantics: gone from the store, so gone from the dashboard
+    assert bot.store.is_opted_out("slack:bob")
+
+
+async def test_rollback_and_promote_change_the_registry_hot_swap_and_are_audited(dash):
+    bot, server, client = dash
+    csrf = await session(client)
+    models = server.models_dir
+    r = await client.post("/api/actions/rollback", json={"confirm": True}, headers={"X-CSRF-Token": csrf})
+    assert r.status == 200, await r.text()
+    assert Registry(models).history()["serving"] == "finetuned_20260101_000000.safetensors"
+    assert bot.engine.meta["source"].endswith("finetuned_20260101_000000.safetensors")  # hot-swapped
+    r = await client.post("/api/actions/promote", json={"confirm": True, "name": "finetuned_20260101_000001.safetensors"},
+                          headers={"X-CSRF-Token": csrf})
+    assert r.status == 200, await r.text()
+    assert Registry(models).history()["serving"] == "finetuned_20260101_000001.safetensors"
+    r = await client.post("/api/actions/promote", json={"confirm": True, "name": "../registry.json"},
+                          headers={"X-CSRF-Token": csrf})
+    assert r.status == 409
+    r = await client.post("/api/actions/finetune/cancel", json={"confirm": True}, headers={"X-CSRF-Token": csrf})
+    assert r.status == 409  # nothing runs
+    entries = (await (await client.get("/api/audit")).json())["entries"]
+    assert [(e["action"], e["ok"], e["who"]) for e in entries[:4]] == [
+        ("finetune/cancel", False, "alice"), ("promote", False, "alice"), ("promote", True, "alice"),
+        ("rollback", True, "alice")]
+    lines = server.audit_path.read_text().splitlines()
+    assert json.loads(lines[0])["action"] == "login"
+
+
+async def test_settings_redact_secrets(dash):
+    bot, server, client = dash
+    await session(client)
+    text = await (await client.get("/api/settings")).text()
+    assert PASSWORD not in text
+    assert json.loads(text)["config"]["dashboard"]["admins"] == "***"
+
+
+async def test_metrics_are_prometheus_text_with_requests_latency_and_gate(tmp_path):
+    bot = dashboard_bot(tmp_path, metrics_token="${METRICS_TOKEN:-scrape-me}")
+    try:
+        for text in ("hi", "how are you", "/status"):
+            await bot.handle(bot_message(text))
+        await bot.rate(bot.store.last_exchange(bot_message("x")), "test:alice", -1)
+        bot.pm.hook.finetune_finished(bot=bot, job=None, result={
+            "status": "rejected", "gate": {"candidate_val_loss": 3.5, "serving_val_loss": 3.25, "promoted": False}})
+        server = Dashboard(bot, bot.config["dashboard"])
+        async with TestClient(TestServer(server.app)) as client:
+            assert (await client.get("/metrics")).status == 401
+            r = await client.get("/metrics", headers={"Authorization": "Bearer scrape-me"})
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+            families = {f.name: f for f in text_string_to_metric_families(await r.text())}
+    finally:
+        await bot.close()
+
+    def value(family, sample_name=None, **labels):
+        return sum(s.value for s in families[family].samples
+                   if (sample_name is None or s.name == sample_name)
+                   and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    assert value("chatcore_requests", "chatcore_requests_total", adapter="test", outcome="answered") == 2
+    assert value("chatcore_requests", "chatcore_requests_total", adapter="test", outcome="hook") == 1
+    assert value("chatcore_request_seconds", "chatcore_request_seconds_count", adapter="test") == 2
+    assert value("chatcore_time_to_first_token_seconds", "chatcore_time_to_first_token_seconds_count") == 2
+    assert value("chatcore_generated_tokens") > 0
+    assert value("chatcore_finetune_runs", "chatcore_finetune_runs_total", outcome="rejected") == 1
+    assert value("chatcore_gate_last_val_loss", model="candidate") == 3.5
+    assert value("chatcore_feedback", "chatcore_feedback_total", value="bad") == 1
+    assert value("chatcore_serving_model", model_id="scripted") == 1
+    for name in ("chatcore_queue_depth", "chatcore_batch_size", "chatcore_busy_answers",
+                 "chatcore_prefix_cache_hits", "chatcore_uptime_seconds"):
+        assert name in families
+
+
+def bot_message(text):
+    from chatcore.message import Message
+
+    return Message(text=text, adapter="test", channel="general", user="alice", is_direct=True)
+
+
+async def test_two_bots_keep_separate_metrics(tmp_path):
+    a, b = make_bot(tmp_path / "a"), make_bot(tmp_path / "b")
+    try:
+        await a.handle(bot_message("hi"))
+        assert b"chatcore_requests_total" not in b.metrics.render() or \
+            b'outcome="answered"' not in b.metrics.render()
+        assert b'outcome="answered"' in a.metrics.render()
+    finally:
+        await a.close()
+        await b.close()
+
+
+def test_enabled_without_admins_is_a_clear_error(tmp_path):
+    bot = make_bot(tmp_path, config={"dashboard": {"enabled": True}})
+    try:
+        with pytest.raises(ValueError, match="dashboard.admins"):
+            Dashboard(bot, bot.config["dashboard"])
+    finally:
+        import asyncio
+
+        asyncio.run(bot.close())
