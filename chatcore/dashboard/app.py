@@ -35,7 +35,7 @@ log = logging.getLogger("chatcore.dashboard")
 
 STATIC = Path(__file__).with_name("static")
 COOKIE = "chatcore_dashboard"
-PUBLIC = ("/", "/login", "/health", "/metrics")
+PUBLIC = ("/", "/login", "/health", "/metrics", "/favicon.ico")
 LOGIN_ATTEMPTS = 5  # failed logins per address per LOGIN_WINDOW before answering 429
 LOGIN_WINDOW = 300.0
 
@@ -77,6 +77,7 @@ class Dashboard:
         r.add_post("/login", self.login)
         r.add_post("/logout", self.logout)
         r.add_get("/health", self.health)
+        r.add_get("/favicon.ico", lambda request: web.Response(status=204))
         if self.config.get("metrics", True):
             r.add_get("/metrics", self.metrics)
         r.add_static("/static/", STATIC)
@@ -124,7 +125,8 @@ class Dashboard:
                                     "'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'")
         response.headers.setdefault("X-Frame-Options", "DENY")
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        # not no-referrer: with it Chromium sends "Origin: null" on form posts, which the origin check refuses
+        response.headers.setdefault("Referrer-Policy", "same-origin")
         if request.path.startswith("/api/"):
             response.headers["Cache-Control"] = "no-store"
         return response

@@ -85,7 +85,7 @@ async function overview() {
     ["exchanges", "conversations", "active users"], xs,
     [d.days.map((r) => r.exchanges), d.days.map((r) => r.conversations), d.days.map((r) => r.active_users)],
     ["#2a6fdb", "#7a4cc2", "#1f9d55"]);
-  chart("feedback", $("#chart-feedback"), "Feedback per day", ["👍 good", "👎 bad"], xs,
+  chart("feedback", $("#chart-feedback"), "Feedback per day", ["good (thumbs up)", "bad (thumbs down)"], xs,
     [d.days.map((r) => r.good), d.days.map((r) => r.bad)], ["#1f9d55", "#c0392b"]);
 }
 
@@ -146,7 +146,7 @@ async function conversations() {
     const forget = el("button", {}, "Forget user");
     forget.addEventListener("click", () => act("forget", { user_key: e.user_key },
       `Delete every message of ${e.user_key} and never train on them again?`));
-    const fb = e.feedback > 0 ? "👍" : e.feedback < 0 ? "👎" : "";
+    const fb = e.feedback > 0 ? "good" : e.feedback < 0 ? "bad" : "";
     body.append(el("tr", {}, el("td", {}, when(e.created_at)), el("td", {}, e.adapter + " / " + e.channel),
       el("td", {}, e.user_key), el("td", {}, e.user_text), el("td", {}, e.reply_text), el("td", {}, fb), el("td", {}, forget)));
   }
