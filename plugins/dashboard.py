@@ -44,12 +44,17 @@ def register_config(register):
 _servers: "weakref.WeakKeyDictionary[Any, Dashboard]" = weakref.WeakKeyDictionary()
 
 
+def dashboard_of(bot: Any) -> Dashboard | None:
+    """The bot's running dashboard server, if any."""
+    return _servers.get(bot)
+
+
 @hookimpl
 async def startup(bot):
     cfg = bot.config.get("dashboard") or {}
     if not cfg.get("enabled"):
         return
-    server = Dashboard(bot, cfg)  # no admins: a ValueError that stops the bot with the key to set
+    server = Dashboard(bot, cfg)  # no admins: a ConfigError that stops the bot with the key to set
     await server.start()
     _servers[bot] = server
 

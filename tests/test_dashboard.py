@@ -8,7 +8,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
+from chatcore.config import ConfigError
 from chatcore.dashboard import Dashboard
+from chatcore.bot import await_me_maybe
 from chatcore.training.gate import Registry
 from chatcore.testing import make_bot
 
@@ -213,9 +215,48 @@ async def test_two_bots_keep_separate_metrics(tmp_path):
 def test_enabled_without_admins_is_a_clear_error(tmp_path):
     bot = make_bot(tmp_path, config={"dashboard": {"enabled": True}})
     try:
-        with pytest.raises(ValueError, match="dashboard.admins"):
+        with pytest.raises(ConfigError, match="dashboard.admins"):
             Dashboard(bot, bot.config["dashboard"])
     finally:
         import asyncio
 
         asyncio.run(bot.close())
+
+
+async def test_the_plugin_serves_the_dashboard_from_startup_to_shutdown(tmp_path):
+    import socket
+
+    import aiohttp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bot = dashboard_bot(tmp_path, port=port)
+    try:
+        for r in bot.pm.hook.startup(bot=bot):
+            await await_me_maybe(r)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/health") as r:
+                assert r.status == 200 and (await r.json())["status"] == "ok"
+            async with http.get(f"http://127.0.0.1:{port}/api/overview") as r:
+                assert r.status == 401
+        for r in bot.pm.hook.shutdown(bot=bot):
+            await await_me_maybe(r)
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with aiohttp.ClientSession() as http:
+                await http.get(f"http://127.0.0.1:{port}/health")
+    finally:
+        await bot.close()
+
+
+async def test_off_by_default(tmp_path):
+    bot = make_bot(tmp_path)
+    try:
+        assert bot.config["dashboard"]["enabled"] is False and bot.config["dashboard"]["host"] == "127.0.0.1"
+        for r in bot.pm.hook.startup(bot=bot):
+            await await_me_maybe(r)
+        from chatcore.plugins import dashboard as plugin
+
+        assert plugin.dashboard_of(bot) is None
+    finally:
+        await bot.close()

@@ -28,6 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..config import ConfigError
 from ..metrics import CONTENT_TYPE
 from ..training.gate import CANDIDATE_PREFIX, Registry
 
@@ -59,8 +60,9 @@ class Dashboard:
         self.config = config
         self.admins: dict[str, str] = {str(k): str(v) for k, v in (config.get("admins") or {}).items() if v}
         if not self.admins:
-            raise ValueError("dashboard.admins: the dashboard needs at least one admin with a password "
-                             "from the environment, e.g. `admins: {alice: ${DASHBOARD_PASSWORD}}`")
+            raise ConfigError("the dashboard needs at least one admin with a password from the environment, "
+                              "e.g. `admins: {alice: ${DASHBOARD_PASSWORD}}`", key="dashboard.admins",
+                              file=bot.config.path)
         self.sessions: dict[str, Session] = {}
         self.failures: dict[str, deque[float]] = {}
         self.models_dir = Path(bot.config.data_dir) / "models"
@@ -77,7 +79,7 @@ class Dashboard:
         r.add_post("/login", self.login)
         r.add_post("/logout", self.logout)
         r.add_get("/health", self.health)
-        r.add_get("/favicon.ico", lambda request: web.Response(status=204))
+        r.add_get("/favicon.ico", self.favicon)
         if self.config.get("metrics", True):
             r.add_get("/metrics", self.metrics)
         r.add_static("/static/", STATIC)
@@ -194,6 +196,9 @@ class Dashboard:
         response = web.json_response({"ok": True})
         response.del_cookie(COOKIE, path="/")
         return response
+
+    async def favicon(self, request: web.Request) -> web.Response:
+        return web.Response(status=204)  # none; answering spares the log a 401 per page view
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
