@@ -260,3 +260,25 @@ async def test_off_by_default(tmp_path):
         assert plugin.dashboard_of(bot) is None
     finally:
         await bot.close()
+
+
+async def test_a_full_queue_counts_as_busy(tmp_path):
+    from chatcore.serving import Busy
+
+    bot = make_bot(tmp_path, config={"serving": {"max_queue": 0}})
+    try:
+        with pytest.raises(Busy):
+            await bot.handle(bot_message("hi"))
+        families = {f.name: f for f in text_string_to_metric_families(bot.metrics.render().decode())}
+        assert families["chatcore_busy_answers"].samples[0].value == 1
+        busy = [s for s in families["chatcore_requests"].samples if s.labels.get("outcome") == "busy"]
+        assert busy and busy[0].value == 1
+    finally:
+        await bot.close()
+
+
+async def test_logout_ends_the_session(dash):
+    bot, server, client = dash
+    csrf = await session(client)
+    assert (await client.post("/logout", headers={"X-CSRF-Token": csrf})).status == 200
+    assert (await client.get("/api/overview")).status == 401
