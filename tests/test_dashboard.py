@@ -282,3 +282,57 @@ async def test_logout_ends_the_session(dash):
     csrf = await session(client)
     assert (await client.post("/logout", headers={"X-CSRF-Token": csrf})).status == 200
     assert (await client.get("/api/overview")).status == 401
+
+
+async def test_starting_a_fine_tune_reuses_the_plugin_and_reports_why_not(dash):
+    bot, server, client = dash
+    csrf = await session(client)
+    r = await client.post("/api/actions/finetune/start", json={"confirm": True}, headers={"X-CSRF-Token": csrf})
+    assert r.status == 409  # the scripted model has no checkpoint to fine-tune from: auto_finetune's own check
+    assert "no checkpoint" in (await r.json())["error"]
+    entries = (await (await client.get("/api/audit")).json())["entries"]
+    assert entries[0]["action"] == "finetune/start" and entries[0]["ok"] is False
+
+
+@pytest.mark.slow  # a real worker process, cancelled right after it starts
+async def test_start_and_cancel_a_fine_tune_from_the_dashboard(tmp_path):
+    import asyncio
+
+    from chatcore import checkpoint
+    from chatcore.plugins import auto_finetune
+    from chatcore.testing import ScriptedEngine
+
+    from .engine_fixtures import tiny_model
+
+    from chatcore.store import Store
+
+    from .test_training_loop import SAMPLE
+
+    base = checkpoint.save(tiny_model(), tmp_path / "base", base_model="tiny")
+    with Store(tmp_path / "history.db") as store:  # enough data that the job trains until cancelled
+        store.import_jsonl(SAMPLE)
+    engine = ScriptedEngine()
+    engine.meta = {"source": str(base)}  # what Engine.meta carries for a loaded checkpoint
+    bot = make_bot(tmp_path, engine=engine, environ={"DASH_PW": PASSWORD}, config={
+        "dashboard": {"enabled": True, "admins": {"alice": "${DASH_PW}"}},
+        "plugins": {"auto_finetune": {"threads": 1, "training": {"max_iters": 2000, "eval_interval": 1000}}}})
+    try:
+        server = Dashboard(bot, bot.config["dashboard"])
+        async with TestClient(TestServer(server.app)) as client:
+            csrf = await session(client)
+            headers = {"X-CSRF-Token": csrf}
+            r = await client.post("/api/actions/finetune/start", json={"confirm": True}, headers=headers)
+            assert r.status == 200, await r.text()
+            st = auto_finetune.state_of(bot)
+            assert st.running and (await (await client.get("/api/overview")).json())["finetune"]["running"]
+            r = await client.post("/api/actions/finetune/start", json={"confirm": True}, headers=headers)
+            assert r.status == 409  # one at a time: the plugin's Busy
+            r = await client.post("/api/actions/finetune/cancel", json={"confirm": True}, headers=headers)
+            assert r.status == 200, await r.text()
+            result = await asyncio.wait_for(st.task, 120)
+            assert result["status"] in ("cancelled", "failed")  # killed before or during training
+            assert Registry(tmp_path / "models").history()["serving"] is None  # nothing promoted
+            families = {f.name: f for f in text_string_to_metric_families((await (await client.get("/metrics")).text()))}
+            assert sum(s.value for s in families["chatcore_finetune_runs"].samples if s.name.endswith("_total")) == 1
+    finally:
+        await bot.close()
