@@ -81,6 +81,8 @@ async def test_actions_need_the_csrf_token_and_a_confirmation(dash):
     assert r.status == 403
     r = await client.post("/api/actions/rollback", json={}, headers={"X-CSRF-Token": csrf})
     assert r.status == 400
+    r = await client.post("/api/actions/rollback", json={}, headers={"X-CSRF-Token": csrf, "Origin": "null"})
+    assert r.status == 403
     assert Registry(server.models_dir).history()["serving"] == before
 
 
@@ -129,7 +131,10 @@ async def test_rollback_and_promote_change_the_registry_hot_swap_and_are_audited
     bot, server, client = dash
     csrf = await session(client)
     models = server.models_dir
-    r = await client.post("/api/actions/rollback", json={"confirm": True}, headers={"X-CSRF-Token": csrf})
+    # behind a TLS proxy: the browser's Origin says https, this server sees http on the same host
+    origin = f"https://{client.server.host}:{client.server.port}"
+    r = await client.post("/api/actions/rollback", json={"confirm": True},
+                          headers={"X-CSRF-Token": csrf, "Origin": origin})
     assert r.status == 200, await r.text()
     assert Registry(models).history()["serving"] == "finetuned_20260101_000000.safetensors"
     assert bot.engine.meta["source"].endswith("finetuned_20260101_000000.safetensors")  # hot-swapped

@@ -25,6 +25,7 @@ import time
 from collections import deque
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -150,7 +151,8 @@ class Dashboard:
 
     def _same_origin(self, request: web.Request) -> bool:
         origin = request.headers.get("Origin")
-        return origin is None or origin == f"{request.scheme}://{request.host}"
+        # host only, not scheme: behind a TLS proxy the browser says https while this server sees http
+        return origin is None or urlsplit(origin).netloc == request.host
 
     def _session(self, request: web.Request) -> Session | None:
         token = request.cookies.get(COOKIE, "")
