@@ -9,7 +9,7 @@ from typing import Any
 from chatcore import checkpoint
 from chatcore.message import Message
 from chatcore.testing import make_bot
-from chatcore.training.gate import Registry
+from chatcore.registry import Registry
 
 from .engine_fixtures import tiny_model
 

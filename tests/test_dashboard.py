@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from chatcore.config import ConfigError
 from chatcore.dashboard import Dashboard
 from chatcore.bot import await_me_maybe
-from chatcore.training.gate import Registry
+from chatcore.registry import Registry
 from chatcore.testing import make_bot
 
 from .dashboard_fixtures import PASSWORD, dashboard_bot
@@ -289,18 +289,26 @@ async def test_logout_ends_the_session(dash):
     assert (await client.get("/api/overview")).status == 401
 
 
-async def test_starting_a_fine_tune_reuses_the_plugin_and_reports_why_not(dash):
-    bot, server, client = dash
+async def test_starting_a_fine_tune_reuses_the_plugin_and_reports_why_not(tmp_path):
+    # no base weights on disk (no checkpoint, a model name in no cache, no starter): the plugin's own refusal
+    bot = make_bot(tmp_path, environ={"DASH_PW": PASSWORD}, config={
+        "model": {"base": "no-such-model-anywhere", "starter": False},
+        "dashboard": {"enabled": True, "admins": {"alice": "${DASH_PW}"}}})
+    server = Dashboard(bot, bot.config["dashboard"])
+    client = TestClient(TestServer(server.app))
+    await client.start_server()
     csrf = await session(client)
     r = await client.post("/api/actions/finetune/start", json={"confirm": True}, headers={"X-CSRF-Token": csrf})
     assert r.status == 409  # the scripted model has no checkpoint to fine-tune from: auto_finetune's own check
     assert "no checkpoint" in (await r.json())["error"]
     entries = (await (await client.get("/api/audit")).json())["entries"]
     assert entries[0]["action"] == "finetune/start" and entries[0]["ok"] is False
+    await client.close()
+    await bot.close()
 
 
 @pytest.mark.slow  # a real worker process, cancelled right after it starts
-async def test_start_and_cancel_a_fine_tune_from_the_dashboard(tmp_path):
+async def test_start_and_cancel_a_fine_tune_from_the_dashboard(tmp_path, sample_conversations):
     import asyncio
 
     from chatcore import checkpoint
@@ -311,15 +319,14 @@ async def test_start_and_cancel_a_fine_tune_from_the_dashboard(tmp_path):
 
     from chatcore.store import Store
 
-    from .test_training_loop import SAMPLE
-
     base = checkpoint.save(tiny_model(), tmp_path / "base", base_model="tiny")
     with Store(tmp_path / "history.db") as store:  # enough data that the job trains until cancelled
-        store.import_jsonl(SAMPLE)
+        store.import_jsonl(sample_conversations)
     engine = ScriptedEngine()
     engine.meta = {"source": str(base)}  # what Engine.meta carries for a loaded checkpoint
     bot = make_bot(tmp_path, engine=engine, environ={"DASH_PW": PASSWORD}, config={
         "dashboard": {"enabled": True, "admins": {"alice": "${DASH_PW}"}},
+        "model": {"checkpoint": str(base), "device": "cpu", "threads": 1},
         "plugins": {"auto_finetune": {"threads": 1, "training": {"max_iters": 2000, "eval_interval": 1000}}}})
     try:
         server = Dashboard(bot, bot.config["dashboard"])

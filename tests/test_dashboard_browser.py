@@ -19,7 +19,7 @@ import pytest
 
 from chatcore.dashboard import Dashboard
 from chatcore.message import Message
-from chatcore.training.gate import Registry
+from chatcore.registry import Registry
 
 from .dashboard_fixtures import PASSWORD, dashboard_bot
 

@@ -31,7 +31,7 @@ from aiohttp import web
 
 from ..config import ConfigError
 from ..metrics import CONTENT_TYPE
-from ..training.gate import CANDIDATE_PREFIX, Registry
+from ..registry import CANDIDATE_PREFIX, Registry, RegistryError
 
 log = logging.getLogger("chatcore.dashboard")
 
@@ -226,7 +226,7 @@ class Dashboard:
         return web.json_response({
             "bot": bot.name,
             "serving_model": bot.engine.model_id,
-            "serving_checkpoint": self._registry().history()["serving"],
+            "serving_checkpoint": self._serving_name(),
             "uptime_seconds": round(time.time() - bot.metrics.started, 1),
             "totals": {k: stats[k] for k in ("exchanges", "conversations", "users", "opted_out",
                                              "feedback_votes", "since_finetune")},
@@ -237,7 +237,10 @@ class Dashboard:
         })
 
     async def learning(self, request: web.Request) -> web.Response:
-        return web.json_response(await asyncio.to_thread(self._learning))
+        try:
+            return web.json_response(await asyncio.to_thread(self._learning))
+        except RegistryError as exc:  # a damaged registry.json: say so, the rest of the dashboard works
+            return _error(503, str(exc))
 
     def _learning(self) -> dict[str, Any]:
         reg = self._registry().history()
@@ -332,7 +335,7 @@ class Dashboard:
             target = body.get("name") or body.get("user_key")
             try:
                 detail = await handler(body)
-            except ActionRefused as exc:
+            except (ActionRefused, RegistryError) as exc:
                 self._audit(session.user, request.remote, name, target, False, str(exc))
                 return _error(409, str(exc))
             self._audit(session.user, request.remote, name, target, True, detail)
@@ -361,11 +364,11 @@ class Dashboard:
 
     async def do_finetune_start(self, body: dict[str, Any]) -> str:
         from ..plugins.auto_finetune import start_job  # what /finetune uses
-        from ..training.scheduler import Busy
+        from ..training.scheduler import JobBusy
 
         try:
             job = await start_job(self.bot)
-        except Busy as exc:
+        except JobBusy as exc:
             raise ActionRefused(str(exc)) from None
         except Exception as exc:  # e.g. no checkpoint to start from
             raise ActionRefused(f"not started: {exc}") from None
@@ -388,28 +391,30 @@ class Dashboard:
         return f"deleted {deleted} exchange(s) of {user_key}; never trained on again"
 
     async def _serve(self, checkpoint: Path | None) -> str:
-        """Hot-swap the running bot to what the registry now says serves, as the auto_finetune plugin does."""
-        from ..plugins.auto_finetune import load_engine, state_of
-
-        target = checkpoint
-        if target is None:
-            base = state_of(self.bot).base_source
-            if not base or not Path(base).is_file():
-                return "the registry now serves the configured base model; restart the bot to load it"
-            target = Path(base)
+        """Hot-swap the running bot to what the registry now says serves, now rather than at the bot's next
+        registry poll: the same `RegistryWatch` step, fully loaded off the event loop, then swapped in."""
+        bot = self.bot
         try:
-            engine = await asyncio.to_thread(load_engine, self.bot, target)
+            engine = await asyncio.to_thread(bot.registry_watch.engine_if_needed, bot.generator.engine)
         except Exception as exc:  # the registry changed; the running model keeps answering
-            log.error("dashboard: loading %s failed: %s", target, exc)
-            return f"the registry now serves {target.name}, but loading it failed ({exc}); restart the bot"
-        self.bot.generator.swap(engine)
-        return f"now serving {engine.model_id}"
+            log.error("dashboard: loading %s failed: %s", checkpoint or "the base model", exc)
+            return (f"the registry now serves {checkpoint.name if checkpoint else 'the base model'}, but loading "
+                    f"it failed ({exc}); still serving {bot.engine.model_id}")
+        if engine is not None:
+            bot.generator.swap(engine)
+        return f"now serving {bot.engine.model_id}"
 
     # --- helpers -----------------------------------------------------------------------
 
     def _registry(self) -> Registry:
         gate = self.bot.config.get("plugins.auto_finetune.gate") or {}
         return Registry(self.models_dir, keep=gate.get("keep") or 3, keep_rejected=gate.get("keep_rejected") or 3)
+
+    def _serving_name(self) -> str | None:
+        try:
+            return self._registry().history()["serving"]
+        except RegistryError as exc:
+            return f"unknown: {exc}"
 
     def _job(self) -> dict[str, Any]:
         from ..plugins.auto_finetune import state_of
