@@ -294,17 +294,17 @@ async def test_starting_a_fine_tune_reuses_the_plugin_and_reports_why_not(tmp_pa
     bot = make_bot(tmp_path, environ={"DASH_PW": PASSWORD}, config={
         "model": {"base": "no-such-model-anywhere", "starter": False},
         "dashboard": {"enabled": True, "admins": {"alice": "${DASH_PW}"}}})
-    server = Dashboard(bot, bot.config["dashboard"])
-    client = TestClient(TestServer(server.app))
-    await client.start_server()
-    csrf = await session(client)
-    r = await client.post("/api/actions/finetune/start", json={"confirm": True}, headers={"X-CSRF-Token": csrf})
-    assert r.status == 409  # the scripted model has no checkpoint to fine-tune from: auto_finetune's own check
-    assert "no checkpoint" in (await r.json())["error"]
-    entries = (await (await client.get("/api/audit")).json())["entries"]
-    assert entries[0]["action"] == "finetune/start" and entries[0]["ok"] is False
-    await client.close()
-    await bot.close()
+    try:
+        async with TestClient(TestServer(Dashboard(bot, bot.config["dashboard"]).app)) as client:
+            csrf = await session(client)
+            r = await client.post("/api/actions/finetune/start", json={"confirm": True},
+                                  headers={"X-CSRF-Token": csrf})
+            assert r.status == 409
+            assert "no checkpoint" in (await r.json())["error"]
+            entries = (await (await client.get("/api/audit")).json())["entries"]
+            assert entries[0]["action"] == "finetune/start" and entries[0]["ok"] is False
+    finally:
+        await bot.close()
 
 
 @pytest.mark.slow  # a real worker process, cancelled right after it starts
