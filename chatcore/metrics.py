@@ -120,6 +120,10 @@ class _StateCollector:
         stats = bot.generator.stats()
         yield GaugeMetricFamily("chatcore_queue_depth", "Requests waiting for a batch row.", value=stats["waiting"])
         yield GaugeMetricFamily("chatcore_batch_size", "Conversations decoding together now.", value=stats["running"])
+        yield CounterMetricFamily("chatcore_decode_steps", "Batched decode steps (current engine).",
+                                  value=stats["decode_steps"])
+        yield CounterMetricFamily("chatcore_decode_rows", "Conversations summed over decode steps: divided by "
+                                  "chatcore_decode_steps, the mean batch size.", value=stats["decode_rows"])
         yield CounterMetricFamily("chatcore_busy_answers", "Requests refused because the queue was full.",
                                   value=stats["busy"])
         yield CounterMetricFamily("chatcore_prefix_cache_hits", "Follow-ups that reused a cached prefix.",

@@ -182,9 +182,11 @@ class Generator:
     def stats(self) -> dict[str, int]:
         """Queue and cache figures of the current engine's worker, for /metrics and the dashboard."""
         backend = self._backend
-        out = {"waiting": 0, "running": 0, "busy": self.busy, "prefix_hits": 0, "prefix_misses": 0}
+        out = {"waiting": 0, "running": 0, "busy": self.busy, "prefix_hits": 0, "prefix_misses": 0,
+               "decode_steps": 0, "decode_rows": 0}
         if isinstance(backend, BatchScheduler):
-            out.update(waiting=backend.waiting, running=backend.running)
+            out.update(waiting=backend.waiting, running=backend.running, decode_steps=backend.steps,
+                       decode_rows=backend.step_rows)
             if backend.prefix_cache is not None:
                 out.update(prefix_hits=backend.prefix_cache.hits, prefix_misses=backend.prefix_cache.misses)
         elif backend is not None:
