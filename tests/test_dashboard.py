@@ -348,3 +348,27 @@ async def test_start_and_cancel_a_fine_tune_from_the_dashboard(tmp_path, sample_
             assert sum(s.value for s in families["chatcore_finetune_runs"].samples if s.name.endswith("_total")) == 1
     finally:
         await bot.close()
+
+
+def test_the_page_loads_nothing_from_elsewhere():
+    """Offline by construction: every script and stylesheet is served by the dashboard itself."""
+    import re
+
+    from chatcore.dashboard.app import STATIC
+
+    page = (STATIC / "index.html").read_text()
+    refs = re.findall(r'(?:src|href)="([^"#]+)"', page)
+    assert refs and all(r.startswith("/static/") for r in refs), refs
+    assert all((STATIC / r.removeprefix("/static/")).is_file() for r in refs)
+    assert "MIT License" in (STATIC / "uPlot.iife.min.js").read_text().splitlines()[0]
+    assert not re.search(r"fetch\(\s*['\"]https?:", (STATIC / "app.js").read_text())
+
+
+async def test_conversations_page_backwards_with_before(dash):
+    bot, server, client = dash
+    await session(client)
+    first = (await (await client.get("/api/conversations?limit=10")).json())["exchanges"]
+    more = (await (await client.get(f"/api/conversations?limit=10&before={first[-1]['id']}")).json())["exchanges"]
+    ids = [e["id"] for e in first + more]
+    assert len(ids) == 20 and ids == sorted(ids, reverse=True) and len(set(ids)) == 20
+    assert (await client.get("/api/conversations?before=soon")).status == 400

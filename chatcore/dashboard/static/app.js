@@ -129,8 +129,9 @@ async function learning() {
   if (!d.runs.length) runs.append(el("p", {}, "No fine-tune yet."));
 }
 
-async function conversations() {
+async function conversations(before) {
   const p = new URLSearchParams();
+  if (typeof before === "number") p.set("before", before);
   if ($("#q").value) p.set("q", $("#q").value);
   const [adapter, channel] = ($("#channel").value || "/").split("/");
   if (adapter) p.set("adapter", adapter);
@@ -141,7 +142,11 @@ async function conversations() {
   sel.textContent = ""; sel.append(el("option", { value: "" }, "every adapter / channel"));
   for (const c of d.channels) sel.append(el("option", { value: c.adapter + "/" + c.channel }, `${c.adapter} / ${c.channel} (${c.exchanges})`));
   sel.value = keep;
-  const body = $("#exchanges tbody"); body.textContent = "";
+  const body = $("#exchanges tbody");
+  if (typeof before !== "number") body.textContent = "";
+  const older = $("#older");
+  older.hidden = d.exchanges.length < 50;
+  older.dataset.before = d.exchanges.length ? d.exchanges[d.exchanges.length - 1].id : "";
   for (const e of d.exchanges) {
     const forget = el("button", {}, "Forget user");
     forget.addEventListener("click", () => act("forget", { user_key: e.user_key },
@@ -150,7 +155,7 @@ async function conversations() {
     body.append(el("tr", {}, el("td", {}, when(e.created_at)), el("td", {}, e.adapter + " / " + e.channel),
       el("td", {}, e.user_key), el("td", {}, e.user_text), el("td", {}, e.reply_text), el("td", {}, fb), el("td", {}, forget)));
   }
-  if (!d.exchanges.length) body.append(el("tr", {}, el("td", { colspan: "7" }, "nothing found")));
+  if (!d.exchanges.length && typeof before !== "number") body.append(el("tr", {}, el("td", { colspan: "7" }, "nothing found")));
 }
 
 async function settings() {
@@ -185,6 +190,7 @@ async function start() {
   $("#finetune-cancel").addEventListener("click", () => act("finetune/cancel", {}, "Cancel the running fine-tune? The serving model stays."));
   $("#rollback").addEventListener("click", () => act("rollback", {}, "Roll back to the previously promoted model?"));
   $("#search").addEventListener("submit", (ev) => { ev.preventDefault(); conversations(); });
+  $("#older").addEventListener("click", () => conversations(Number($("#older").dataset.before)));
   $("#logout").addEventListener("click", async () => {
     await fetch("/logout", { method: "POST", credentials: "same-origin", headers: { "X-CSRF-Token": state.csrf } });
     location.href = "/";
