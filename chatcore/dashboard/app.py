@@ -220,8 +220,8 @@ class Dashboard:
     async def overview(self, request: web.Request) -> web.Response:
         bot = self.bot
         days = _int(request.query.get("days"), 30, 1, 366)
-        stats = await asyncio.to_thread(bot.store.stats)
-        activity = await asyncio.to_thread(bot.store.daily_activity, days)
+        stats = await bot.store.run(bot.store.stats)
+        activity = await bot.store.run(bot.store.daily_activity, days)
         job = self._job()
         return web.json_response({
             "bot": bot.name,
@@ -293,11 +293,11 @@ class Dashboard:
 
     async def conversations(self, request: web.Request) -> web.Response:
         q = request.query
-        rows = await asyncio.to_thread(
+        rows = await self.bot.store.run(
             self.bot.store.search_exchanges, q.get("q", "")[:200], adapter=q.get("adapter") or None,
             channel=q.get("channel") or None, user_key=q.get("user") or None,
             before_id=_int(q.get("before"), None, 1, None), limit=_int(q.get("limit"), 50, 1, 500))
-        channels = await asyncio.to_thread(self.bot.store.channels)
+        channels = await self.bot.store.run(self.bot.store.channels)
         return web.json_response({
             "exchanges": [{"id": e.id, "adapter": e.adapter, "channel": e.channel, "user_key": e.user_key,
                            "user_text": e.user_text, "reply_text": e.reply_text, "created_at": e.created_at,
@@ -387,7 +387,7 @@ class Dashboard:
         user_key = str(body.get("user_key") or "")
         if ":" not in user_key:
             raise ActionRefused("user_key must look like adapter:user, e.g. discord:1234")
-        deleted = await asyncio.to_thread(self.bot.store.forget_user, user_key)
+        deleted = await self.bot.store.run(self.bot.store.forget_user, user_key)
         return f"deleted {deleted} exchange(s) of {user_key}; never trained on again"
 
     async def _serve(self, checkpoint: Path | None) -> str:
