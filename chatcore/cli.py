@@ -14,6 +14,7 @@ import asyncio
 import fcntl
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def _serve(bot: Any, adapters: list[str] | None) -> int:
     async def go() -> None:
+        # SIGTERM (containers, systemd) stops like the end of input: adapters finish or refuse what is
+        # in flight (within their grace period), shutdown hooks run, exit 0.
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGTERM, bot.stop)
+        except (NotImplementedError, RuntimeError):  # Windows, or not the main thread
+            pass
         try:
             await bot.run(adapters)
         finally:

@@ -203,7 +203,9 @@ class Dashboard:
         return web.Response(status=204)  # none; answering spares the log a 401 per page view
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        """The bot's own health (as the http adapter's /health): 503 when the model worker is stuck."""
+        health = self.bot.health()
+        return web.json_response(health, status=200 if health["status"] == "ok" else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         token = self.config.get("metrics_token")
