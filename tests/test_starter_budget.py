@@ -1,0 +1,86 @@
+"""The starter model keeps its wall-clock budget whatever the load, and shows progress with an ETA."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatcore import checkpoint
+from chatcore.model import GPT, GPTConfig
+from chatcore.tokenizer import Tokenizer
+from chatcore.training import train as train_mod
+from chatcore.training.data import build_dataset, load_jsonl
+from chatcore.training.starter import StarterConfig, build_starter
+from chatcore.training.train import TrainConfig, get_lr, train
+
+SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sample_conversations.jsonl"
+
+
+@pytest.fixture
+def slow_steps(monkeypatch):
+    """Every training step waits 0.3 s more, as on a machine other jobs are loading."""
+    real = train_mod.get_batch
+
+    def slowed(*args, **kwargs):
+        time.sleep(0.3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "get_batch", slowed)
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_starter_finishes_within_its_budget_when_steps_slow_down(tmp_path, slow_steps, one_thread):
+    cfg = StarterConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, minutes=0.1, max_exchanges=200)
+    t0 = time.monotonic()
+    path = build_starter(tmp_path / "starter", corpus=SAMPLE, cfg=cfg, progress=False)
+    elapsed = time.monotonic() - t0
+    # 6 s budget; slack for one step and the final evaluation. Before: an iteration count
+    # fixed up front (at least 20 slowed steps) overran it.
+    assert elapsed < 6 + 3, elapsed
+    model, meta = checkpoint.load(path)
+    assert meta["provenance"]["iteration"] >= 1
+
+
+def test_time_budget_stops_training_and_runs_the_cosine_over_the_clock(slow_steps, one_thread):
+    exchanges, _ = load_jsonl(SAMPLE)
+    data = build_dataset(exchanges[:100], Tokenizer(), loss_on="all", val_fraction=0.1, seed=0)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32))
+    cfg = TrainConfig(max_iters=10**6, max_seconds=2.0, warmup_iters=1, eval_interval=10**6, batch_size=2,
+                      block_size=32, learning_rate=1e-3, min_lr=1e-4, dropout=0.0)
+    t0 = time.monotonic()
+    out = train(model, data, cfg, progress=False)
+    assert time.monotonic() - t0 < 2.0 + 2.0
+    assert out.stopped == "time_budget" and 2 <= out.iters < 20
+    assert out.history[-1]["iter"] == out.iters  # a final evaluation at the budget
+    # the cosine decayed with the clock (per iteration it would barely have moved)
+    assert out.history[-1]["lr"] < 0.5 * cfg.learning_rate
+
+
+def test_get_lr_follows_the_fraction_done():
+    cfg = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=10**9)
+    assert get_lr(5, cfg, 0.0) < 1e-3  # warming up
+    assert get_lr(20, cfg, 0.0) == pytest.approx(1e-3)
+    assert get_lr(20, cfg, 0.5) == pytest.approx(5.5e-4)
+    assert get_lr(20, cfg, 1.0) == pytest.approx(1e-4)
+
+
+def test_progress_without_a_terminal_prints_lines_with_time_left(capsys, monkeypatch, one_thread):
+    exchanges, _ = load_jsonl(SAMPLE)
+    data = build_dataset(exchanges[:100], Tokenizer(), loss_on="all", val_fraction=0.1, seed=0)
+    model = GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32))
+    cfg = TrainConfig(max_iters=40, warmup_iters=1, eval_interval=100, batch_size=2, block_size=32, dropout=0.0)
+    train(model, data, cfg, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) >= 5 and all("s left" in line for line in lines)
+    assert "100%" in lines[-1]
