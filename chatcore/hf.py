@@ -145,14 +145,19 @@ def fetch(
     do not hash to what the hub announced is removed from the cache (CheckpointError).
     Raises whatever huggingface_hub raises when the files are neither cached nor reachable.
     """
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.utils import EntryNotFoundError
 
+    cache = str(cache_dir) if cache_dir else None
+
     def get(filename: str) -> Path:
-        path = Path(hf_hub_download(name, filename, cache_dir=str(cache_dir) if cache_dir else None,
-                                    local_files_only=local_files_only))
-        if not local_files_only:
-            verify_download(path, f"{name}/{filename}")
+        if local_files_only:  # a look in the cache folder only: no request at all (hf_hub_download makes some)
+            found = try_to_load_from_cache(name, filename, cache_dir=cache)
+            if not isinstance(found, str):
+                raise FileNotFoundError(f"{name}/{filename} is not in the Hugging Face cache")
+            return Path(found)
+        path = Path(hf_hub_download(name, filename, cache_dir=cache))
+        verify_download(path, f"{name}/{filename}")
         return path
 
     folder = get("config.json").parent
@@ -160,7 +165,7 @@ def fetch(
     for weights in _WEIGHT_FILES:  # prefer safetensors: no pickle at all
         try:
             get(weights)  # lands beside config.json: one snapshot folder per commit
-        except EntryNotFoundError as e:  # not on the hub (or not cached): try the next format
+        except (EntryNotFoundError, FileNotFoundError) as e:  # not on the hub (or not cached): try the next format
             last = e
             continue
         return folder

@@ -9,10 +9,14 @@ HF_ENDPOINT pointing at it, as a user's first start would.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+import pty
+import struct
 import subprocess
 import sys
+import termios
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -133,11 +137,35 @@ def user(tmp_path):
     return tmp_path, env
 
 
-def chat(user, hub, text="hi\nhow are you?\n") -> subprocess.CompletedProcess:
+def chat(user, hub, text="hi\nhow are you?\n", terminal=False) -> subprocess.CompletedProcess:
+    """`chatcore chat` with piped input; ``terminal``: its stderr is a terminal, as a user's is."""
     tmp_path, env = user
     env = dict(env, HF_ENDPOINT=hub.url)
-    return subprocess.run([sys.executable, "-m", "chatcore.cli", "chat", "-c", str(tmp_path / "bot.yaml")],
-                          input=text, capture_output=True, text=True, env=env, timeout=300)
+    argv = [sys.executable, "-m", "chatcore.cli", "chat", "-c", str(tmp_path / "bot.yaml")]
+    if not terminal:
+        return subprocess.run(argv, input=text, capture_output=True, text=True, env=env, timeout=300)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # tqdm draws nothing at 0 columns
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=slave, env=env, text=True)
+    os.close(slave)
+    err = bytearray()
+
+    def drain():
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                return
+            if not chunk:
+                return
+            err.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    out, _ = proc.communicate(text, timeout=300)
+    reader.join(10)
+    os.close(master)
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err.decode("utf-8", "replace"))
 
 
 def snapshot_files(user) -> list[Path]:
@@ -146,7 +174,7 @@ def snapshot_files(user) -> list[Path]:
 
 
 def test_first_start_downloads_with_a_progress_bar_then_the_cache_serves_offline(user, hub):
-    first = chat(user, hub)
+    first = chat(user, hub, terminal=True)
     assert first.returncode == 0, first.stderr
     assert len(first.stdout.splitlines()) == 2  # one reply per line
     assert ("GET", f"/gpt2/resolve/main/model.safetensors") in hub.requests
