@@ -25,6 +25,12 @@ PROMPTS = ("hi", "how are you?", "what did you do this weekend?", "do you like m
 # the starter's recipe before the wall-clock budget (issue 9), for the comparison
 BEFORE = dict(n_layer=4, n_head=4, n_embd=128, batch_size=8, learning_rate=2e-3, output_vocab=8192,
               warmup_iters=100)
+VARIANTS = {  # "after" is StarterConfig's defaults
+    "before": BEFORE,
+    "after": {},
+    "lr": dict(BEFORE, learning_rate=4e-3, warmup_iters=30, max_exchanges=15000),
+    "small": dict(BEFORE, n_layer=3, n_head=3, n_embd=96, learning_rate=4e-3, warmup_iters=30, max_exchanges=15000),
+}
 
 
 def main() -> int:
@@ -41,7 +47,7 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=100, help="wall-clock budget per variant")
-    ap.add_argument("--variants", default="before,after", help="comma-separated: before, after")
+    ap.add_argument("--variants", default="before,after", help=f"comma-separated, of: {', '.join(VARIANTS)}")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -51,7 +57,7 @@ def main() -> int:
                              val_fraction=0.02, seed=default.seed).val
     rows = []
     for name in args.variants.split(","):
-        cfg = StarterConfig(**(BEFORE if name == "before" else {}))
+        cfg = StarterConfig(**VARIANTS[name])
         cfg.minutes = args.seconds / 60
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()
