@@ -35,16 +35,19 @@ SAVE_RESERVE_S = 1.0  # of the budget, kept for writing the checkpoint
 
 @dataclass
 class StarterConfig:
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
+    # Measured with benchmarks/starter.py (same budget, same held-out set): on a busy
+    # 2-core machine a model this size gets ~3x the steps of a 4 x 128 one, and a
+    # tiny model takes a high learning rate with a short warm-up.
+    n_layer: int = 3
+    n_head: int = 3
+    n_embd: int = 96
     block_size: int = 256  # serving context; training windows are 128
     minutes: float = 4.0  # wall-clock budget for the whole build, kept whatever the load
-    max_exchanges: int = 30000
+    max_exchanges: int = 15000  # more than the budget can train on; preparing it counts in the budget
     batch_size: int = 8
-    learning_rate: float = 2e-3
+    learning_rate: float = 4e-3
     output_vocab: int = 8192  # most frequent tokens it learns to say (the head's cost); 0: all
-    warmup_iters: int = 50
+    warmup_iters: int = 30
     seed: int = 1337
 
 

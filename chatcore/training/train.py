@@ -330,9 +330,10 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, progress: bool =
         tokens += x.numel()
         train_loss = loss.item()
         ema = train_loss if ema is None else 0.9 * ema + 0.1 * train_loss
-        elapsed = time.perf_counter() - t0
-        # stop while the final evaluation still fits (its cost is the last one's, measured)
-        out_of_time = budget is not None and elapsed + eval_cost >= budget
+        now = time.perf_counter()
+        step_cost, elapsed = now - t0 - elapsed, now - t0
+        # stop when another step and the final evaluation would not fit (costs as last measured)
+        out_of_time = budget is not None and elapsed + step_cost + eval_cost >= budget
         if out_of_time:
             stopped = "time_budget"
         bar.update(it, elapsed, ema, lr)
