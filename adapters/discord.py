@@ -21,10 +21,10 @@ from typing import Any
 import discord
 
 from chatcore import hookimpl
-from chatcore.adapter import Adapter, AdapterError
+from chatcore.adapter import Adapter, AdapterError, BotSurface
 from chatcore.config import Field
 from chatcore.message import Message, Reply
-from chatcore.serving import BUSY_REPLY, Busy
+from chatcore.message import BUSY_REPLY, Busy
 from chatcore.text import split_message
 
 log = logging.getLogger("chatcore.discord")
@@ -62,7 +62,7 @@ class DiscordAdapter(Adapter):
     }
     guild_ready_timeout: float = 2.0  # discord.py's wait for guilds before on_ready; tests lower it
 
-    def __init__(self, bot: Any, config: dict[str, Any]) -> None:
+    def __init__(self, bot: BotSurface, config: dict[str, Any]) -> None:
         super().__init__(bot, config)
         self.channels = {int(c) for c in config.get("channels") or []}
         intents = discord.Intents.default()

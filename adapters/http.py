@@ -37,11 +37,11 @@ from typing import Any
 from aiohttp import web
 
 from chatcore import hookimpl
-from chatcore.adapter import Adapter
+from chatcore.adapter import Adapter, BotSurface
 from chatcore.config import Field
 from chatcore.message import Message
-from chatcore.sampling import SamplingParams
-from chatcore.serving import Busy
+from chatcore.params import SamplingParams
+from chatcore.message import Busy
 
 log = logging.getLogger("chatcore.http")
 
@@ -75,7 +75,7 @@ class HttpAdapter(Adapter):
         "model_name": Field(str, None, help="Model id shown by /v1/models (default: the serving model's id)."),
     }
 
-    def __init__(self, bot: Any, config: dict[str, Any]) -> None:
+    def __init__(self, bot: BotSurface, config: dict[str, Any]) -> None:
         super().__init__(bot, config)
         self.api_key = config.get("api_key") or None
         self.max_tokens_limit = int(config.get("max_tokens", 512))

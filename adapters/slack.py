@@ -31,10 +31,10 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from chatcore import hookimpl
-from chatcore.adapter import Adapter, AdapterError
+from chatcore.adapter import Adapter, AdapterError, BotSurface
 from chatcore.config import Field
 from chatcore.message import Message, Reply
-from chatcore.serving import BUSY_REPLY, Busy
+from chatcore.message import BUSY_REPLY, Busy
 from chatcore.text import split_message
 
 log = logging.getLogger("chatcore.slack")
@@ -64,7 +64,7 @@ class SlackAdapter(Adapter):
         "api_url": Field(str, "https://slack.com/api/", help="Slack Web API base URL (GovSlack, tests)."),
     }
 
-    def __init__(self, bot: Any, config: dict[str, Any]) -> None:
+    def __init__(self, bot: BotSurface, config: dict[str, Any]) -> None:
         super().__init__(bot, config)
         self.mode = config.get("mode", "socket")
         self.client = AsyncWebClient(token=config["bot_token"], base_url=config.get("api_url") or "https://slack.com/api/")

@@ -14,7 +14,7 @@ import threading
 from typing import IO, Any
 
 from chatcore import Message, hookimpl
-from chatcore.adapter import Adapter
+from chatcore.adapter import Adapter, BotSurface
 from chatcore.config import Field
 
 
@@ -26,7 +26,7 @@ class StdinAdapter(Adapter):
         "stream": Field(bool, True, help="Print replies token by token when interactive."),
     }
 
-    def __init__(self, bot: Any, config: dict[str, Any], *, stdin: IO[bytes] | None = None,
+    def __init__(self, bot: BotSurface, config: dict[str, Any], *, stdin: IO[bytes] | None = None,
                  stdout: IO[str] | None = None) -> None:
         super().__init__(bot, config)
         self.stdin = stdin if stdin is not None else sys.stdin.buffer

@@ -19,8 +19,8 @@ everyone running advances every step, so nobody starves. Past `max_queue`
 waiting requests, `submit` raises `Busy` instead of queueing without bound.
 
 Each request keeps its own SamplingParams and seeded generator, and its text
-follows exactly the Engine's rules (`Engine.stream`): same sampler, same stop
-scanner, same UTF-8-safe decoder, same sliding window when the context fills.
+follows the Engine's rules by construction: the same sampler and the same
+`chatcore.reply_text` (stop strings, UTF-8-safe decoding, context window).
 So a batched request produces the tokens it would produce alone (greedy: the
 same tokens; seeded sampling: the same draws).
 """
@@ -35,13 +35,10 @@ from typing import Any
 
 import torch
 
-from .engine import _StopScanner, turn_marker_ids
+from .message import Busy
 from .prefix_cache import PrefixCache
+from .reply_text import ReplyText, prompt_window, slide_window, turn_marker_ids
 from .sampling import SamplingParams, make_generator, sample, validate
-
-
-class Busy(RuntimeError):
-    """Raised when more requests are waiting than the queue allows."""
 
 
 Sink = Callable[[Any], None]  # receives text deltas (str), then DONE, or an exception
@@ -72,22 +69,7 @@ class Request:
         self.cancelled.set()
 
 
-class _ReplyText:
-    """`Engine.stream`'s text rules for one request: UTF-8-safe decoding, stop strings held back."""
-
-    def __init__(self, tokenizer: Any, params: SamplingParams) -> None:
-        self.scanner = _StopScanner(list(params.stop) + (["\n"] if params.stop_at_newline else []))
-        self.decoder = tokenizer.stream_decoder()
-
-    def push(self, token: int) -> tuple[str, bool]:
-        return self.scanner.feed(self.decoder.push(token))
-
-    def finish(self) -> str:
-        text, stopped = self.scanner.feed(self.decoder.flush())
-        return text if stopped else text + self.scanner.flush()
-
-
-class Scheduler:
+class BatchScheduler:
     """Continuous batching over one Engine's model (see the module docstring)."""
 
     def __init__(
@@ -194,10 +176,9 @@ class Scheduler:
             self._start(r)
 
     def _start(self, r: Request) -> None:
-        ids = self.tokenizer.encode(r.prompt) or [self.tokenizer.eot_token]  # empty: start of a document
-        r.context = ids[-(self.block_size - 1) :]  # leave room for one new token, as the Engine does
+        r.context = prompt_window(self.tokenizer.encode(r.prompt), self.block_size, self.tokenizer.eot_token)
         r.generator = make_generator(r.params.seed, self.device)
-        r.text = _ReplyText(self.tokenizer, r.params)
+        r.text = ReplyText(self.tokenizer, r.params)
         self.cache.reset(r.row)
         r.todo = list(r.context)
         if self.prefix_cache is not None:
@@ -302,9 +283,8 @@ class Scheduler:
             self._finish(r, flush=not stopped)
             return
         if self.cache.length(r.row) >= self.block_size:
-            # context full: restart from the newest half, exactly as the Engine does
-            self.cache.reset(r.row)
-            r.fed, r.todo = [], (r.context + r.reply)[-(self.block_size // 2) :]
+            self.cache.reset(r.row)  # context full: slide, exactly as the Engine does
+            r.fed, r.todo = [], slide_window(r.context + r.reply, self.block_size)
         else:
             r.pending = tok
 

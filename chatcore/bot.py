@@ -1,11 +1,12 @@
-"""The bot runtime: one engine, one store, many adapters, every step a hook."""
+"""The bot runtime: one engine, one store, many adapters, every step a hook.
+
+Adapters see it only through `chatcore.adapter.BotSurface`."""
 
 from __future__ import annotations
 
 import asyncio
-import inspect
-from contextlib import aclosing
 import logging
+from contextlib import aclosing
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -13,44 +14,20 @@ from typing import Any
 from .adapter import AdapterError
 from .config import Config, load_config
 from .message import DROP, Message, Reply
-from .plugin_manager import Command, PluginManager, make_plugin_manager
+from .params import SamplingParams
+from .plugin_manager import Command, PluginManager, await_me_maybe, call_hook, make_plugin_manager
 from .prompt import build_prompt
-from .sampling import SamplingParams
 from .serving import Generator
+from .weights import RegistryWatch, load_engine
 
 log = logging.getLogger("chatcore")
 
 
-async def await_me_maybe(value: Any) -> Any:
-    """Hooks may return a value or an awaitable (datasette's convention)."""
-    return await value if inspect.isawaitable(value) else value
-
-
-def load_engine(config: Config) -> Any:
-    """The serving engine: the last promoted fine-tune if there is a sound one, else the configured model."""
-    from .checkpoint import CheckpointError
-    from .engine import Engine
-    from .training.gate import serving_checkpoint
-
-    promoted = serving_checkpoint(config.data_dir / "models")
-    if promoted is not None:
-        try:
-            return Engine.from_config({**config["model"], "checkpoint": str(promoted)})
-        except CheckpointError as exc:  # a damaged fine-tune never stops the bot from serving
-            log.warning("promoted checkpoint %s is unusable (%s); serving the configured model", promoted, exc)
-    return Engine.from_config(config["model"], starter=starter_for(config))
-
-
-def starter_for(config: Config) -> Callable[[], Any] | None:
-    """The offline starter model's builder, when the config allows it (see chatcore.training.starter)."""
-    if not config["model"]["starter"]:
-        return None
-    from .training.starter import starter_model
-
-    return lambda: starter_model(config)
-
-
 class Bot:
+    """Answers messages (`handle`) and runs the adapters; implements `chatcore.adapter.BotSurface`."""
+
+    registry_poll_s = 2.0  # how often a running bot looks for promotions and rollbacks made elsewhere
+
     def __init__(self, config: Config, pm: PluginManager, store: Any, generator: Generator) -> None:
         self.config = config
         self.pm = pm
@@ -61,6 +38,7 @@ class Bot:
         self.adapter_classes = pm.adapters()
         self.adapters: list[Any] = []
         self._stopping = asyncio.Event()
+        self.registry_watch = RegistryWatch(config)  # from now on, registry changes are followed
 
     # --- building -------------------------------------------------------------
 
@@ -187,6 +165,7 @@ class Bot:
             raise AdapterError("no adapter is enabled: set adapters.<name>.enabled: true in the config")
         await self._call("startup", bot=self)
         tasks = [asyncio.create_task(a.start(), name=f"adapter:{a.name}") for a in self.adapters]
+        follower = asyncio.create_task(self.follow_registry(), name="registry")
         stopper = asyncio.create_task(self._stopping.wait())
         try:
             pending = set(tasks)
@@ -198,6 +177,7 @@ class Bot:
                         raise task.exception()
         finally:
             stopper.cancel()
+            follower.cancel()
             await self.close_adapters()
             for task in tasks:
                 task.cancel()
@@ -206,6 +186,26 @@ class Bot:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    async def follow_registry(self) -> None:
+        """Serve what registry.json says, within seconds of a change made by any process (runs until cancelled).
+
+        The new engine loads off the event loop and is swapped in whole: requests already running
+        finish on the old one, none is dropped."""
+        watch = self.registry_watch
+        while True:
+            await asyncio.sleep(self.registry_poll_s)
+            if not await asyncio.to_thread(watch.changed):
+                continue
+            try:
+                engine = await asyncio.to_thread(watch.engine_if_needed, self.generator.engine)
+            except Exception as exc:  # a bad checkpoint or config: keep serving what serves
+                log.error("the registry changed but its model failed to load; still serving %s: %s",
+                          self.generator.engine.model_id, exc)
+                continue
+            if engine is not None:
+                self.generator.swap(engine)
+                log.info("now serving %s (registry.json changed)", engine.model_id)
 
     async def close_adapters(self) -> None:
         for adapter in self.adapters:
@@ -221,8 +221,7 @@ class Bot:
     # --- hook calling ------------------------------------------------------------------
 
     async def _call(self, name: str, **kwargs: Any) -> list[Any]:
-        results = getattr(self.pm.hook, name)(**kwargs)
-        return [await await_me_maybe(r) for r in results]
+        return await call_hook(self.pm, name, **kwargs)
 
     async def _first_result(self, name: str, **kwargs: Any) -> Any:
         """A firstresult hook whose implementations may be async: the first non-None answer wins."""

@@ -1,4 +1,6 @@
-"""The one message type every adapter translates its platform's events into."""
+"""The one message type every adapter translates its platform's events into, and what the core answers.
+
+Torch-free, like everything an adapter imports."""
 
 from __future__ import annotations
 
@@ -56,3 +58,11 @@ class _Drop:
 
 DROP = _Drop()
 """Returned by a `message_received` hook to ignore a message."""
+
+
+class Busy(RuntimeError):
+    """The model's queue is full: answer `BUSY_REPLY` (chat) or 503 (HTTP) and let the user retry."""
+
+
+BUSY_REPLY = "I'm answering a lot of messages right now; please try again in a moment."
+"""What chat adapters tell a user whose message found the queue full."""

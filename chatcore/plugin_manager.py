@@ -91,6 +91,16 @@ class PluginManager(pluggy.PluginManager):
             self.set_blocked(name)
 
 
+async def await_me_maybe(value: Any) -> Any:
+    """Hooks may return a value or an awaitable (datasette's convention)."""
+    return await value if inspect.isawaitable(value) else value
+
+
+async def call_hook(pm: pluggy.PluginManager, name: str, **kwargs: Any) -> list[Any]:
+    """Call hook `name` on every plugin and await the results that are awaitable."""
+    return [await await_me_maybe(r) for r in getattr(pm.hook, name)(**kwargs)]
+
+
 def make_plugin_manager(extra: Iterable[Any] = (), *, entry_points: bool = True) -> PluginManager:
     """Load the built-ins, installed entry-point plugins, then `extra` (objects or modules)."""
     pm = PluginManager()
@@ -141,4 +151,4 @@ def _short(value: Any) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-__all__ = ["Command", "DEFAULT_PLUGINS", "Field", "PluginManager", "make_plugin_manager"]
+__all__ = ["Command", "DEFAULT_PLUGINS", "Field", "PluginManager", "await_me_maybe", "call_hook", "make_plugin_manager"]

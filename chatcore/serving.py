@@ -2,7 +2,7 @@
 
 Model work runs on a worker thread so it never blocks the event loop. An engine
 with a model (`chatcore.engine.Engine`) is served by continuous batching
-(`chatcore.batching.Scheduler`): requests from all adapters decode together,
+(`chatcore.batching.BatchScheduler`): requests from all adapters decode together,
 each joining as it arrives and leaving as it finishes, and a follow-up turn
 reuses its conversation's cached prefix (`chatcore.prefix_cache`). Anything
 else with the Engine's shape (`chatcore.testing.ScriptedEngine`) is served one
@@ -26,14 +26,12 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .batching import DONE, Busy, Scheduler, Sink
+from .batching import DONE, BatchScheduler, Sink
+from .message import Busy
 from .prefix_cache import PrefixCache
-from .sampling import SamplingParams
+from .params import SamplingParams
 
-__all__ = ["BUSY_REPLY", "Busy", "Generator"]
-
-BUSY_REPLY = "I'm answering a lot of messages right now; please try again in a moment."
-"""What chat adapters tell a user whose message found the queue full."""
+__all__ = ["Generator"]
 
 
 def supports_batching(engine: Any) -> bool:
@@ -137,7 +135,7 @@ class Generator:
         return self._engine
 
     @property
-    def backend(self) -> Scheduler | _Serial:
+    def backend(self) -> BatchScheduler | _Serial:
         """The worker serving the current engine (created on first use)."""
         if self._backend is None or self._backend.engine is not self._engine:
             if self._backend is not None:
@@ -183,10 +181,10 @@ class Generator:
         # torch when the interpreter exits aborts the process
         await asyncio.to_thread(lambda: [b.join(10.0) for b in backends])
 
-    def _make_backend(self, engine: Any) -> Scheduler | _Serial:
+    def _make_backend(self, engine: Any) -> BatchScheduler | _Serial:
         if supports_batching(engine):
             prefixes = PrefixCache(self._prefix_cache_bytes) if self._prefix_cache_bytes > 0 else None
-            return Scheduler(
+            return BatchScheduler(
                 engine,
                 max_batch=self._max_batch,
                 max_queue=self._max_queue,
@@ -202,6 +200,6 @@ class Generator:
 
 
 def _finished(backend: Any) -> bool:
-    if isinstance(backend, Scheduler):
+    if isinstance(backend, BatchScheduler):
         return backend.stopped
     return backend.idle

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .message import Message
-from .sampling import SamplingParams
+from .params import SamplingParams
 
 
 class StoreError(Exception):

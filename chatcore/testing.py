@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from .message import Message, Reply
-from .sampling import SamplingParams
+from .params import SamplingParams
 
 Script = Iterable[str] | Callable[[str], str] | None
 

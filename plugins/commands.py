@@ -12,7 +12,7 @@ from collections import deque
 from typing import Any
 
 from chatcore import DROP, hookimpl
-from chatcore.bot import await_me_maybe
+from chatcore.plugin_manager import await_me_maybe
 from chatcore.config import Field
 
 

@@ -21,7 +21,6 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / ".." / "shared" / "data" / "sample_conversations.jsonl"
 
 
 def base_closure() -> set[str]:
@@ -80,7 +79,7 @@ def test_the_blocker_hides_what_only_the_extras_bring(tmp_path):
 
 
 @pytest.mark.slow  # trains a tiny starter model
-def test_save_load_starter_and_chat_work_on_base_dependencies(tmp_path):
+def test_save_load_starter_and_chat_work_on_base_dependencies(tmp_path, sample_conversations):
     r = run_base(f"""
         import json, torch
         from chatcore import checkpoint
@@ -92,7 +91,7 @@ def test_save_load_starter_and_chat_work_on_base_dependencies(tmp_path):
         checkpoint.load(path)
         assert chitchat_exchanges(limit=20)
         cfg = StarterConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, minutes=0.05, max_exchanges=100)
-        starter = build_starter("starter", corpus={str(SAMPLE)!r}, cfg=cfg, progress=False)
+        starter = build_starter("starter", corpus={str(sample_conversations)!r}, cfg=cfg, progress=False)
         checkpoint.load(starter)
         open("bot.yaml", "w").write("bot:\\n  data_dir: data\\nmodel:\\n  checkpoint: " + str(path) + "\\n"
                                     "generation:\\n  max_new_tokens: 5\\n")

@@ -22,7 +22,6 @@ from chatcore.message import Message
 from chatcore.sampling import SamplingParams
 from chatcore.store import MIGRATIONS, SCHEMA_VERSION, Store, StoreError
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 DATA = Path(__file__).resolve().parent / "data"
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -415,8 +414,8 @@ def test_stats(store):
 
 # --- import / export ---------------------------------------------------------------------------------
 
-def test_round_trip_of_the_sample_file_is_byte_identical(store, tmp_path):
-    src = SHARED / "sample_conversations.jsonl"
+def test_round_trip_of_the_sample_file_is_byte_identical(store, tmp_path, sample_conversations):
+    src = sample_conversations
     report = store.import_jsonl(src)
     assert report.imported == 350 and report.skipped == []
     out = tmp_path / "out.jsonl"
@@ -425,8 +424,8 @@ def test_round_trip_of_the_sample_file_is_byte_identical(store, tmp_path):
     assert not (tmp_path / "out.jsonl.tmp").exists()
 
 
-def test_round_trip_hard_text(store, tmp_path):
-    naughty = json.loads((SHARED / "naughty_strings.json").read_text(encoding="utf-8"))
+def test_round_trip_hard_text(store, tmp_path, shared_data):
+    naughty = json.loads((shared_data / "naughty_strings.json").read_text(encoding="utf-8"))
     texts = [s for s in naughty if isinstance(s, str) and s.strip()]
     texts += ["line one\nline two\r\nthree", "tab\there \"quoted\" \\ back", "sep\u2028para\u2029end",
               "emoji 👩‍👩‍👧 and NUL \x00 in the middle", "x" * 1_000_000, "ü" * 500_000]

@@ -69,11 +69,10 @@ def spec_from_config(config: Any, base: str, serving: str | None = None, **overr
 
 def load_model(spec: str):
     """Weights for a checkpoint path or a Hugging Face hub name (cache only: a job never downloads)."""
-    from ..checkpoint import load
-    from ..hf import load_hf
+    from ..hf import load_any, load_hf
 
     if Path(spec).expanduser().exists():
-        return load(Path(spec).expanduser())
+        return load_any(Path(spec).expanduser())
     return load_hf(spec, local_files_only=True)
 
 
@@ -91,7 +90,8 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
     from ..checkpoint import save
     from ..tokenizer import Tokenizer
     from .data import GuardConfig, build_dataset, from_store, load_jsonl
-    from .gate import GateConfig, Registry, judge
+    from ..registry import Registry
+    from .gate import GateConfig, judge
     from .train import TrainConfig, set_threads, train
 
     t0 = time.time()
