@@ -5,6 +5,7 @@ Adapters see it only through `chatcore.adapter.BotSurface`."""
 from __future__ import annotations
 
 import asyncio
+import re
 import logging
 from contextlib import aclosing
 from collections.abc import Callable, Iterable
@@ -21,6 +22,12 @@ from .serving import Generator
 from .weights import RegistryWatch, load_engine
 
 log = logging.getLogger("chatcore")
+
+SHUTDOWN_GRACE_S = 10.0
+"""On stop, how long adapters get to finish the requests in flight before they are cancelled."""
+
+# an absolute, home or relative file system path inside a model id (a Hugging Face repo id is not one)
+_PATH = re.compile(r"(?<![\w.-])(?:[A-Za-z]:[\\/]|~?/|\.{1,2}[\\/])[^\s()]*")
 
 
 class Bot:
@@ -58,7 +65,7 @@ class Bot:
         if not isinstance(config, Config):
             config = load_config(config, pm.schema())
         pm.disable(config["plugins"]["disabled"])
-        store = Store(config.store_path)  # first: a locked or read-only database fails before the model loads
+        store = Store(config.store_path, timeout=config["store"]["busy_timeout_s"])  # first: a locked or read-only database fails before the model loads
         if engine is None:
             try:
                 engine = load_engine(config)
@@ -77,6 +84,19 @@ class Bot:
     @property
     def engine(self) -> Any:
         return self.generator.engine
+
+    @property
+    def public_model_id(self) -> str:
+        """The serving model's id as outsiders may see it: no file system paths."""
+        return _PATH.sub(lambda m: m.group(0).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1],
+                         self.engine.model_id)
+
+    def health(self) -> dict[str, Any]:
+        """What a health check needs: ``status`` ("ok" or "unavailable"), the public model id, and why not ok."""
+        problem = self.generator.health()
+        if problem is not None:
+            return {"status": "unavailable", "reason": problem}
+        return {"status": "ok", "model": self.public_model_id}
 
     def is_admin(self, message: Message) -> bool:
         if message.user_key in self.config["bot"]["admins"]:
@@ -104,7 +124,8 @@ class Bot:
             return reply if reply.text else None
 
         engine = self.generator.engine
-        history = self.store.history(message, limit=self.config["bot"]["history_turns"])
+        # Every store call runs on the store's thread: a locked database delays this chat, not the loop.
+        history = await self.store.run(self.store.history, message, limit=self.config["bot"]["history_turns"])
         prompt = build_prompt(message.text, history, engine.count_tokens,
                               budget=engine.block_size - min(params.max_new_tokens, engine.block_size // 2))
         await self._call("prompt_built", bot=self, message=message, prompt=prompt)
@@ -124,7 +145,8 @@ class Bot:
         await self._call("reply_ready", bot=self, message=message, reply=reply)
         if not reply.text:
             return None
-        exchange = self.store.log_exchange(message, reply.text, model_id=reply.model_id, params=params)
+        exchange = await self.store.run(self.store.log_exchange, message, reply.text, model_id=reply.model_id,
+                                        params=params)
         reply.exchange_id = exchange.id
         await self._call("exchange_logged", bot=self, exchange=exchange)
         return reply
@@ -132,19 +154,29 @@ class Bot:
     async def record_delivery(self, reply: Reply, platform_message_id: str) -> None:
         """Remember which platform message carried `reply`, so reactions to it count as feedback."""
         if reply.exchange_id is not None:
-            self.store.set_platform_message_id(reply.exchange_id, str(platform_message_id))
+            await self.store.run(self.store.set_platform_message_id, reply.exchange_id, str(platform_message_id))
 
     async def feedback(self, adapter: str, platform_message_id: str, user: str, value: int) -> bool:
         """A user rated the reply carried by a platform message; False if it is not one of ours."""
-        exchange = self.store.find_by_platform_message_id(adapter, str(platform_message_id))
+        exchange = await self.store.run(self.store.find_by_platform_message_id, adapter, str(platform_message_id))
         if exchange is None:
             return False
         await self.rate(exchange, f"{adapter}:{user}", value)
         return True
 
+    async def withdraw_feedback(self, adapter: str, platform_message_id: str, user: str, value: int) -> bool:
+        """A user took back a reaction worth `value` from a reply; their vote goes if it still is that one."""
+        exchange = self.store.find_by_platform_message_id(adapter, str(platform_message_id))
+        if exchange is None:
+            return False
+        user_key = f"{adapter}:{user}"
+        if self.store.remove_feedback(exchange.id, user_key, 1 if value > 0 else -1):
+            await self._call("feedback_received", bot=self, exchange=exchange, user=user_key, value=0)
+        return True
+
     async def rate(self, exchange: Any, user_key: str, value: int) -> None:
         value = 1 if value > 0 else -1
-        self.store.add_feedback(exchange.id, user_key, value)
+        await self.store.run(self.store.add_feedback, exchange.id, user_key, value)
         await self._call("feedback_received", bot=self, exchange=exchange, user=user_key, value=value)
 
     # --- running adapters ------------------------------------------------------------
@@ -179,6 +211,8 @@ class Bot:
             stopper.cancel()
             follower.cancel()
             await self.close_adapters()
+            # let each adapter finish (or refuse) the requests it has in flight before cancelling it
+            await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE_S)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -216,7 +250,7 @@ class Bot:
 
     async def close(self) -> None:
         await self.generator.close()
-        self.store.close()
+        await self.store.run(self.store.close)  # after the writes queued before it
 
     # --- hook calling ------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import asyncio
 import fcntl
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -154,7 +155,7 @@ def open_store(config_path: Path | None, *, read_only: bool = False):
     from .store import Store
 
     _, config = load(config_path)
-    return Store(config.store_path, read_only=read_only)
+    return Store(config.store_path, read_only=read_only, timeout=config["store"]["busy_timeout_s"])
 
 
 def build_bot(config_path: Path | None):
@@ -179,6 +180,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def _serve(bot: Any, adapters: list[str] | None) -> int:
     async def go() -> None:
+        # SIGTERM (containers, systemd) stops like the end of input: adapters finish or refuse what is
+        # in flight (within their grace period), shutdown hooks run, exit 0.
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGTERM, bot.stop)
+        except (NotImplementedError, RuntimeError):  # Windows, or not the main thread
+            pass
         try:
             await bot.run(adapters)
         finally:

@@ -40,6 +40,7 @@ class Command:
     name: str
     handler: Callable[..., Any]
     admin: bool = False
+    anonymous: bool = False  # may run without an identity (it touches nobody's data)
 
     @property
     def help(self) -> str:
@@ -64,8 +65,8 @@ class PluginManager(pluggy.PluginManager):
     def commands(self) -> dict[str, Command]:
         found: dict[str, Command] = {}
 
-        def register(name: str, handler: Callable[..., Any], admin: bool = False) -> None:
-            found[name.lstrip("/")] = Command(name.lstrip("/"), handler, admin)
+        def register(name: str, handler: Callable[..., Any], admin: bool = False, anonymous: bool = False) -> None:
+            found[name.lstrip("/")] = Command(name.lstrip("/"), handler, admin, anonymous)
 
         self.hook.register_commands(register=register)
         return found
@@ -119,7 +120,10 @@ def make_plugin_manager(extra: Iterable[Any] = (), *, entry_points: bool = True)
     if entry_points:
         pm.load_setuptools_entrypoints("chatcore")
     for plugin in extra:
-        pm.register(plugin)
+        # A plugin given explicitly (the testbot recipe) may also be installed through its entry
+        # point, or be a built-in: it is the same module object, registered once.
+        if not pm.is_registered(plugin):
+            pm.register(plugin)
     if os.environ.get("CHATCORE_TRACE_HOOKS"):
         _trace(pm)
     return pm

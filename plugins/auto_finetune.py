@@ -160,10 +160,10 @@ async def exchange_logged(bot, exchange):
     st = state_of(bot)
     if not st.cfg.get("enabled", True) or st.running:
         return
-    if bot.store.exchanges_since_finetune() < st.cfg.get("every", 50):
+    if await bot.store.run(bot.store.exchanges_since_finetune) < st.cfg.get("every", 50):
         return
     cooldown = float(st.cfg.get("cooldown_minutes", 60)) * 60
-    last = bot.store.last_finetune()
+    last = await bot.store.run(bot.store.last_finetune)
     since = time.time() - max(last["at"] if last else 0.0, st.last_attempt)
     if since < cooldown:
         return
@@ -241,7 +241,8 @@ async def finetune_command(bot, message, args):
         if st.running:
             return f"Fine-tune job {st.job.id} is running: {st.job.progress() or 'starting'}"
         reg = Registry(st.models_dir).current()
-        return (f"No fine-tune is running. {bot.store.exchanges_since_finetune()} new exchange(s) since the "
+        since = await bot.store.run(bot.store.exchanges_since_finetune)
+        return (f"No fine-tune is running. {since} new exchange(s) since the "
                 f"last one; serving {reg.name if reg else 'the base model'}.")
     if arg == "cancel":
         if not st.running:
