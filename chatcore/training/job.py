@@ -159,7 +159,8 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
     save(model, cand, base_model=spec.base, iteration=outcome.best_iter,
          train_loss=outcome.final_train_loss, val_loss=outcome.best_val_loss, data_hash=data.hash,
          data=data.summary(), training=asdict(train_cfg), stopped=outcome.stopped,
-         initial_val_loss=outcome.initial_val_loss, resumed_from=outcome.resumed_from, lineage=lineage)
+         initial_val_loss=outcome.initial_val_loss, resumed_from=outcome.resumed_from, lineage=lineage,
+         history=outcome.history)  # per-evaluation train/val losses: the dashboard's learning curves
 
     del model  # the gate judges the file just written, exactly what would serve
     general = None
