@@ -368,7 +368,8 @@ class Dashboard:
         path = self.models_dir / name
         if not path.is_file():
             raise ActionRefused(f"{name} is no longer on disk")
-        await asyncio.to_thread(await self._forgotten_check(body), path)
+        check = await self._forgotten_check(body)
+        await asyncio.to_thread(check, path)
         await asyncio.to_thread(registry.promote, path, kept[name].get("metrics") or {})
         return await self._serve(path)
 
