@@ -21,6 +21,7 @@ Config (``plugins.auto_finetune``)::
     training: {...}       # chatcore.training.train.TrainConfig (lr, max_iters, loss_on, ...)
     guards: {...}         # chatcore.training.data.GuardConfig (duplicates, min length, user share, ...)
     gate: {...}           # chatcore.training.gate.GateConfig (min_improvement, general_text, keep, ...)
+    preference: {...}     # chatcore.training.preference.PreferenceConfig (enabled, min_labels, beta, ...)
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from chatcore.config import Field
 from chatcore.training.data import GuardConfig
 from chatcore.training.gate import GateConfig, Registry, serving_checkpoint
 from chatcore.training.job import JobSpec, spec_from_config
+from chatcore.training.preference import PreferenceConfig
 from chatcore.training.scheduler import Busy, Job, Scheduler
 from chatcore.training.train import TrainConfig
 
@@ -83,6 +85,7 @@ def register_config(register):
         "training": _schema_of(TrainConfig),
         "guards": _schema_of(GuardConfig),
         "gate": _schema_of(GateConfig),
+        "preference": _schema_of(PreferenceConfig),
     })
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from chatcore import DROP, hookimpl
 from chatcore.bot import await_me_maybe
 from chatcore.config import Field
+from chatcore.message import Reply
 
 
 @hookimpl
@@ -35,6 +36,7 @@ def register_commands(register):
     register("status", status)
     register("good", good)
     register("bad", bad)
+    register("retry", retry)
 
 
 @hookimpl(tryfirst=True)
@@ -58,8 +60,9 @@ def message_received(bot, message):
     return _run(command, bot, message, args.strip())
 
 
-async def _run(command, bot, message, args: str) -> str:
-    return str(await await_me_maybe(command.handler(bot, message, args)))
+async def _run(command, bot, message, args: str) -> str | Reply:
+    answer = await await_me_maybe(command.handler(bot, message, args))
+    return answer if isinstance(answer, Reply) else str(answer)  # a Reply: a logged model answer (/retry)
 
 
 class RateLimiter:
@@ -137,3 +140,9 @@ async def _rate_last(bot, message, value: int) -> str:
         return "There is no reply of mine in this conversation to rate yet."
     await bot.rate(exchange, message.user_key, value)
     return "Thanks for the feedback."
+
+
+async def retry(bot, message, args):
+    """Answer my last reply again, differently (then rate one, or just carry on with the new one)."""
+    reply = await bot.retry(message)
+    return reply if reply is not None else "There is no reply of mine in this conversation to retry yet."

@@ -4,7 +4,9 @@ A candidate is promoted only if its loss on a validation split that no fine-tune
 ever trained on (the split is stable by conversation, see `data.split_by_conversation`)
 beats the serving model's on the same split, and, when a general-text set is
 configured, it is no more than `max_general_regression` worse there (so learning
-a community's chat does not cost the model its English). A rejected candidate
+a community's chat does not cost the model its English), and, when held-out 👍/👎
+labels or /retry pairs exist, it orders them at least as well as the serving model
+(`chatcore.training.preference`). A rejected candidate
 stays on disk for inspection.
 
 `Registry` keeps ``<models>/registry.json``: the serving checkpoint and the
@@ -24,7 +26,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,6 +51,8 @@ class GateConfig:
     keep_rejected: int = 3
     eval_block_size: int = 128
     eval_max_batches: int | None = None
+    preference_check: bool = True  # held-out 👍/👎 and pairs: the candidate must order them at least as well
+    max_preference_regression: float = 0.0  # allowed drop in preference accuracy (0: at least as well)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "GateConfig":
@@ -67,13 +71,17 @@ class GateResult:
     serving_val_loss: float
     candidate_general_loss: float | None = None
     serving_general_loss: float | None = None
+    # on held-out labels (chatcore.training.preference): {"accuracy", "margin", "comparisons"}
+    candidate_preference: dict[str, Any] | None = None
+    serving_preference: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def judge(candidate: nn.Module, serving: nn.Module, val: TokenData, cfg: GateConfig | None = None,
-          general: TokenData | None = None) -> GateResult:
+          general: TokenData | None = None, preferences: Callable[[nn.Module], dict[str, Any]] | None = None
+          ) -> GateResult:
     """Compare both models on the same held-out tokens; promote only a clear winner."""
     cfg = cfg or GateConfig()
     kw = dict(block_size=cfg.eval_block_size, max_batches=cfg.eval_max_batches)
@@ -92,6 +100,14 @@ def judge(candidate: nn.Module, serving: nn.Module, val: TokenData, cfg: GateCon
         if c_gen > s_gen + cfg.max_general_regression:
             result.reason = (f"general-text loss {c_gen:.4f} regressed more than "
                              f"{cfg.max_general_regression} from {s_gen:.4f}")
+            return result
+    if preferences is not None and cfg.preference_check:
+        # `preferences(model)` scores held-out labels (preference.preference_metrics); none: nothing to judge
+        c_pref, s_pref = preferences(candidate), preferences(serving)
+        result.candidate_preference, result.serving_preference = c_pref, s_pref
+        if c_pref["comparisons"] and c_pref["accuracy"] < s_pref["accuracy"] - cfg.max_preference_regression:
+            result.reason = (f"preference accuracy {c_pref['accuracy']:.3f} on held-out labels is below serving's "
+                             f"{s_pref['accuracy']:.3f} (margin {c_pref['margin']:+.3f} vs {s_pref['margin']:+.3f})")
             return result
     result.promoted = True
     result.reason = f"validation loss {c_val:.4f} beats serving {s_val:.4f}"

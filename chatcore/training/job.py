@@ -47,6 +47,8 @@ class JobSpec:
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
     guards: dict[str, Any] = field(default_factory=dict)  # GuardConfig fields
     gate: dict[str, Any] = field(default_factory=dict)  # GateConfig fields
+    preference: dict[str, Any] = field(default_factory=dict)  # preference.PreferenceConfig fields
+    preference_jsonl: list[str] = field(default_factory=list)  # labels from files (preference.load_preference_jsonl)
     val_fraction: float = 0.1
     threads: int | None = None
     progress: bool = True
@@ -61,7 +63,7 @@ def spec_from_config(config: Any, base: str, serving: str | None = None, **overr
 
     fields = dict(models_dir=str(Path(config.data_dir) / "models"), base=base, serving=serving,
                   store=str(config.store_path), train=options("training"), guards=options("guards"),
-                  gate=options("gate"), val_fraction=float(section.get("val_fraction", 0.1)),
+                  gate=options("gate"), preference=options("preference"), val_fraction=float(section.get("val_fraction", 0.1)),
                   threads=section.get("threads"))
     fields.update(overrides)
     return JobSpec(**fields)
@@ -92,6 +94,7 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
     from ..tokenizer import Tokenizer
     from .data import GuardConfig, build_dataset, from_store, load_jsonl
     from .gate import GateConfig, Registry, judge
+    from .preference import preference_metrics
     from .train import TrainConfig, set_threads, train
 
     t0 = time.time()
@@ -129,18 +132,24 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
     serving.eval()
 
     outcome = train(model, data, train_cfg, progress=spec.progress, should_stop=should_stop)
+    prefs_train, prefs_held, pref_outcome = preference_stage(spec, store, guard_cfg, train_cfg.seed, model, tok,
+                                                             should_stop)
 
     # candidate: written atomically (temp name + rename inside checkpoint.save)
     cand = candidate_path(models_dir)
     save(model, cand, base_model=spec.base, iteration=outcome.best_iter,
          train_loss=outcome.final_train_loss, val_loss=outcome.best_val_loss, data_hash=data.hash,
          data=data.summary(), training=asdict(train_cfg), stopped=outcome.stopped,
-         initial_val_loss=outcome.initial_val_loss)
+         initial_val_loss=outcome.initial_val_loss,
+         curves=outcome.curves(),  # train/val loss per evaluation, for plotting
+         preference=pref_outcome.as_dict() if pref_outcome else None)
 
     general = None
     if gate_cfg.general_text:
         general = general_text_data(gate_cfg.general_text, tok)
-    verdict = judge(model, serving, data.val, gate_cfg, general)
+    pref_block = gate_cfg.eval_block_size
+    verdict = judge(model, serving, data.val, gate_cfg, general,
+                    preferences=(lambda m: preference_metrics(m, tok, prefs_held, pref_block)) if len(prefs_held) else None)
     registry = Registry(models_dir, keep=gate_cfg.keep, keep_rejected=gate_cfg.keep_rejected)
     result = {
         "status": "promoted" if verdict.promoted else "rejected",
@@ -150,6 +159,8 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
         "gate": verdict.as_dict(),
         "training": {k: v for k, v in outcome.as_dict().items() if k != "history"},
         "history": outcome.history,
+        "preference": {**(pref_outcome.as_dict() if pref_outcome else {"stopped": "disabled"}),
+                       "train_labels": prefs_train.summary(), "held_out_labels": prefs_held.summary()},
         "data": data.summary(),
         "up_to_id": up_to_id,
         "seconds": round(time.time() - t0, 1),
@@ -163,6 +174,27 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
         store.close()
     log.info("%s: %s", result["status"], verdict.reason)
     return result
+
+
+def preference_stage(spec: JobSpec, store: Any, guards: Any, seed: int, model: Any, tok: Any,
+                     should_stop: Callable[[], bool] | None):
+    """Labels (store votes and pairs, label files) split like the data; KTO/DPO when enabled and enough exist."""
+    from .preference import PreferenceConfig, Preferences, from_store_preferences, load_preference_jsonl
+    from .preference import train_preferences
+
+    cfg = PreferenceConfig.from_dict(spec.preference)
+    prefs = from_store_preferences(store, guards) if store is not None else Preferences()
+    for path in spec.preference_jsonl:
+        more = load_preference_jsonl(path)
+        prefs.labelled += more.labelled
+        prefs.pairs += more.pairs
+    train_prefs, held = prefs.split(spec.val_fraction, seed)
+    outcome = None
+    if cfg.enabled:
+        outcome = train_preferences(model, tok, train_prefs, cfg, should_stop=should_stop)
+        log.info("preference stage: %s after %d step(s), KL to reference %.4f (labels %s)",
+                 outcome.stopped, outcome.steps, outcome.kl, outcome.labels)
+    return train_prefs, held, outcome
 
 
 def general_text_data(path: str, tok):

@@ -228,6 +228,12 @@ class TrainOutcome:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def curves(self) -> dict[str, list]:
+        """Loss curves per evaluation for the sidecar: {"iter", "train", "val"} (train is None at iteration 0)."""
+        return {"iter": [h["iter"] for h in self.history],
+                "train": [h.get("train_loss") for h in self.history],
+                "val": [h["val_loss"] for h in self.history]}
+
 
 def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, progress: bool = True,
           should_stop: Callable[[], bool] | None = None, vocab: OutputVocab | None = None) -> TrainOutcome:
