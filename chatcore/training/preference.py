@@ -368,8 +368,8 @@ def train_preferences(model: nn.Module, tok: TokenizerLike, prefs: Preferences, 
         opt.step()
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             drift = mean_kl(model, reference, drift_items)
-            history.append({"step": step, "loss": float(loss), "kl": drift})
-            log.info("preference step %d: loss %.4f, KL to reference %.4f", step, float(loss), drift)
+            history.append({"step": step, "loss": loss.item(), "kl": drift})
+            log.info("preference step %d: loss %.4f, KL to reference %.4f", step, loss.item(), drift)
             if drift > cfg.max_kl:
                 model.load_state_dict(kept_state)
                 stopped = "drift_cap"
