@@ -2,7 +2,8 @@
 
 Thin by design: a Discord message becomes a `Message`, the reply goes back in
 chunks of at most 2000 characters with every mention disabled, 👍/👎
-reactions on a reply become feedback, and 🔁 on one's last reply asks for another answer. The conversation is the channel (a
+reactions on a reply become feedback (removing the reaction withdraws it), and 🔁 on one's
+last reply asks for another answer. The conversation is the channel (a
 thread is its own channel) plus the user. Reconnects are discord.py's job.
 
 Intents: the default ones (guilds, messages, reactions). Discord delivers the
@@ -21,10 +22,9 @@ from typing import Any
 import discord
 
 from chatcore import hookimpl
-from chatcore.adapter import Adapter, AdapterError
+from chatcore.adapter import Adapter, AdapterError, BotSurface
 from chatcore.config import Field
-from chatcore.message import Message, Reply
-from chatcore.serving import BUSY_REPLY, Busy
+from chatcore.message import BUSY_REPLY, Busy, Message, RateLimited, Reply
 from chatcore.text import split_message
 
 log = logging.getLogger("chatcore.discord")
@@ -52,6 +52,9 @@ class _Client(discord.Client):
     async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
         await self.adapter.on_reaction(payload)
 
+    async def on_raw_reaction_remove(self, payload: discord.RawReactionActionEvent) -> None:
+        await self.adapter.on_reaction(payload, removed=True)
+
 
 class DiscordAdapter(Adapter):
     name = "discord"
@@ -63,7 +66,7 @@ class DiscordAdapter(Adapter):
     }
     guild_ready_timeout: float = 2.0  # discord.py's wait for guilds before on_ready; tests lower it
 
-    def __init__(self, bot: Any, config: dict[str, Any]) -> None:
+    def __init__(self, bot: BotSurface, config: dict[str, Any]) -> None:
         super().__init__(bot, config)
         self.channels = {int(c) for c in config.get("channels") or []}
         intents = discord.Intents.default()
@@ -129,6 +132,10 @@ class DiscordAdapter(Adapter):
         except Busy:
             await message.channel.send(BUSY_REPLY, reference=self._reference(message))
             return
+        except RateLimited as refused:
+            if refused.notice:
+                await message.channel.send(refused.notice, reference=self._reference(message))
+            return
         if reply is not None:
             await self.deliver(message, reply)
 
@@ -143,7 +150,7 @@ class DiscordAdapter(Adapter):
         # In a DM the reply is obvious; in a server, quote the question (without pinging its author).
         return None if message.guild is None else message.to_reference(fail_if_not_exists=False)
 
-    async def on_reaction(self, payload: discord.RawReactionActionEvent) -> None:
+    async def on_reaction(self, payload: discord.RawReactionActionEvent, removed: bool = False) -> None:
         me = self.client.user
         if me is None or payload.user_id == me.id:
             return
@@ -152,10 +159,13 @@ class DiscordAdapter(Adapter):
             return
         emoji = _EMOJI_MODIFIERS.sub("", payload.emoji.name or "")
         if emoji == RETRY:
-            await self.retry(payload)
+            if not removed:
+                await self.retry(payload)
             return
         value = FEEDBACK.get(emoji)
-        if value is not None:
+        if value is not None and removed:
+            await self.bot.withdraw_feedback(self.name, str(payload.message_id), str(payload.user_id), value)
+        elif value is not None:
             await self.bot.feedback(self.name, str(payload.message_id), str(payload.user_id), value)
 
     async def retry(self, payload: discord.RawReactionActionEvent) -> None:

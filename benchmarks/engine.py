@@ -76,16 +76,16 @@ def prompt_ids(n: int) -> list[int]:
 
 
 def load_chatcore(native: Path, hf_dir: Path, threads: int):
-    from chatcore.engine import Engine
+    from chatcore.weights import build_engine
 
-    return Engine.from_config({"checkpoint": str(native), "device": "cpu", "dtype": "float32", "threads": threads})
+    return build_engine({"checkpoint": str(native), "device": "cpu", "dtype": "float32", "threads": threads})
 
 
 def load_chatcore_int8(native: Path, hf_dir: Path, threads: int):
     """The same engine with `model.quantize: int8` (fp32 activations, int8 weights)."""
-    from chatcore.engine import Engine
+    from chatcore.weights import build_engine
 
-    return Engine.from_config({"checkpoint": str(native), "device": "cpu", "dtype": "float32", "threads": threads,
+    return build_engine({"checkpoint": str(native), "device": "cpu", "dtype": "float32", "threads": threads,
                                "quantize": "int8"})
 
 

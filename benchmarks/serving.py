@@ -121,10 +121,10 @@ class Sink:
 
 
 def batched(engine, prompts: list[str], new_tokens: int, stagger: float) -> dict:
-    from chatcore.batching import Scheduler
+    from chatcore.batching import BatchScheduler
     from chatcore.sampling import SamplingParams
 
-    sched = Scheduler(engine, max_batch=len(prompts))
+    sched = BatchScheduler(engine, max_batch=len(prompts))
     try:
         _warm(sched)
         steps0 = sched.steps
@@ -192,7 +192,7 @@ def transformers_static(hf, tokenizer, prompts: list[str], new_tokens: int) -> d
 
 
 def follow_up_ttft(engine, history_tokens: int, reps: int) -> dict:
-    from chatcore.batching import Scheduler
+    from chatcore.batching import BatchScheduler
     from chatcore.prefix_cache import PrefixCache
     from chatcore.prompt import render_exchange, render_prompt
     from chatcore.sampling import SamplingParams
@@ -204,8 +204,8 @@ def follow_up_ttft(engine, history_tokens: int, reps: int) -> dict:
             break
         history += render_exchange(c["user"], c["assistant"])
     params = SamplingParams(temperature=0, max_new_tokens=12, stop_at_newline=False)
-    reuse = Scheduler(engine, max_batch=1, prefix_cache=PrefixCache(512 * 2**20))
-    fresh = Scheduler(engine, max_batch=1)
+    reuse = BatchScheduler(engine, max_batch=1, prefix_cache=PrefixCache(512 * 2**20))
+    fresh = BatchScheduler(engine, max_batch=1)
 
     def ask(sched, prompt):
         sink = Sink()

@@ -1,27 +1,74 @@
-"""The base class every chat adapter implements.
+"""The adapter base class, and `BotSurface`: everything an adapter may call on the bot.
 
 An adapter only translates: platform events in (as `chatcore.message.Message`,
-handed to `Bot.handle`), replies out (split to the platform's limits with
-`chatcore.text.split_message`). Everything else lives in the core, tested once.
+handed to `BotSurface.handle`), replies out (split to the platform's limits with
+`chatcore.text.split_message`; a full queue raises `chatcore.message.Busy`,
+answered with `BUSY_REPLY` or a 503). Everything else lives in the core, tested
+once. An adapter imports only this contract (`adapter`, `message`, `params`,
+`config`, `text`): never torch, `chatcore.bot` or `chatcore.serving`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol
 
-if TYPE_CHECKING:
-    from .bot import Bot
+from .message import Message, Reply
+from .params import SamplingParams
 
 
 class AdapterError(RuntimeError):
     """An adapter cannot start; the message says what to fix (bad token, missing intent or secret)."""
 
 
+class ServingModel(Protocol):
+    """What an adapter may read of the model that serves (`BotSurface.engine`)."""
+
+    model_id: str  # stored with every exchange; shown by /v1/models and /health
+    block_size: int  # the context window, in tokens
+
+    def count_tokens(self, text: str) -> int: ...
+
+
+class BotSurface(Protocol):
+    """The bot as an adapter sees it (`chatcore.bot.Bot` implements it)."""
+
+    name: str  # bot.name in the config
+    params: SamplingParams  # the configured sampler settings; per-request ones start from these
+
+    @property
+    def engine(self) -> ServingModel: ...
+
+    async def handle(self, message: Message, on_delta: Callable[[str], Any] | None = None,
+                     params: SamplingParams | None = None) -> Reply | None:
+        """Answer `message` (None: nothing to send); `on_delta` receives the text as it streams.
+        Raises `chatcore.message.Busy` when the queue is full, `chatcore.message.RateLimited` over the rate limit."""
+
+    async def record_delivery(self, reply: Reply, platform_message_id: str) -> None:
+        """Remember which platform message carried `reply`, so reactions to it count as feedback."""
+
+    async def feedback(self, adapter: str, platform_message_id: str, user: str, value: int) -> bool:
+        """A user rated the reply carried by a platform message (+1/-1); False if it is not one of ours."""
+
+    async def withdraw_feedback(self, adapter: str, platform_message_id: str, user: str, value: int) -> bool:
+        """A user removed a reaction worth `value` (+1/-1); their vote goes if it still is that one."""
+
+    async def retry_reply(self, adapter: str, platform_message_id: str, user: str) -> Reply | None:
+        """🔁 on a reply: answer again if it is the last reply of the reacting user's own conversation, else None."""
+
+    @property
+    def public_model_id(self) -> str:
+        """The serving model's id without file system paths: what outsiders (/health, /v1/models) see."""
+
+    def health(self) -> dict[str, Any]:
+        """``{"status": "ok", "model": ...}``, or ``{"status": "unavailable", "reason": ...}`` (dead or stuck model)."""
+
+
 class Adapter:
     name: ClassVar[str] = ""
     config_schema: ClassVar[dict[str, Any]] = {}  # {key: chatcore.config.Field}; `enabled` is added for you
 
-    def __init__(self, bot: "Bot", config: dict[str, Any]) -> None:
+    def __init__(self, bot: BotSurface, config: dict[str, Any]) -> None:
         self.bot = bot
         self.config = config
 

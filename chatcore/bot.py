@@ -1,13 +1,15 @@
-"""The bot runtime: one engine, one store, many adapters, every step a hook."""
+"""The bot runtime: one engine, one store, many adapters, every step a hook.
+
+Adapters see it only through `chatcore.adapter.BotSurface`."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import inspect
 import random
-from contextlib import aclosing
+import re
 import logging
+from contextlib import aclosing
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -15,44 +17,26 @@ from typing import Any
 from .adapter import AdapterError
 from .config import Config, load_config
 from .message import DROP, Message, Reply
-from .plugin_manager import Command, PluginManager, make_plugin_manager
+from .params import SamplingParams
+from .plugin_manager import Command, PluginManager, await_me_maybe, call_hook, make_plugin_manager
 from .prompt import build_prompt
-from .sampling import SamplingParams
 from .serving import Generator
+from .weights import RegistryWatch, load_engine
 
 log = logging.getLogger("chatcore")
 
+SHUTDOWN_GRACE_S = 10.0
+"""On stop, how long adapters get to finish the requests in flight before they are cancelled."""
 
-async def await_me_maybe(value: Any) -> Any:
-    """Hooks may return a value or an awaitable (datasette's convention)."""
-    return await value if inspect.isawaitable(value) else value
-
-
-def load_engine(config: Config) -> Any:
-    """The serving engine: the last promoted fine-tune if there is a sound one, else the configured model."""
-    from .checkpoint import CheckpointError
-    from .engine import Engine
-    from .training.gate import serving_checkpoint
-
-    promoted = serving_checkpoint(config.data_dir / "models")
-    if promoted is not None:
-        try:
-            return Engine.from_config({**config["model"], "checkpoint": str(promoted)})
-        except CheckpointError as exc:  # a damaged fine-tune never stops the bot from serving
-            log.warning("promoted checkpoint %s is unusable (%s); serving the configured model", promoted, exc)
-    return Engine.from_config(config["model"], starter=starter_for(config))
-
-
-def starter_for(config: Config) -> Callable[[], Any] | None:
-    """The offline starter model's builder, when the config allows it (see chatcore.training.starter)."""
-    if not config["model"]["starter"]:
-        return None
-    from .training.starter import starter_model
-
-    return lambda: starter_model(config)
+# an absolute, home or relative file system path inside a model id (a Hugging Face repo id is not one)
+_PATH = re.compile(r"(?<![\w.-])(?:[A-Za-z]:[\\/]|~?/|\.{1,2}[\\/])[^\s()]*")
 
 
 class Bot:
+    """Answers messages (`handle`) and runs the adapters; implements `chatcore.adapter.BotSurface`."""
+
+    registry_poll_s = 2.0  # how often a running bot looks for promotions and rollbacks made elsewhere
+
     def __init__(self, config: Config, pm: PluginManager, store: Any, generator: Generator) -> None:
         self.config = config
         self.pm = pm
@@ -63,6 +47,7 @@ class Bot:
         self.adapter_classes = pm.adapters()
         self.adapters: list[Any] = []
         self._stopping = asyncio.Event()
+        self.registry_watch = RegistryWatch(config)  # from now on, registry changes are followed
 
     # --- building -------------------------------------------------------------
 
@@ -82,7 +67,7 @@ class Bot:
         if not isinstance(config, Config):
             config = load_config(config, pm.schema())
         pm.disable(config["plugins"]["disabled"])
-        store = Store(config.store_path)  # first: a locked or read-only database fails before the model loads
+        store = Store(config.store_path, timeout=config["store"]["busy_timeout_s"])  # first: a locked or read-only database fails before the model loads
         if engine is None:
             try:
                 engine = load_engine(config)
@@ -101,6 +86,19 @@ class Bot:
     @property
     def engine(self) -> Any:
         return self.generator.engine
+
+    @property
+    def public_model_id(self) -> str:
+        """The serving model's id as outsiders may see it: no file system paths."""
+        return _PATH.sub(lambda m: m.group(0).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1],
+                         self.engine.model_id)
+
+    def health(self) -> dict[str, Any]:
+        """What a health check needs: ``status`` ("ok" or "unavailable"), the public model id, and why not ok."""
+        problem = self.generator.health()
+        if problem is not None:
+            return {"status": "unavailable", "reason": problem}
+        return {"status": "ok", "model": self.public_model_id}
 
     def is_admin(self, message: Message) -> bool:
         if message.user_key in self.config["bot"]["admins"]:
@@ -129,7 +127,8 @@ class Bot:
             await self._call("reply_ready", bot=self, message=message, reply=reply)
             return reply if reply.text else None
 
-        history = self.store.history(message, limit=self.config["bot"]["history_turns"])
+        # Every store call runs on the store's thread: a locked database delays this chat, not the loop.
+        history = await self.store.run(self.store.history, message, limit=self.config["bot"]["history_turns"])
         return await self._answer(message, history, params, on_delta)
 
     async def _answer(self, message: Message, history: list[tuple[str, str]], params: SamplingParams,
@@ -155,9 +154,10 @@ class Bot:
         await self._call("reply_ready", bot=self, message=message, reply=reply)
         if not reply.text:
             return None
-        exchange = self.store.log_exchange(message, reply.text, model_id=reply.model_id, params=params)
+        exchange = await self.store.run(self.store.log_exchange, message, reply.text, model_id=reply.model_id,
+                                        params=params)
         if retry_of is not None:
-            self.store.link_retry(exchange.id, retry_of)
+            await self.store.run(self.store.link_retry, exchange.id, retry_of)
         reply.exchange_id = exchange.id
         await self._call("exchange_logged", bot=self, exchange=exchange)
         return reply
@@ -165,14 +165,24 @@ class Bot:
     async def record_delivery(self, reply: Reply, platform_message_id: str) -> None:
         """Remember which platform message carried `reply`, so reactions to it count as feedback."""
         if reply.exchange_id is not None:
-            self.store.set_platform_message_id(reply.exchange_id, str(platform_message_id))
+            await self.store.run(self.store.set_platform_message_id, reply.exchange_id, str(platform_message_id))
 
     async def feedback(self, adapter: str, platform_message_id: str, user: str, value: int) -> bool:
         """A user rated the reply carried by a platform message; False if it is not one of ours."""
-        exchange = self.store.find_by_platform_message_id(adapter, str(platform_message_id))
+        exchange = await self.store.run(self.store.find_by_platform_message_id, adapter, str(platform_message_id))
         if exchange is None:
             return False
         await self.rate(exchange, f"{adapter}:{user}", value)
+        return True
+
+    async def withdraw_feedback(self, adapter: str, platform_message_id: str, user: str, value: int) -> bool:
+        """A user took back a reaction worth `value` from a reply; their vote goes if it still is that one."""
+        exchange = self.store.find_by_platform_message_id(adapter, str(platform_message_id))
+        if exchange is None:
+            return False
+        user_key = f"{adapter}:{user}"
+        if self.store.remove_feedback(exchange.id, user_key, 1 if value > 0 else -1):
+            await self._call("feedback_received", bot=self, exchange=exchange, user=user_key, value=0)
         return True
 
     async def retry(self, message: Message) -> Reply | None:
@@ -181,21 +191,21 @@ class Bot:
         The new reply replaces the old one in the conversation's history; the two become a
         preference pair once the user rates one of them or keeps the new one (see `Store.preference_pairs`).
         """
-        last = self.store.last_exchange(message)
+        last = await self.store.run(self.store.last_exchange, message)
         if last is None:
             return None
         original = Message(text=last.user_text, adapter=message.adapter, channel=message.channel, user=message.user,
                            user_name=message.user_name, is_direct=message.is_direct, raw=message.raw)
-        history = self.store.context_before(last.id, limit=self.config["bot"]["history_turns"])
+        history = await self.store.run(self.store.context_before, last.id, limit=self.config["bot"]["history_turns"])
         return await self._answer(original, history, self.retry_params(last.params), retry_of=last.id)
 
     async def retry_reply(self, adapter: str, platform_message_id: str, user: str) -> Reply | None:
         """🔁 on a reply: retry it if it is the last reply of the reacting user's own conversation, else None."""
-        exchange = self.store.find_by_platform_message_id(adapter, str(platform_message_id))
+        exchange = await self.store.run(self.store.find_by_platform_message_id, adapter, str(platform_message_id))
         if exchange is None or exchange.user != str(user):
             return None
         message = Message(text=exchange.user_text, adapter=adapter, channel=exchange.channel, user=exchange.user)
-        last = self.store.last_exchange(message)
+        last = await self.store.run(self.store.last_exchange, message)
         if last is None or last.id != exchange.id:
             return None  # an older reply: the conversation has moved on since
         return await self.retry(message)
@@ -212,7 +222,7 @@ class Bot:
 
     async def rate(self, exchange: Any, user_key: str, value: int) -> None:
         value = 1 if value > 0 else -1
-        self.store.add_feedback(exchange.id, user_key, value)
+        await self.store.run(self.store.add_feedback, exchange.id, user_key, value)
         await self._call("feedback_received", bot=self, exchange=exchange, user=user_key, value=value)
 
     # --- running adapters ------------------------------------------------------------
@@ -233,6 +243,7 @@ class Bot:
             raise AdapterError("no adapter is enabled: set adapters.<name>.enabled: true in the config")
         await self._call("startup", bot=self)
         tasks = [asyncio.create_task(a.start(), name=f"adapter:{a.name}") for a in self.adapters]
+        follower = asyncio.create_task(self.follow_registry(), name="registry")
         stopper = asyncio.create_task(self._stopping.wait())
         try:
             pending = set(tasks)
@@ -244,7 +255,10 @@ class Bot:
                         raise task.exception()
         finally:
             stopper.cancel()
+            follower.cancel()
             await self.close_adapters()
+            # let each adapter finish (or refuse) the requests it has in flight before cancelling it
+            await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE_S)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -252,6 +266,26 @@ class Bot:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    async def follow_registry(self) -> None:
+        """Serve what registry.json says, within seconds of a change made by any process (runs until cancelled).
+
+        The new engine loads off the event loop and is swapped in whole: requests already running
+        finish on the old one, none is dropped."""
+        watch = self.registry_watch
+        while True:
+            await asyncio.sleep(self.registry_poll_s)
+            if not await asyncio.to_thread(watch.changed):
+                continue
+            try:
+                engine = await asyncio.to_thread(watch.engine_if_needed, self.generator.engine)
+            except Exception as exc:  # a bad checkpoint or config: keep serving what serves
+                log.error("the registry changed but its model failed to load; still serving %s: %s",
+                          self.generator.engine.model_id, exc)
+                continue
+            if engine is not None:
+                self.generator.swap(engine)
+                log.info("now serving %s (registry.json changed)", engine.model_id)
 
     async def close_adapters(self) -> None:
         for adapter in self.adapters:
@@ -262,13 +296,12 @@ class Bot:
 
     async def close(self) -> None:
         await self.generator.close()
-        self.store.close()
+        await self.store.run(self.store.close)  # after the writes queued before it
 
     # --- hook calling ------------------------------------------------------------------
 
     async def _call(self, name: str, **kwargs: Any) -> list[Any]:
-        results = getattr(self.pm.hook, name)(**kwargs)
-        return [await await_me_maybe(r) for r in results]
+        return await call_hook(self.pm, name, **kwargs)
 
     async def _first_result(self, name: str, **kwargs: Any) -> Any:
         """A firstresult hook whose implementations may be async: the first non-None answer wins."""

@@ -125,7 +125,7 @@ def load(
     config: GPTConfig | None = None,
     column_major: ColumnMajor | None = None,
 ) -> tuple[GPT, dict]:
-    """Load a native checkpoint, a seed/nanoGPT ``.pt`` file or a Hugging Face GPT-2 directory.
+    """Load a native checkpoint or a seed/nanoGPT ``.pt`` file (a Hugging Face directory: `chatcore.hf.load_any`).
 
     Returns the model (eval mode) and its metadata ``{"format", "config",
     "provenance", "source"}``. ``config`` overrides what is read or inferred
@@ -139,9 +139,7 @@ def load(
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.is_dir():
-        from .hf import load_hf_dir  # a Hugging Face export
-
-        return load_hf_dir(path, device=device, dtype=dtype, column_major=column_major)
+        raise CheckpointError(f"{path} is a directory: load a Hugging Face export with chatcore.hf.load_any")
     if path.suffix == ".safetensors":
         cfg, state, meta = _read_native(path, column_major)
     else:
@@ -286,7 +284,8 @@ class _SeedGPTConfig:
     only receives the pickled field values, which are type-checked afterwards."""
 
 
-def _torch_load(path: Path) -> Any:
+def torch_load(path: Path) -> Any:
+    """`torch.load` with weights only, allowing just the seed's pickled GPTConfig (never arbitrary classes)."""
     try:
         with torch.serialization.safe_globals([(_SeedGPTConfig, "model.GPTConfig")]):
             return torch.load(str(path), map_location="cpu", weights_only=True)
@@ -300,7 +299,7 @@ def _torch_load(path: Path) -> Any:
 
 
 def _read_torch(path: Path) -> tuple[GPTConfig | None, dict, dict]:
-    obj = _torch_load(path)
+    obj = torch_load(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
     provenance: dict[str, Any] = {}

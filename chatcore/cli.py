@@ -1,4 +1,7 @@
-"""The `chatcore` command.
+"""The `chatcore` command: chatting, the history, configs, fine-tuning and which model serves.
+
+Commands import what they need when they run, so ``--help``, ``config`` and
+``history`` start without torch.
 
 Exit codes: 0 success; 1 a runtime failure (model, store, adapter); 2 bad usage
 or an invalid config; 130 interrupted (Ctrl-C; every finished exchange is saved).
@@ -8,15 +11,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .config import ConfigError
-from .training import cli as training_cli
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -47,14 +51,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
 
 
-def _is_user_error(exc: Exception) -> bool:
-    """Errors a user causes and can fix: one line, no traceback. Anything else is a bug and keeps its traceback."""
-    from .adapter import AdapterError
-    from .checkpoint import CheckpointError
-    from .engine import ModelNotFound
-    from .store import StoreError
+# Errors a user causes and can fix, by module: one line, no traceback. Anything else is a bug and keeps it.
+USER_ERRORS = {"chatcore.adapter": "AdapterError", "chatcore.checkpoint": "CheckpointError",
+               "chatcore.registry": "RegistryError", "chatcore.store": "StoreError", "chatcore.weights": "ModelNotFound"}
 
-    return isinstance(exc, (Failure, StoreError, ModelNotFound, CheckpointError, AdapterError))
+
+def _is_user_error(exc: Exception) -> bool:
+    # A module that was never imported cannot have raised: looking its class up must not import torch.
+    types = [getattr(sys.modules[m], name) for m, name in USER_ERRORS.items() if m in sys.modules]
+    return isinstance(exc, (Failure, *types))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +102,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = csub.add_parser("defaults", help="print every key with its default (config/default.yaml)", description="Print the full default config, commented.")
     p.set_defaults(run=cmd_config_defaults)
 
-    training_cli.add_commands(sub, config_arg)
+    p = sub.add_parser("finetune", help="fine-tune now on the new conversations, then gate and promote",
+                       description="Fine-tune a candidate on the history (and any JSONL given), judge it against "
+                                   "the serving model on held-out conversations, and promote it only if it is "
+                                   "better. A running bot picks a promotion up within seconds.")
+    config_arg(p)
+    p.add_argument("--jsonl", action="append", type=Path, default=[],
+                   help="also train on this seed-format chat_history.jsonl (repeatable)")
+    p.add_argument("--no-store", action="store_true", help="train on the --jsonl files only")
+    p.add_argument("--max-iters", type=int, help="override training.max_iters")
+    p.add_argument("--threads", type=int, help="training threads (default: the config's, else all cores but one)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(run=cmd_finetune)
+
+    model = sub.add_parser("model", help="which model serves: rollback, status, starter",
+                           description="Manage the fine-tuned checkpoints.")
+    msub = model.add_subparsers(title="model commands", metavar="ACTION", required=True)
+    p = msub.add_parser("rollback", help="serve the previous checkpoint again",
+                        description="Return to the previously promoted checkpoint (or the configured base model).")
+    config_arg(p)
+    p.set_defaults(run=cmd_rollback)
+    p = msub.add_parser("status", help="print the registry (serving, promoted, rejected) as JSON",
+                        description="Print which checkpoint serves and the promotion history.")
+    config_arg(p)
+    p.set_defaults(run=cmd_model_status)
+    p = msub.add_parser("starter", help="build the offline starter model now",
+                        description="Train the small offline starter model (cached; used when no GPT-2 is available).")
+    config_arg(p)
+    p.add_argument("--corpus", type=Path, help="seed-format JSONL to train on (default: the chitchat-dataset corpus)")
+    p.add_argument("--minutes", type=float, help="training time budget (default 4)")
+    p.add_argument("--force", action="store_true", help="rebuild even if a starter model is cached")
+    p.set_defaults(run=cmd_starter)
     return parser
 
 
@@ -120,7 +155,7 @@ def open_store(config_path: Path | None, *, read_only: bool = False):
     from .store import Store
 
     _, config = load(config_path)
-    return Store(config.store_path, read_only=read_only)
+    return Store(config.store_path, read_only=read_only, timeout=config["store"]["busy_timeout_s"])
 
 
 def build_bot(config_path: Path | None):
@@ -145,6 +180,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def _serve(bot: Any, adapters: list[str] | None) -> int:
     async def go() -> None:
+        # SIGTERM (containers, systemd) stops like the end of input: adapters finish or refuse what is
+        # in flight (within their grace period), shutdown hooks run, exit 0.
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGTERM, bot.stop)
+        except (NotImplementedError, RuntimeError):  # Windows, or not the main thread
+            pass
         try:
             await bot.run(adapters)
         finally:
@@ -206,6 +248,112 @@ def cmd_config_defaults(args: argparse.Namespace) -> int:
 
     print(render_defaults(make_plugin_manager().schema()), end="")
     return EXIT_OK
+
+
+# --- fine-tuning and the serving model ----------------------------------------
+
+
+def finetune(config: Any, *, jsonl: list[Path] = (), use_store: bool = True, max_iters: int | None = None,
+             threads: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run one fine-tune job in this process (holding the same lock as the bot's scheduler)."""
+    from .registry import serving_checkpoint
+    from .training.job import run_job, spec_from_config
+    from .training.scheduler import LOCK_NAME
+    from .weights import models_dir as models_folder
+    from .weights import resolve_model, starter_for
+
+    for f in jsonl:
+        if not Path(f).is_file():
+            raise Failure(f"{f}: no such file")
+    _, meta, _ = resolve_model(dict(config["model"]), starter_for(config))
+    base = meta.get("source")
+    if not base:
+        raise Failure("the configured model has no checkpoint on disk to fine-tune from")
+    models_dir = models_folder(config)
+    promoted = serving_checkpoint(models_dir)
+    spec = spec_from_config(config, base, str(promoted) if promoted else base, progress=progress,
+                            jsonl=[str(f) for f in jsonl])
+    if not use_store:
+        spec.store = None
+    if max_iters:
+        spec.train["max_iters"] = max_iters
+    if threads:
+        spec.threads = threads
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with open(models_dir / LOCK_NAME, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Failure("a fine-tune job is already running (the bot's, or another chatcore finetune)") from None
+        return run_job(spec)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    logging.getLogger("chatcore.training").setLevel(logging.INFO)
+    _, config = load(args.config)
+    try:
+        result = finetune(config, jsonl=args.jsonl, use_store=not args.no_store, max_iters=args.max_iters,
+                          threads=args.threads, progress=sys.stderr.isatty())
+    except ValueError as exc:  # not enough data, bad training options
+        raise Failure(str(exc)) from None
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        g = result["gate"]
+        print(f"{result['status']}: {Path(result['candidate']).name} - {g['reason']}")
+        d = result["data"]
+        print(f"data: {d['train_exchanges']} training / {d['val_exchanges']} validation exchanges; "
+              f"guards removed {sum(d['guards'].values())} ({', '.join(f'{k} {v}' for k, v in d['guards'].items() if v) or 'none'})")
+        if result["status"] == "promoted":
+            print("A running bot serves it within seconds.")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from .registry import Registry
+
+    _, config = load(args.config)
+    gate = config.get("plugins.auto_finetune.gate") or {}
+    registry = Registry(Path(config.data_dir) / "models", keep=gate.get("keep") or 3,
+                        keep_rejected=gate.get("keep_rejected") or 3)
+    try:
+        serving = registry.rollback()
+    except LookupError as exc:  # nothing to roll back
+        raise Failure(str(exc)) from None
+    print(f"now serving {serving.name if serving else 'the configured base model'} "
+          "(a running bot switches within seconds)")
+    return 0
+
+
+def cmd_model_status(args: argparse.Namespace) -> int:
+    from .registry import Registry
+
+    _, config = load(args.config)
+    print(json.dumps(Registry(Path(config.data_dir) / "models").history(), indent=2))
+    return 0
+
+
+def cmd_starter(args: argparse.Namespace) -> int:
+    from .training.starter import StarterConfig, build_starter, starter_path
+
+    _, config = load(args.config)
+    path = starter_path(config)
+    if path.is_file() and not args.force:
+        print(f"{path} exists (use --force to rebuild)")
+        return 0
+    if args.corpus is not None and not args.corpus.is_file():
+        raise Failure(f"{args.corpus}: no such file")
+    cfg = StarterConfig()
+    if args.minutes:
+        cfg.minutes = args.minutes
+    logging.getLogger("chatcore.training").setLevel(logging.INFO)
+    try:
+        out = build_starter(path, corpus=args.corpus, cfg=cfg, threads=config.get("model.threads"),
+                            progress=sys.stderr.isatty())
+    except (RuntimeError, ValueError) as exc:
+        raise Failure(str(exc)) from None
+    print(f"starter model written to {out}")
+    return 0
 
 
 if __name__ == "__main__":

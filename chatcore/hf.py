@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import ColumnMajor, CheckpointError, _torch_load, as_column_major, build_model, read_safetensors
+from .checkpoint import ColumnMajor, CheckpointError, as_column_major, build_model, load, read_safetensors, torch_load
 from .model import GPT, GPTConfig
 
 GPT2_SIZES = {  # name: (n_layer, n_head, n_embd)
@@ -85,6 +85,18 @@ def convert_hf_state_dict(
     return out
 
 
+def load_any(
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    column_major: ColumnMajor | None = None,
+) -> tuple[GPT, dict]:
+    """A checkpoint on disk of any kind: a Hugging Face GPT-2 directory, else `chatcore.checkpoint.load`."""
+    if Path(path).is_dir():
+        return load_hf_dir(path, device=device, dtype=dtype, column_major=column_major)
+    return load(path, device=device, dtype=dtype, column_major=column_major)
+
+
 def load_hf_dir(
     path: str | Path,
     device: torch.device | str = "cpu",
@@ -114,7 +126,7 @@ def load_hf_dir(
 
         hf_state = read_safetensors(weights, column_major=read_col)
     else:
-        hf_state = _torch_load(weights)
+        hf_state = torch_load(weights)
         if not isinstance(hf_state, dict) or not all(isinstance(v, torch.Tensor) for v in hf_state.values()):
             raise CheckpointError(f"{weights}: expected a state dict of tensors")
     model = build_model(cfg, convert_hf_state_dict(hf_state, column_major), source=str(weights))

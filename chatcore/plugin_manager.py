@@ -40,6 +40,7 @@ class Command:
     name: str
     handler: Callable[..., Any]
     admin: bool = False
+    anonymous: bool = False  # may run without an identity (it touches nobody's data)
 
     @property
     def help(self) -> str:
@@ -64,8 +65,8 @@ class PluginManager(pluggy.PluginManager):
     def commands(self) -> dict[str, Command]:
         found: dict[str, Command] = {}
 
-        def register(name: str, handler: Callable[..., Any], admin: bool = False) -> None:
-            found[name.lstrip("/")] = Command(name.lstrip("/"), handler, admin)
+        def register(name: str, handler: Callable[..., Any], admin: bool = False, anonymous: bool = False) -> None:
+            found[name.lstrip("/")] = Command(name.lstrip("/"), handler, admin, anonymous)
 
         self.hook.register_commands(register=register)
         return found
@@ -91,6 +92,16 @@ class PluginManager(pluggy.PluginManager):
             self.set_blocked(name)
 
 
+async def await_me_maybe(value: Any) -> Any:
+    """Hooks may return a value or an awaitable (datasette's convention)."""
+    return await value if inspect.isawaitable(value) else value
+
+
+async def call_hook(pm: pluggy.PluginManager, name: str, **kwargs: Any) -> list[Any]:
+    """Call hook `name` on every plugin and await the results that are awaitable."""
+    return [await await_me_maybe(r) for r in getattr(pm.hook, name)(**kwargs)]
+
+
 def make_plugin_manager(extra: Iterable[Any] = (), *, entry_points: bool = True) -> PluginManager:
     """Load the built-ins, installed entry-point plugins, then `extra` (objects or modules)."""
     pm = PluginManager()
@@ -109,7 +120,10 @@ def make_plugin_manager(extra: Iterable[Any] = (), *, entry_points: bool = True)
     if entry_points:
         pm.load_setuptools_entrypoints("chatcore")
     for plugin in extra:
-        pm.register(plugin)
+        # A plugin given explicitly (the testbot recipe) may also be installed through its entry
+        # point, or be a built-in: it is the same module object, registered once.
+        if not pm.is_registered(plugin):
+            pm.register(plugin)
     if os.environ.get("CHATCORE_TRACE_HOOKS"):
         _trace(pm)
     return pm
@@ -141,4 +155,4 @@ def _short(value: Any) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-__all__ = ["Command", "DEFAULT_PLUGINS", "Field", "PluginManager", "make_plugin_manager"]
+__all__ = ["Command", "DEFAULT_PLUGINS", "Field", "PluginManager", "await_me_maybe", "call_hook", "make_plugin_manager"]

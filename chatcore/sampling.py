@@ -1,52 +1,22 @@
-"""Sampler settings (and, with the engine, the sampling functions)."""
+"""The sampling functions: temperature, top-k, top-p and the repetition penalty on a batch of logits.
+
+Their settings, `SamplingParams`, live in the torch-free `chatcore.params`."""
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field, fields, replace
 
 import torch
 
+from .params import SamplingParams, validate
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick each next token and when to stop. Defaults are the seed's."""
-
-    temperature: float = 0.8  # 0 means greedy
-    top_k: int | None = 200  # None or >= vocab size: no top-k cut
-    top_p: float = 1.0  # 1.0: no nucleus cut
-    repetition_penalty: float = 1.0  # 1.0: off; applied to reply tokens only, turn markers exempt
-    max_new_tokens: int = 150
-    stop_at_newline: bool = True
-    stop: tuple[str, ...] = field(default_factory=tuple)  # matched on decoded text
-    seed: int | None = None  # per-request seed for reproducible sampling
-
-    def updated(self, **changes) -> "SamplingParams":
-        known = {f.name for f in fields(self)}
-        return replace(self, **{k: v for k, v in changes.items() if k in known and v is not None})
+__all__ = ["SamplingParams", "apply_repetition_penalty", "make_generator", "sample", "validate"]
 
 
 # --- sampling functions -------------------------------------------------------------
 #
 # They work on a batch of logits ``[B, V]`` with one SamplingParams per row, so a
 # single request (B = 1) and a continuous batch share the same code.
-
-
-def validate(params: SamplingParams) -> SamplingParams:
-    """Raise ValueError naming the bad setting; return ``params`` unchanged otherwise."""
-    if not params.temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {params.temperature}")
-    if params.top_k is not None and params.top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {params.top_k}")
-    if not 0 < params.top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
-    if not params.repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0 (1.0 is off), got {params.repetition_penalty}")
-    if params.max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {params.max_new_tokens}")
-    if isinstance(params.stop, str) or not all(isinstance(s, str) for s in params.stop):
-        raise ValueError(f"stop must be a sequence of strings, got {params.stop!r}")
-    return params
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:

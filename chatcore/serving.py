@@ -2,7 +2,7 @@
 
 Model work runs on a worker thread so it never blocks the event loop. An engine
 with a model (`chatcore.engine.Engine`) is served by continuous batching
-(`chatcore.batching.Scheduler`): requests from all adapters decode together,
+(`chatcore.batching.BatchScheduler`): requests from all adapters decode together,
 each joining as it arrives and leaving as it finishes, and a follow-up turn
 reuses its conversation's cached prefix (`chatcore.prefix_cache`). Anything
 else with the Engine's shape (`chatcore.testing.ScriptedEngine`) is served one
@@ -22,18 +22,20 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .batching import DONE, Busy, Scheduler, Sink
+from .batching import DONE, BatchScheduler, Sink
+from .message import Busy
 from .prefix_cache import PrefixCache
-from .sampling import SamplingParams
+from .params import SamplingParams
 
-__all__ = ["BUSY_REPLY", "Busy", "Generator"]
+__all__ = ["Generator"]
 
-BUSY_REPLY = "I'm answering a lot of messages right now; please try again in a moment."
-"""What chat adapters tell a user whose message found the queue full."""
+STUCK_AFTER_S = 120.0
+"""A model worker with work that has not moved for this long is reported stuck by health checks."""
 
 
 def supports_batching(engine: Any) -> bool:
@@ -60,6 +62,7 @@ class _Serial:
         self._active = 0
         self._lock = threading.Lock()
         self._handles: set[_Handle] = set()
+        self.heartbeat = time.monotonic()  # when the running request last produced text
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatcore-model")
 
     def submit(self, prompt: str, params: SamplingParams, sink: Sink) -> _Handle:
@@ -75,9 +78,11 @@ class _Serial:
             with self._lock:
                 self._pending -= 1
                 self._active += 1
+            self.heartbeat = time.monotonic()
             try:
                 if not handle.cancelled.is_set():
                     for delta in self.engine.stream(prompt, params, handle.cancelled.is_set):
+                        self.heartbeat = time.monotonic()
                         sink(delta)
                 sink(DONE)
             except BaseException as exc:  # handed to the awaiting coroutine
@@ -93,6 +98,12 @@ class _Serial:
     @property
     def idle(self) -> bool:
         return not (self._pending or self._active)
+
+    def health(self, stuck_after: float) -> str | None:
+        """None when serving; else why not (a request has produced nothing for `stuck_after` s)."""
+        if self._active and time.monotonic() - self.heartbeat > stuck_after:
+            return f"the model worker made no progress in {stuck_after:g} s"
+        return None
 
     def close(self, drain: bool = True) -> None:
         if not drain:  # queued work still runs, but finds itself cancelled and just ends its stream
@@ -137,13 +148,19 @@ class Generator:
         return self._engine
 
     @property
-    def backend(self) -> Scheduler | _Serial:
+    def backend(self) -> BatchScheduler | _Serial:
         """The worker serving the current engine (created on first use)."""
         if self._backend is None or self._backend.engine is not self._engine:
             if self._backend is not None:
                 self._retire(self._backend)
             self._backend = self._make_backend(self._engine)
         return self._backend
+
+    def health(self) -> str | None:
+        """None while requests can be served; else why not (closed, a dead or a stuck model worker)."""
+        if self._closed:
+            return "the generator is closed"
+        return self._backend.health(STUCK_AFTER_S) if self._backend is not None else None
 
     def swap(self, engine: Any) -> None:
         """Serve `engine` from the next request on."""
@@ -183,10 +200,10 @@ class Generator:
         # torch when the interpreter exits aborts the process
         await asyncio.to_thread(lambda: [b.join(10.0) for b in backends])
 
-    def _make_backend(self, engine: Any) -> Scheduler | _Serial:
+    def _make_backend(self, engine: Any) -> BatchScheduler | _Serial:
         if supports_batching(engine):
             prefixes = PrefixCache(self._prefix_cache_bytes) if self._prefix_cache_bytes > 0 else None
-            return Scheduler(
+            return BatchScheduler(
                 engine,
                 max_batch=self._max_batch,
                 max_queue=self._max_queue,
@@ -202,6 +219,6 @@ class Generator:
 
 
 def _finished(backend: Any) -> bool:
-    if isinstance(backend, Scheduler):
+    if isinstance(backend, BatchScheduler):
         return backend.stopped
     return backend.idle

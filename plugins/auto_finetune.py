@@ -5,7 +5,10 @@ survives restarts); at `every` of them (default 50), once the cooldown since the
 last fine-tune has passed, it starts a job in a separate process
 (`chatcore.training.scheduler`). When the job ends the gate has spoken: a
 promoted candidate is loaded off the event loop and hot-swapped into the running
-bot (`bot.generator.swap`), a rejected one stays on disk for inspection. Hooks
+bot (`bot.generator.swap`), a rejected one stays on disk for inspection. Which
+weights a job starts from is `chatcore.weights`' answer (`base_checkpoint`),
+never whatever happens to serve; which weights serve at startup is also
+`chatcore.weights`' decision alone (this plugin never reloads them). Hooks
 ``finetune_started`` / ``finetune_finished`` / ``finetune_promoted`` /
 ``finetune_rejected`` fire with the metrics.
 
@@ -18,10 +21,10 @@ Config (``plugins.auto_finetune``)::
     cooldown_minutes: 60  # at least this long between automatic fine-tunes
     threads: null         # training threads (null: all cores but one)
     start_from: base      # base: the configured model; serving: the model serving now
-    training: {...}       # chatcore.training.train.TrainConfig (lr, max_iters, loss_on, ...)
-    guards: {...}         # chatcore.training.data.GuardConfig (duplicates, min length, user share, ...)
-    gate: {...}           # chatcore.training.gate.GateConfig (min_improvement, general_text, keep, ...)
-    preference: {...}     # chatcore.training.preference.PreferenceConfig (enabled, min_labels, beta, ...)
+    training: {...}       # chatcore.training.options.TrainConfig (lr, max_iters, loss_on, ...)
+    guards: {...}         # chatcore.training.options.GuardConfig (duplicates, min length, user share, ...)
+    gate: {...}           # chatcore.training.options.GateConfig (min_improvement, general_text, keep, ...)
+    preference: {...}     # chatcore.training.options.PreferenceConfig (enabled, min_labels, beta, ...)
 """
 
 from __future__ import annotations
@@ -36,14 +39,12 @@ from pathlib import Path
 from typing import Any
 
 from chatcore import hookimpl
-from chatcore.bot import await_me_maybe
 from chatcore.config import Field
-from chatcore.training.data import GuardConfig
-from chatcore.training.gate import GateConfig, Registry, serving_checkpoint
+from chatcore.plugin_manager import call_hook
+from chatcore.registry import Registry
 from chatcore.training.job import JobSpec, spec_from_config
-from chatcore.training.preference import PreferenceConfig
-from chatcore.training.scheduler import Busy, Job, Scheduler
-from chatcore.training.train import TrainConfig
+from chatcore.training.options import GateConfig, GuardConfig, PreferenceConfig, TrainConfig
+from chatcore.training.scheduler import Job, JobBusy, JobScheduler
 
 log = logging.getLogger("chatcore.auto_finetune")
 
@@ -101,12 +102,10 @@ class State:
         cfg = bot.config.get("plugins.auto_finetune") or {}
         self.cfg = cfg
         self.models_dir = Path(bot.config.data_dir) / "models"
-        self.scheduler = Scheduler(self.models_dir, threads=cfg.get("threads"))
+        self.scheduler = JobScheduler(self.models_dir, threads=cfg.get("threads"))
         self.job: Job | None = None
         self.task: asyncio.Task | None = None
         self.last_attempt = 0.0
-        # What the configured model is, before any promoted checkpoint replaced it.
-        self.base_source = _source(bot.engine)
         if cfg.get("every", 50) < MIN_SENSIBLE:
             log.warning("plugins.auto_finetune.every is %d: fine-tuning on fewer than %d exchanges "
                         "mostly overfits", cfg.get("every"), MIN_SENSIBLE)
@@ -117,10 +116,18 @@ class State:
         return (self.job is not None and self.job.running) or (self.task is not None and not self.task.done())
 
     def spec(self, bot: Any) -> JobSpec:
+        """The job: start from the configured base (asked of `chatcore.weights`) or from what serves."""
+        from chatcore.weights import base_checkpoint
+
         serving = _source(bot.engine)
-        base = self.base_source if self.cfg.get("start_from", "base") == "base" else serving
-        if not base:
-            raise RuntimeError("the serving model has no checkpoint on disk to fine-tune from")
+        if self.cfg.get("start_from", "base") == "base":
+            base = base_checkpoint(bot.config)
+            if not base:
+                raise RuntimeError("the configured model has no checkpoint on disk to fine-tune from")
+        else:
+            base = serving
+            if not base:
+                raise RuntimeError("the serving model has no checkpoint on disk to fine-tune from")
         return spec_from_config(bot.config, base, serving, progress=False)
 
 
@@ -143,17 +150,6 @@ def _source(engine: Any) -> str | None:
 
 
 @hookimpl
-async def startup(bot):
-    """Serve the last promoted checkpoint, if there is one and it is not already serving."""
-    st = state_of(bot)
-    promoted = serving_checkpoint(st.models_dir)
-    if promoted is not None and _source(bot.engine) != str(promoted):
-        engine = await asyncio.to_thread(load_engine, bot, promoted)
-        bot.generator.swap(engine)
-        log.info("serving the promoted fine-tune %s", promoted.name)
-
-
-@hookimpl
 def shutdown(bot):
     st = _states.get(bot)
     if st is not None and st.running:
@@ -166,16 +162,16 @@ async def exchange_logged(bot, exchange):
     st = state_of(bot)
     if not st.cfg.get("enabled", True) or st.running:
         return
-    if bot.store.exchanges_since_finetune() < st.cfg.get("every", 50):
+    if await bot.store.run(bot.store.exchanges_since_finetune) < st.cfg.get("every", 50):
         return
     cooldown = float(st.cfg.get("cooldown_minutes", 60)) * 60
-    last = bot.store.last_finetune()
+    last = await bot.store.run(bot.store.last_finetune)
     since = time.time() - max(last["at"] if last else 0.0, st.last_attempt)
     if since < cooldown:
         return
     try:
         await start_job(bot)
-    except Busy as exc:
+    except JobBusy as exc:
         log.info("fine-tune not started: %s", exc)
     except Exception as exc:  # never let learning break answering
         st.last_attempt = time.time()
@@ -183,12 +179,13 @@ async def exchange_logged(bot, exchange):
 
 
 async def start_job(bot: Any) -> Job:
-    """Start a fine-tune job now; its result is handled in the background. Raises Busy."""
+    """Start a fine-tune job now; its result is handled in the background. Raises JobBusy."""
     st = state_of(bot)
     if st.running:
-        raise Busy("a fine-tune job is already running")
+        raise JobBusy("a fine-tune job is already running")
     st.last_attempt = time.time()
-    st.job = st.scheduler.start(st.spec(bot))
+    spec = await asyncio.to_thread(st.spec, bot)  # may look in the Hugging Face cache: off the event loop
+    st.job = st.scheduler.start(spec)
     log.info("fine-tune job %s started (pid %d)", st.job.id, st.job.pid)
     await _fire(bot, "finetune_started", bot=bot, job=st.job)
     st.task = asyncio.create_task(_follow(bot, st.job))
@@ -207,7 +204,7 @@ async def finish(bot: Any, job: Any, result: dict[str, Any]) -> None:
     status = result.get("status")
     if status == "promoted":
         try:
-            engine = await asyncio.to_thread(load_engine, bot, Path(result["candidate"]))
+            engine = await asyncio.to_thread(engine_for, bot, Path(result["candidate"]))
         except Exception as exc:  # the old model keeps serving
             log.error("promoted checkpoint %s failed to load, still serving %s: %s",
                       result.get("candidate"), bot.engine.model_id, exc)
@@ -224,18 +221,15 @@ async def finish(bot: Any, job: Any, result: dict[str, Any]) -> None:
         log.warning("fine-tune job %s: %s", result.get("job"), result.get("error", status))
 
 
-def load_engine(bot: Any, checkpoint: Path) -> Any:
-    """A complete engine for `checkpoint`, built like the serving one."""
-    from chatcore.engine import Engine
+def engine_for(bot: Any, checkpoint: Path) -> Any:
+    """A complete engine for `checkpoint`, built like the serving one (`chatcore.weights.engine_for`)."""
+    from chatcore import weights
 
-    engine = bot.generator.engine
-    return Engine.from_config({**bot.config["model"], "checkpoint": str(checkpoint)},
-                              tokenizer=getattr(engine, "tokenizer", None))
+    return weights.engine_for(bot.config, checkpoint, getattr(bot.engine, "tokenizer", None))
 
 
 async def _fire(owner: Any, hook: str, **kwargs: Any) -> None:
-    for r in getattr(owner.pm.hook, hook)(**kwargs):
-        await await_me_maybe(r)
+    await call_hook(owner.pm, hook, **kwargs)
 
 
 # --- /finetune -----------------------------------------------------------------------
@@ -249,7 +243,8 @@ async def finetune_command(bot, message, args):
         if st.running:
             return f"Fine-tune job {st.job.id} is running: {st.job.progress() or 'starting'}"
         reg = Registry(st.models_dir).current()
-        return (f"No fine-tune is running. {bot.store.exchanges_since_finetune()} new exchange(s) since the "
+        since = await bot.store.run(bot.store.exchanges_since_finetune)
+        return (f"No fine-tune is running. {since} new exchange(s) since the "
                 f"last one; serving {reg.name if reg else 'the base model'}.")
     if arg == "cancel":
         if not st.running:
@@ -260,7 +255,7 @@ async def finetune_command(bot, message, args):
         return "Usage: /finetune [status|cancel]"
     try:
         job = await start_job(bot)
-    except Busy as exc:
+    except JobBusy as exc:
         return f"Not started: {exc}."
     except Exception as exc:
         return f"Not started: {exc}"

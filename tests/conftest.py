@@ -22,3 +22,9 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip("../shared/data is not present")
     return path
+
+
+@pytest.fixture(scope="session")
+def sample_conversations(shared_data: Path) -> Path:
+    """The 350-exchange seed-format chat_history.jsonl in ../shared/data."""
+    return shared_data / "sample_conversations.jsonl"

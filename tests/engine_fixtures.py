@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
 from chatcore.model import GPT, GPTConfig
-
-ROOT = Path(__file__).resolve().parents[1]
-GPT2_DIR = ROOT / ".." / "shared" / "data" / "gpt2"
-
 
 def tiny_config(**overrides) -> GPTConfig:
     cfg = dict(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)

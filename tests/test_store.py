@@ -22,7 +22,6 @@ from chatcore.message import Message
 from chatcore.sampling import SamplingParams
 from chatcore.store import MIGRATIONS, SCHEMA_VERSION, Store, StoreError
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 DATA = Path(__file__).resolve().parent / "data"
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -415,8 +414,8 @@ def test_stats(store):
 
 # --- import / export ---------------------------------------------------------------------------------
 
-def test_round_trip_of_the_sample_file_is_byte_identical(store, tmp_path):
-    src = SHARED / "sample_conversations.jsonl"
+def test_round_trip_of_the_sample_file_is_byte_identical(store, tmp_path, sample_conversations):
+    src = sample_conversations
     report = store.import_jsonl(src)
     assert report.imported == 350 and report.skipped == []
     out = tmp_path / "out.jsonl"
@@ -425,8 +424,8 @@ def test_round_trip_of_the_sample_file_is_byte_identical(store, tmp_path):
     assert not (tmp_path / "out.jsonl.tmp").exists()
 
 
-def test_round_trip_hard_text(store, tmp_path):
-    naughty = json.loads((SHARED / "naughty_strings.json").read_text(encoding="utf-8"))
+def test_round_trip_hard_text(store, tmp_path, shared_data):
+    naughty = json.loads((shared_data / "naughty_strings.json").read_text(encoding="utf-8"))
     texts = [s for s in naughty if isinstance(s, str) and s.strip()]
     texts += ["line one\nline two\r\nthree", "tab\there \"quoted\" \\ back", "sep\u2028para\u2029end",
               "emoji 👩‍👩‍👧 and NUL \x00 in the middle", "x" * 1_000_000, "ü" * 500_000]
@@ -516,16 +515,18 @@ CRASHER = textwrap.dedent("""
     import os, sys
     from chatcore.store import Store
     store = Store(sys.argv[1])
+    stage = store._stage
 
-    def lines():
-        for i in range(1, 1000):
-            if i == 200:
-                # Inside the open transaction: this process sees its own rows...
-                print(store._db.execute("SELECT COUNT(*) FROM exchanges").fetchone()[0], flush=True)
-                os._exit(3)  # ...and dies without a chance to commit or roll back.
-            yield '{"user": "u%d", "assistant": "a%d"}\\n' % (i, i)
+    def stage_then_die_mid_copy(rows):
+        stage(rows)
+        if len(rows) < 10000:  # the last batch: the one transaction that copies them comes next
+            def die():
+                print(store._db.in_transaction, flush=True)
+                os._exit(3)  # inside the copy: no chance to commit or roll back
+            store._db.set_progress_handler(die, 2000)
 
-    store.import_jsonl(lines())
+    store._stage = stage_then_die_mid_copy
+    store.import_jsonl('{"user": "u%d", "assistant": "a%d"}\\n' % (i, i) for i in range(1, 1000))
 """)
 
 
@@ -536,7 +537,7 @@ def test_import_crash_leaves_nothing(tmp_path):
     proc = subprocess.run([sys.executable, "-c", CRASHER, str(path)], capture_output=True, text=True,
                           timeout=60, cwd=ROOT)
     assert proc.returncode == 3, proc.stderr
-    assert proc.stdout.strip() == "200"  # 199 imported rows + the existing one were in flight
+    assert proc.stdout.strip() == "True"  # it died inside the transaction that copies the staged rows
     with Store(path) as s:
         assert [e.user_text for e in s.exchanges()] == ["existing"]
         assert s.stats()["conversations"] == 1

@@ -34,12 +34,13 @@ from typing import Any, Protocol
 import torch
 
 from ..prompt import ASSISTANT, HUMAN, TURN_SEPARATOR, clean
+from .options import GuardConfig
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Exchange:
+class TrainingExchange:
     """One user message and the bot's reply, with what the guards need to judge it."""
 
     user: str
@@ -59,13 +60,13 @@ class BadLine:
 # --- sources ------------------------------------------------------------------------
 
 
-def load_jsonl(path: str | Path) -> tuple[list[Exchange], list[BadLine]]:
+def load_jsonl(path: str | Path) -> tuple[list[TrainingExchange], list[BadLine]]:
     """Read a seed-format chat_history.jsonl; broken lines are skipped and returned with their numbers.
 
     Lines without a ``conversation`` key are each their own conversation.
     """
     path = Path(path)
-    exchanges: list[Exchange] = []
+    exchanges: list[TrainingExchange] = []
     bad: list[BadLine] = []
     with path.open("r", encoding="utf-8", errors="replace") as f:
         for n, raw in enumerate(f, start=1):
@@ -80,7 +81,7 @@ def load_jsonl(path: str | Path) -> tuple[list[Exchange], list[BadLine]]:
                     raise ValueError('needs string "user" and "assistant"')
                 conv = obj.get("conversation")
                 uid = obj.get("user_id")
-                exchanges.append(Exchange(
+                exchanges.append(TrainingExchange(
                     user=user, assistant=assistant,
                     conversation=str(conv) if conv is not None else f"{path.name}:{n}",
                     user_id=str(uid) if uid is not None else None,
@@ -94,14 +95,14 @@ def load_jsonl(path: str | Path) -> tuple[list[Exchange], list[BadLine]]:
     return exchanges, bad
 
 
-def from_store(store: Any, since_id: int = 0) -> list[Exchange]:
+def from_store(store: Any, since_id: int = 0) -> list[TrainingExchange]:
     """Every exchange the store offers for training, oldest first.
 
     Forgotten users' rows are gone from the store and opted-out users' are left out
     by `Store.exchanges`; a reply whose votes sum below zero counts as marked bad.
     """
     return [
-        Exchange(user=e.user_text, assistant=e.reply_text,
+        TrainingExchange(user=e.user_text, assistant=e.reply_text,
                  # An imported chat_history.jsonl lands as one conversation, but its lines are
                  # independent exchanges (the seed format has no boundaries): one document each.
                  conversation=f"import:{e.id}" if e.source == "import" else f"store:{e.conversation_id}",
@@ -111,30 +112,6 @@ def from_store(store: Any, since_id: int = 0) -> list[Exchange]:
 
 
 # --- guards -------------------------------------------------------------------------
-
-
-@dataclass
-class GuardConfig:
-    """Each guard can be switched off; forgotten/opted-out users are excluded always."""
-
-    drop_exact_duplicates: bool = True
-    drop_near_duplicates: bool = True  # same text after case, punctuation and whitespace folding
-    min_user_chars: int = 1
-    min_assistant_chars: int = 2
-    max_user_share: float | None = 0.5  # of the kept exchanges, when at least two users contributed
-    drop_bad: bool = True
-    excluded_users: frozenset[str] = field(default_factory=frozenset)  # forgotten / opted out
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "GuardConfig":
-        d = dict(d or {})
-        if "excluded_users" in d:
-            d["excluded_users"] = frozenset(d["excluded_users"])
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown guard option(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
 
 
 @dataclass
@@ -158,12 +135,12 @@ def _near_key(text: str) -> str:
     return _NEAR.sub(" ", text).strip()
 
 
-def apply_guards(exchanges: Sequence[Exchange], cfg: GuardConfig | None = None) -> tuple[list[Exchange], GuardReport]:
+def apply_guards(exchanges: Sequence[TrainingExchange], cfg: GuardConfig | None = None) -> tuple[list[TrainingExchange], GuardReport]:
     """Filter `exchanges` (order kept); the report counts what each guard removed."""
     cfg = cfg or GuardConfig()
     report = GuardReport(removed={"excluded_user": 0, "bad": 0, "too_short": 0,
                                   "exact_duplicate": 0, "near_duplicate": 0, "user_share": 0})
-    out: list[Exchange] = []
+    out: list[TrainingExchange] = []
     seen_exact: set[tuple[str, str]] = set()
     seen_near: set[tuple[str, str]] = set()
     for ex in exchanges:
@@ -196,7 +173,7 @@ def apply_guards(exchanges: Sequence[Exchange], cfg: GuardConfig | None = None) 
     return out, report
 
 
-def _cap_user_share(exchanges: list[Exchange], share: float) -> tuple[list[Exchange], int]:
+def _cap_user_share(exchanges: list[TrainingExchange], share: float) -> tuple[list[TrainingExchange], int]:
     """Drop a dominant user's oldest exchanges until they hold at most `share` of the set.
 
     With a single known user there is nobody to be fair to, so nothing is capped.
@@ -217,7 +194,7 @@ def _cap_user_share(exchanges: list[Exchange], share: float) -> tuple[list[Excha
             total -= c - cap
     if not allowed:
         return exchanges, 0
-    kept_rev: list[Exchange] = []
+    kept_rev: list[TrainingExchange] = []
     used: dict[str, int] = defaultdict(int)
     for ex in reversed(exchanges):  # keep the newest
         if ex.user_id in allowed:
@@ -236,8 +213,8 @@ def _unit(key: str, seed: int) -> float:
     return int.from_bytes(h[:8], "big") / 2**64
 
 
-def split_by_conversation(exchanges: Sequence[Exchange], val_fraction: float = 0.1,
-                          seed: int = 1337) -> tuple[list[Exchange], list[Exchange]]:
+def split_by_conversation(exchanges: Sequence[TrainingExchange], val_fraction: float = 0.1,
+                          seed: int = 1337) -> tuple[list[TrainingExchange], list[TrainingExchange]]:
     """Deterministic train/validation split; a conversation is wholly on one side.
 
     A conversation goes to validation when its hash falls under `val_fraction`, so its
@@ -281,15 +258,15 @@ class TokenData:
         return int(self.mask[1:].sum())
 
 
-def group_conversations(exchanges: Iterable[Exchange]) -> list[list[Exchange]]:
+def group_conversations(exchanges: Iterable[TrainingExchange]) -> list[list[TrainingExchange]]:
     """Conversations in first-seen order, exchanges in their original order."""
-    groups: dict[str, list[Exchange]] = {}
+    groups: dict[str, list[TrainingExchange]] = {}
     for ex in exchanges:
         groups.setdefault(ex.conversation, []).append(ex)
     return list(groups.values())
 
 
-def render_document(conversation: Sequence[Exchange]) -> tuple[str, list[tuple[int, int]]]:
+def render_document(conversation: Sequence[TrainingExchange]) -> tuple[str, list[tuple[int, int]]]:
     """Render one conversation; also the character spans that are the assistant's (reply + separator)."""
     parts: list[str] = []
     spans: list[tuple[int, int]] = []
@@ -318,7 +295,7 @@ def _token_owner_mask(tok: TokenizerLike, text: str, ids: list[int], spans: list
     return mask
 
 
-def tokenize(exchanges: Sequence[Exchange], tok: TokenizerLike, loss_on: str = "assistant") -> TokenData:
+def tokenize(exchanges: Sequence[TrainingExchange], tok: TokenizerLike, loss_on: str = "assistant") -> TokenData:
     """Documents joined by end-of-text; `loss_on` is ``"assistant"`` (reply tokens) or ``"all"``."""
     if loss_on not in ("assistant", "all"):
         raise ValueError(f'loss_on must be "assistant" or "all", not {loss_on!r}')
@@ -336,7 +313,7 @@ def tokenize(exchanges: Sequence[Exchange], tok: TokenizerLike, loss_on: str = "
     return TokenData(torch.tensor(tokens, dtype=torch.long), torch.tensor(mask, dtype=torch.bool), len(docs))
 
 
-def data_hash(exchanges: Sequence[Exchange]) -> str:
+def data_hash(exchanges: Sequence[TrainingExchange]) -> str:
     """A content hash of the training set for provenance."""
     h = hashlib.sha256()
     for ex in exchanges:
@@ -406,7 +383,7 @@ class Dataset:
         }
 
 
-def build_dataset(exchanges: Sequence[Exchange], tok: TokenizerLike, *, guards: GuardConfig | None = None,
+def build_dataset(exchanges: Sequence[TrainingExchange], tok: TokenizerLike, *, guards: GuardConfig | None = None,
                   loss_on: str = "assistant", val_fraction: float = 0.1, seed: int = 1337,
                   bad_lines: list[BadLine] | None = None) -> Dataset:
     kept, report = apply_guards(exchanges, guards)

@@ -47,7 +47,7 @@ class JobSpec:
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
     guards: dict[str, Any] = field(default_factory=dict)  # GuardConfig fields
     gate: dict[str, Any] = field(default_factory=dict)  # GateConfig fields
-    preference: dict[str, Any] = field(default_factory=dict)  # preference.PreferenceConfig fields
+    preference: dict[str, Any] = field(default_factory=dict)  # options.PreferenceConfig fields
     preference_jsonl: list[str] = field(default_factory=list)  # labels from files (preference.load_preference_jsonl)
     val_fraction: float = 0.1
     threads: int | None = None
@@ -71,11 +71,10 @@ def spec_from_config(config: Any, base: str, serving: str | None = None, **overr
 
 def load_model(spec: str):
     """Weights for a checkpoint path or a Hugging Face hub name (cache only: a job never downloads)."""
-    from ..checkpoint import load
-    from ..hf import load_hf
+    from ..hf import load_any, load_hf
 
     if Path(spec).expanduser().exists():
-        return load(Path(spec).expanduser())
+        return load_any(Path(spec).expanduser())
     return load_hf(spec, local_files_only=True)
 
 
@@ -93,7 +92,8 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
     from ..checkpoint import save
     from ..tokenizer import Tokenizer
     from .data import GuardConfig, build_dataset, from_store, load_jsonl
-    from .gate import GateConfig, Registry, judge
+    from ..registry import Registry
+    from .gate import GateConfig, judge
     from .preference import preference_metrics
     from .train import TrainConfig, set_threads, train
 
@@ -179,8 +179,8 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
 def preference_stage(spec: JobSpec, store: Any, guards: Any, seed: int, model: Any, tok: Any,
                      should_stop: Callable[[], bool] | None):
     """Labels (store votes and pairs, label files) split like the data; KTO/DPO when enabled and enough exist."""
-    from .preference import PreferenceConfig, Preferences, from_store_preferences, load_preference_jsonl
-    from .preference import train_preferences
+    from .options import PreferenceConfig
+    from .preference import Preferences, from_store_preferences, load_preference_jsonl, train_preferences
 
     cfg = PreferenceConfig.from_dict(spec.preference)
     prefs = from_store_preferences(store, guards) if store is not None else Preferences()

@@ -41,42 +41,11 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from ..prompt import TURN_SEPARATOR, clean, render_exchange, render_prompt
-from .data import GuardConfig, TokenizerLike, apply_guards, from_store, split_by_conversation
+from .data import TokenizerLike, apply_guards, from_store, split_by_conversation
+from .options import GuardConfig, PreferenceConfig
 from .train import hidden_states, set_dropout
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PreferenceConfig:
-    """``plugins.auto_finetune.preference``: off by default, and off until `min_labels` training labels exist."""
-
-    enabled: bool = False
-    min_labels: int = 100  # labels (votes + pairs) in the training split before the stage runs
-    beta: float = 0.1  # KTO/DPO temperature on the log-ratio to the reference
-    learning_rate: float = 1e-4
-    max_steps: int = 60
-    batch_size: int = 8
-    max_kl: float = 0.1  # drift cap: mean per-token KL(policy || reference), nats
-    eval_interval: int = 10  # steps between drift checks
-    desirable_weight: float = 1.0  # KTO's lambda_D
-    undesirable_weight: float = 1.0  # KTO's lambda_U
-    block_size: int = 128
-    grad_clip: float = 1.0
-    seed: int = 1337
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "PreferenceConfig":
-        d = {k: v for k, v in dict(d or {}).items() if v is not None}
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown preference option(s): {', '.join(sorted(unknown))}")
-        cfg = cls(**d)
-        if cfg.beta <= 0 or cfg.learning_rate <= 0 or cfg.max_kl <= 0:
-            raise ValueError("preference.beta, learning_rate and max_kl must be positive")
-        if min(cfg.max_steps, cfg.batch_size, cfg.eval_interval, cfg.block_size) < 1:
-            raise ValueError("preference.max_steps, batch_size, eval_interval and block_size must be at least 1")
-        return cfg
 
 
 @dataclass(frozen=True)

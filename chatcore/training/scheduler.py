@@ -12,7 +12,7 @@
 - Nothing half-written is ever visible: the worker writes a candidate under a
   hidden temporary name and renames it into place when complete
   (`chatcore.checkpoint.save`); the serving model changes only through
-  `gate.Registry` after the gate. Temp files of dead workers are removed when
+  `chatcore.registry.Registry` after the gate. Temp files of dead workers are removed when
   the next job starts.
 
 The worker is ``python -m chatcore.training.job SPEC.json`` (see `job.py`); each
@@ -40,7 +40,7 @@ from .job import JobSpec
 LOCK_NAME = ".finetune.lock"
 
 
-class Busy(RuntimeError):
+class JobBusy(RuntimeError):
     """A fine-tune job is already running."""
 
 
@@ -113,8 +113,8 @@ class Job:
                     "job": self.id}
 
 
-class Scheduler:
-    """Starts fine-tune workers for one models folder; `start` raises `Busy` while one runs."""
+class JobScheduler:
+    """Starts fine-tune workers for one models folder; `start` raises `JobBusy` while one runs."""
 
     def __init__(self, models_dir: str | os.PathLike, *, threads: int | None = None,
                  keep_jobs: int = 10) -> None:
@@ -145,7 +145,7 @@ class Scheduler:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise Busy(f"a fine-tune job is already running ({_lock_owner(self.lock_path)})") from None
+                raise JobBusy(f"a fine-tune job is already running ({_lock_owner(self.lock_path)})") from None
             self._clean_leftovers()
             job_id = time.strftime("%Y%m%d_%H%M%S") + f"_{os.getpid()}"
             folder = self.models_dir / "jobs" / job_id

@@ -7,8 +7,8 @@ seed-format JSONL the user points to. It is cached, so this happens once. It mak
 conversation-shaped replies, not wise ones; GPT-2 124M stays the default whenever
 it is available, and the learning loop fine-tunes whichever model serves.
 
-`starter_model(config)` is the seam `Engine.from_config` calls (through
-`chatcore.bot.starter_for`) when no other weights are found: it returns the cached
+`starter_model(config)` is the last step of `chatcore.weights` (through
+`chatcore.weights.starter_for`) when no other weights are found: it returns the cached
 checkpoint, building it first if needed. `build_starter` does the work and is what
 ``chatcore model starter`` calls.
 """
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .data import Exchange, build_dataset, load_jsonl
+from .data import TrainingExchange, build_dataset, load_jsonl
 from .train import OutputVocab, TrainConfig, loss_sum, make_optimizer, set_threads, train
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class StarterConfig:
     seed: int = 1337
 
 
-def chitchat_exchanges(limit: int | None = None) -> list[Exchange]:
+def chitchat_exchanges(limit: int | None = None) -> list[TrainingExchange]:
     """The chitchat-dataset corpus as exchanges: a conversation's turns paired (1st, 2nd), (3rd, 4th), ...
 
     A turn is one speaker's consecutive messages joined by a space.
@@ -56,12 +56,12 @@ def chitchat_exchanges(limit: int | None = None) -> list[Exchange]:
     except ImportError as exc:
         raise RuntimeError("the starter corpus needs the chitchat-dataset package "
                            "(pip install chitchat-dataset==0.9.0), or pass a JSONL file") from exc
-    out: list[Exchange] = []
+    out: list[TrainingExchange] = []
     for conv_id, conv in chitchat_dataset.Dataset().items():
         turns = [" ".join(u["text"] for u in group).strip() for group in conv.get("messages", [])]
         turns = [t for t in turns if t]
         for i in range(0, len(turns) - 1, 2):
-            out.append(Exchange(user=turns[i], assistant=turns[i + 1], conversation=f"chitchat:{conv_id}"))
+            out.append(TrainingExchange(user=turns[i], assistant=turns[i + 1], conversation=f"chitchat:{conv_id}"))
         if limit is not None and len(out) >= limit:
             break
     return out[:limit] if limit is not None else out
@@ -138,7 +138,7 @@ def starter_path(config: Any) -> Path:
 
 
 def starter_model(config: Any) -> Path | None:
-    """The cached starter checkpoint, trained now if missing (the `Engine.from_config` seam)."""
+    """The cached starter checkpoint, trained now if missing (the last step of `chatcore.weights`)."""
     path = starter_path(config)
     if path.is_file():
         return path

@@ -24,7 +24,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -33,57 +33,13 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .data import Dataset, TokenData, eval_batches, get_batch
+from .options import TrainConfig
 
 log = logging.getLogger(__name__)
 
 
 class Cancelled(Exception):
     """Training was asked to stop; nothing was written."""
-
-
-@dataclass
-class TrainConfig:
-    learning_rate: float = 3e-4
-    min_lr: float = 3e-5  # cosine floor: 10% of the peak
-    batch_size: int = 2
-    block_size: int = 128
-    max_iters: int = 1000
-    warmup_iters: int = 100
-    dropout: float = 0.1
-    eval_interval: int = 50
-    eval_max_batches: int | None = None  # None: the whole validation split
-    patience: int = 5  # evaluations without an improvement of at least min_delta
-    min_delta: float = 0.001
-    grad_clip: float = 1.0  # 0: off
-    weight_decay: float = 0.01  # torch's AdamW default, as the seed used
-    beta1: float = 0.9
-    beta2: float = 0.999
-    seed: int = 1337
-    loss_on: str = "assistant"  # or "all" (the seed's whole-text loss)
-    fused: bool | None = None  # None: fused AdamW where this torch has it
-    head_on_targets_only: bool = True  # skip the output head where nothing is trained on
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "TrainConfig":
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
-        cfg = cls(**{k: v for k, v in d.items() if v is not None or k in ("fused", "eval_max_batches")})
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
-        if self.loss_on not in ("assistant", "all"):
-            raise ValueError(f'training.loss_on must be "assistant" or "all", not {self.loss_on!r}')
-        for name in ("batch_size", "block_size", "max_iters", "eval_interval", "patience"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"training.{name} must be at least 1")
-        if not 0 <= self.min_lr <= self.learning_rate:
-            raise ValueError("training.min_lr must lie between 0 and learning_rate")
-        if not 0 <= self.dropout < 1:
-            raise ValueError("training.dropout must lie in [0, 1)")
 
 
 def get_lr(it: int, cfg: TrainConfig) -> float:

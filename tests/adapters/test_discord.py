@@ -9,7 +9,7 @@ import pytest
 
 from chatcore.adapter import AdapterError
 from chatcore.adapters.discord import DiscordAdapter
-from chatcore.serving import BUSY_REPLY
+from chatcore.message import BUSY_REPLY
 
 from .conftest import FeedbackSpy, build_bot, eventually, start_adapter
 from .fake_discord import MESSAGE_CONTENT, user

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from chatcore.adapter import AdapterError
-from chatcore.serving import BUSY_REPLY
+from chatcore.message import BUSY_REPLY
 
 from .conftest import FeedbackSpy, build_bot, eventually
 

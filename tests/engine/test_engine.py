@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from chatcore import checkpoint as ckpt
-from chatcore.engine import Engine, ModelNotFound, pick_device, pick_dtype, turn_marker_ids
+from chatcore.engine import Engine, pick_device, pick_dtype
+from chatcore.reply_text import turn_marker_ids
+from chatcore.weights import ModelNotFound, build_engine
 from chatcore.hf import to_hf_state_dict
 from chatcore.prompt import render_prompt
 from chatcore.sampling import SamplingParams
@@ -187,7 +189,7 @@ def test_invalid_params_raise_before_any_work(tok):
 def test_from_config_loads_a_configured_checkpoint(tmp_path, tok):
     model = tiny_model(std=0.3)
     path = ckpt.save(model, tmp_path / "bot.safetensors", base_model="gpt2", iteration=3)
-    engine = Engine.from_config({"checkpoint": str(path), "device": "cpu", "dtype": "float32"}, tokenizer=tok)
+    engine = build_engine({"checkpoint": str(path), "device": "cpu", "dtype": "float32"}, tokenizer=tok)
     assert engine.model_id == "bot (gpt2)"
     # read straight into the decode layout: weights column-major, the head still tied
     m = engine.model
@@ -200,13 +202,13 @@ def test_from_config_loads_a_configured_checkpoint(tmp_path, tok):
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(ModelNotFound, match="no such file"):
-        Engine.from_config({"checkpoint": str(tmp_path / "nope.safetensors")})
+        build_engine({"checkpoint": str(tmp_path / "nope.safetensors")})
 
 
 def test_offline_without_cache_explains_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFound) as err:
-        Engine.from_config({"cache_dir": str(tmp_path)})
+        build_engine({"cache_dir": str(tmp_path)})
     msg = str(err.value)
     assert "model.checkpoint" in msg and "Hugging Face cache" in msg and "internet" in msg
 
@@ -220,10 +222,10 @@ def test_starter_seam_is_consulted_last(tmp_path, monkeypatch, tok):
         calls.append(1)
         return path
 
-    engine = Engine.from_config({"cache_dir": str(tmp_path / "hf")}, starter=starter, tokenizer=tok)
+    engine = build_engine({"cache_dir": str(tmp_path / "hf")}, starter=starter, tokenizer=tok)
     assert calls and engine.model_id == "starter"
     with pytest.raises(ModelNotFound, match="starter"):
-        Engine.from_config({"cache_dir": str(tmp_path / "hf")}, starter=lambda: None)
+        build_engine({"cache_dir": str(tmp_path / "hf")}, starter=lambda: None)
 
 
 def test_gpt2_from_the_hugging_face_cache(tmp_path, monkeypatch, tok):
@@ -241,7 +243,7 @@ def test_gpt2_from_the_hugging_face_cache(tmp_path, monkeypatch, tok):
     (snap / "config.json").write_text(json.dumps(hf_cfg))
     state = {k: v.contiguous() for k, v in to_hf_state_dict(model).items() if k != "lm_head.weight"}
     save_file(state, str(snap / "model.safetensors"))
-    engine = Engine.from_config({"cache_dir": str(tmp_path), "device": "cpu"}, tokenizer=tok)
+    engine = build_engine({"cache_dir": str(tmp_path), "device": "cpu"}, tokenizer=tok)
     assert engine.model_id == "gpt2"
     ids = tok.encode("Human: hi\nAssistant:")
     assert list(engine.tokens(ids, GREEDY)) == greedy_no_cache(model, ids, 30)

@@ -13,11 +13,11 @@ from chatcore.model import GPT, GPTConfig
 from chatcore.store import Store
 from chatcore.tokenizer import Tokenizer
 from chatcore.training.data import build_dataset, load_jsonl
-from chatcore.training.gate import GateConfig, Registry, judge, serving_checkpoint
+from chatcore.registry import Registry, serving_checkpoint
+from chatcore.training.gate import GateConfig, judge
 from chatcore.training.job import JobSpec, run_job
 from chatcore.training.train import TrainConfig, evaluate, get_lr, train
 
-SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sample_conversations.jsonl"
 # Tiny and short: the 50257-token head dominates a tiny model's step, so few, small batches.
 FAST = dict(max_iters=30, eval_interval=10, warmup_iters=3, batch_size=4, block_size=64,
             learning_rate=3e-3, min_lr=3e-4)
@@ -38,8 +38,8 @@ def tiny(seed: int = 0) -> GPT:
 
 
 @pytest.fixture(scope="module")
-def dataset(one_thread):
-    exchanges, _ = load_jsonl(SAMPLE)
+def dataset(one_thread, sample_conversations):
+    exchanges, _ = load_jsonl(sample_conversations)
     return build_dataset(exchanges, Tokenizer())
 
 
@@ -143,11 +143,11 @@ def test_registry_keeps_last_k_and_rolls_back(tmp_path):
         reg.promote(tmp_path / "elsewhere.safetensors")
 
 
-def test_job_end_to_end_writes_a_candidate_with_provenance(tmp_path):
+def test_job_end_to_end_writes_a_candidate_with_provenance(tmp_path, sample_conversations):
     base = checkpoint.save(tiny(), tmp_path / "base", base_model="random-test")
     models = tmp_path / "models"
     store = Store(tmp_path / "history.db")
-    store.import_jsonl(SAMPLE)
+    store.import_jsonl(sample_conversations)
     store.close()
     spec = JobSpec(models_dir=str(models), base=str(base), store=str(tmp_path / "history.db"),
                    train={**FAST, "max_iters": 10, "eval_interval": 5}, progress=False, threads=1)

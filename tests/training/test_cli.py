@@ -13,7 +13,6 @@ from chatcore.cli import main
 from chatcore.model import GPT, GPTConfig
 from chatcore.training.starter import StarterConfig, build_starter, chitchat_exchanges
 
-SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sample_conversations.jsonl"
 
 
 @pytest.fixture
@@ -25,7 +24,7 @@ def one_thread():
 
 
 @pytest.mark.slow  # a whole fine-tune job
-def test_finetune_command_promotes_then_rollback_returns(tmp_path, capsys, one_thread):
+def test_finetune_command_promotes_then_rollback_returns(tmp_path, capsys, one_thread, sample_conversations):
     torch.manual_seed(0)
     base = checkpoint.save(GPT(GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=32)), tmp_path / "base")
     config = tmp_path / "bot.yaml"
@@ -36,7 +35,7 @@ def test_finetune_command_promotes_then_rollback_returns(tmp_path, capsys, one_t
         "      max_iters: 10\n      eval_interval: 5\n      warmup_iters: 2\n      batch_size: 4\n"
         "      block_size: 64\n      learning_rate: 0.003\n      min_lr: 0.0003\n"
     )
-    assert main(["history", "import", "-c", str(config), str(SAMPLE)]) == 0
+    assert main(["history", "import", "-c", str(config), str(sample_conversations)]) == 0
     capsys.readouterr()
     assert main(["finetune", "-c", str(config), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -66,11 +65,11 @@ def test_chitchat_corpus_pairs_turns_by_conversation():
     assert len({r.conversation for r in rows}) > 10  # several conversations, kept together
 
 
-def test_starter_builds_a_loadable_model_from_a_jsonl(tmp_path, one_thread):
+def test_starter_builds_a_loadable_model_from_a_jsonl(tmp_path, one_thread, sample_conversations):
     cfg = StarterConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, minutes=0.05, max_exchanges=200)
-    path = build_starter(tmp_path / "starter", corpus=SAMPLE, cfg=cfg, progress=False)
+    path = build_starter(tmp_path / "starter", corpus=sample_conversations, cfg=cfg, progress=False)
     model, meta = checkpoint.load(path)
-    assert model.config.n_layer == 1 and meta["provenance"]["corpus"] == str(SAMPLE)
+    assert model.config.n_layer == 1 and meta["provenance"]["corpus"] == str(sample_conversations)
     prov = meta["provenance"]
     assert prov["val_loss"] < prov["initial_val_loss"] - 0.05  # it learned something
     assert prov["output_vocab"] <= 8192

@@ -8,11 +8,12 @@ import time
 import pytest
 import torch
 
-from chatcore.batching import Scheduler
+from chatcore.batching import BatchScheduler
 from chatcore.engine import Engine
 from chatcore.model import GPT, GPTConfig
 from chatcore.sampling import SamplingParams
-from chatcore.serving import Busy, Generator
+from chatcore.message import Busy
+from chatcore.serving import Generator
 from chatcore.testing import ScriptedEngine
 from chatcore.tokenizer import Tokenizer
 
@@ -44,7 +45,7 @@ async def test_concurrent_streams_are_batched_and_equal_unbatched(engines):
     prompts = [f"Human: question number {i} {'about things ' * i}\nAssistant:" for i in range(6)]
     try:
         got = await asyncio.gather(*(gen.generate(p, GREEDY.updated(seed=i)) for i, p in enumerate(prompts)))
-        assert isinstance(gen.backend, Scheduler)
+        assert isinstance(gen.backend, BatchScheduler)
         assert got == [engine.generate(p, GREEDY) for p in prompts]
         assert gen.backend.steps < 6 * GREEDY.max_new_tokens * 0.7
     finally:
@@ -135,7 +136,7 @@ async def test_scripted_engine_is_served_one_at_a_time():
     gen = Generator(engine)
     try:
         assert await gen.generate("Human: hi\nAssistant:", SamplingParams()) == " hello there friend"
-        assert not isinstance(gen.backend, Scheduler)
+        assert not isinstance(gen.backend, BatchScheduler)
         assert engine.prompts == ["Human: hi\nAssistant:"]
     finally:
         await gen.close()

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from chatcore.prompt import render_exchange
 from chatcore.tokenizer import Tokenizer
-from chatcore.training.data import (Exchange, GuardConfig, apply_guards, build_dataset, eval_batches, from_store,
+from chatcore.training.data import (TrainingExchange, GuardConfig, apply_guards, build_dataset, eval_batches, from_store,
                                     get_batch, load_jsonl, split_by_conversation, tokenize)
 
-SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sample_conversations.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +19,8 @@ def tok() -> Tokenizer:
     return Tokenizer()
 
 
-def ex(user: str, assistant: str, conv: str = "c", uid: str | None = None, bad: bool = False) -> Exchange:
-    return Exchange(user=user, assistant=assistant, conversation=conv, user_id=uid, bad=bad)
+def ex(user: str, assistant: str, conv: str = "c", uid: str | None = None, bad: bool = False) -> TrainingExchange:
+    return TrainingExchange(user=user, assistant=assistant, conversation=conv, user_id=uid, bad=bad)
 
 
 def test_tokens_are_the_rendered_conversation_and_mask_covers_replies(tok):
@@ -110,8 +108,8 @@ def test_broken_jsonl_lines_are_skipped_and_counted(tmp_path):
     assert exchanges[1].bad and exchanges[1].user_id == "x:1"
 
 
-def test_sample_dataset_builds_with_a_held_out_split(tok):
-    exchanges, bad = load_jsonl(SAMPLE)
+def test_sample_dataset_builds_with_a_held_out_split(tok, sample_conversations):
+    exchanges, bad = load_jsonl(sample_conversations)
     assert len(exchanges) == 350 and not bad
     ds = build_dataset(exchanges, tok)
     assert ds.train_exchanges + ds.val_exchanges == ds.guard_report.kept

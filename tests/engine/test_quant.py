@@ -18,7 +18,6 @@ from chatcore.prompt import render_exchange
 from chatcore.quant import Int8Linear, is_quantized, quality, quantize_int8
 from chatcore.tokenizer import Tokenizer
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sample_conversations.jsonl"
 
 # Stated tolerance (also in the benchmark's report): held-out perplexity within 2%
 # of fp32, and the greedy next token the same as fp32's at >= 95% of positions.
@@ -67,9 +66,9 @@ def test_refuses_what_it_cannot_quantize():
         Int8Linear(torch.nn.Linear(4, 4))(torch.zeros(1, 4, dtype=torch.bfloat16))
 
 
-def _corpus():
+def _corpus(path: Path):
     tok = Tokenizer()
-    lines = [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     docs = [tok.encode(render_exchange(x["user"], x["assistant"])) for x in lines]
     vocab = sorted({t for d in docs for t in d})
     compact = {t: i for i, t in enumerate(vocab)}
@@ -85,8 +84,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_quality_on_sample_conversations_within_tolerance(one_thread):
-    docs, vocab = _corpus()
+def test_quality_on_sample_conversations_within_tolerance(one_thread, sample_conversations):
+    docs, vocab = _corpus(sample_conversations)
     train, held_out = docs[:300], docs[300:]
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=64, vocab_size=vocab, n_layer=2, n_head=4, n_embd=64))

@@ -9,7 +9,6 @@ import pytest
 
 from chatcore import tokenizer as tk
 from chatcore.tokenizer import Tokenizer, TokenizerError
-from tests.engine_fixtures import GPT2_DIR
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +29,10 @@ def test_known_encodings(tok):
     assert tok.count("Hello, world!") == 4
 
 
-@pytest.mark.skipif(not GPT2_DIR.is_dir(), reason="../shared/data/gpt2 not present")
-def test_shared_copy_builds_the_same_encoding(tok):
-    other = Tokenizer(encoding=tk.encoding_from_files(GPT2_DIR))
+def test_shared_copy_builds_the_same_encoding(tok, shared_data):
+    if not (shared_data / "gpt2").is_dir():
+        pytest.skip("../shared/data/gpt2 not present")
+    other = Tokenizer(encoding=tk.encoding_from_files(shared_data / "gpt2"))
     text = "Ünïcödé, numbers 12345 and  spaces\n\nnew lines 😀"
     assert other.encode(text) == tok.encode(text)
 

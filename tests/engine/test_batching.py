@@ -8,7 +8,8 @@ import time
 import pytest
 import torch
 
-from chatcore.batching import DONE, Busy, Scheduler
+from chatcore.batching import DONE, BatchScheduler
+from chatcore.message import Busy
 from chatcore.engine import Engine
 from chatcore.model import GPT, GPTConfig
 from chatcore.prefix_cache import PrefixCache
@@ -59,7 +60,7 @@ class Collector:
         return "".join(self.parts)
 
 
-def _run_all(sched: Scheduler, jobs: list[tuple[str, SamplingParams]], stagger: float = 0.0) -> list[str]:
+def _run_all(sched: BatchScheduler, jobs: list[tuple[str, SamplingParams]], stagger: float = 0.0) -> list[str]:
     sinks = []
     for prompt, params in jobs:
         sink = Collector()
@@ -73,7 +74,7 @@ def _run_all(sched: Scheduler, jobs: list[tuple[str, SamplingParams]], stagger: 
 def test_greedy_batched_equals_unbatched(engine):
     jobs = [(p, SamplingParams(temperature=0, max_new_tokens=8 + 5 * i, stop_at_newline=i % 2 == 0)) for i, p in enumerate(PROMPTS)]
     expected = [engine.generate(p, params) for p, params in jobs]
-    sched = Scheduler(engine, max_batch=4, prefill_chunk=64)  # every prompt is one chunk of >= 2 tokens
+    sched = BatchScheduler(engine, max_batch=4, prefill_chunk=64)  # every prompt is one chunk of >= 2 tokens
     decode_rows = []
     forward = sched.model.forward_cached
 
@@ -107,7 +108,7 @@ def test_seeded_sampling_batched_equals_unbatched(engine):
     ]
     jobs = [(p, SamplingParams(max_new_tokens=20, stop_at_newline=False, **kw)) for p, kw in zip(PROMPTS, settings)]
     expected = [engine.generate(p, params) for p, params in jobs]
-    sched = Scheduler(engine, max_batch=8)
+    sched = BatchScheduler(engine, max_batch=8)
     try:
         got = _run_all(sched, jobs)
     finally:
@@ -125,7 +126,7 @@ def test_stop_strings_and_sliding_window_match_the_engine(engine):
     expected = [engine.generate(p, params) for p, params in jobs]
     assert len(expected[0]) < len(free) and stop not in expected[0]
     assert expected[2] == ""
-    sched = Scheduler(engine, max_batch=3, prefill_chunk=32)
+    sched = BatchScheduler(engine, max_batch=3, prefill_chunk=32)
     try:
         assert _run_all(sched, jobs) == expected
     finally:
@@ -133,7 +134,7 @@ def test_stop_strings_and_sliding_window_match_the_engine(engine):
 
 
 def test_a_short_request_does_not_wait_for_a_long_one(engine):
-    sched = Scheduler(engine, max_batch=2)
+    sched = BatchScheduler(engine, max_batch=2)
     try:
         long, short = Collector(), Collector()
         sched.submit(PROMPTS[2], SamplingParams(temperature=0, max_new_tokens=80, stop_at_newline=False), long)
@@ -146,7 +147,7 @@ def test_a_short_request_does_not_wait_for_a_long_one(engine):
 
 
 def test_cancellation_frees_the_slot(engine):
-    sched = Scheduler(engine, max_batch=1, max_queue=4)
+    sched = BatchScheduler(engine, max_batch=1, max_queue=4)
     try:
         endless = Collector()
         r = sched.submit(PROMPTS[1], SamplingParams(temperature=1.0, max_new_tokens=10_000, stop_at_newline=False), endless)
@@ -167,7 +168,7 @@ def test_cancellation_frees_the_slot(engine):
 
 
 def test_cancelled_while_waiting_never_runs(engine):
-    sched = Scheduler(engine, max_batch=1)
+    sched = BatchScheduler(engine, max_batch=1)
     try:
         first = Collector()
         sched.submit(PROMPTS[2], SamplingParams(temperature=0, max_new_tokens=30, stop_at_newline=False), first)
@@ -182,7 +183,7 @@ def test_cancelled_while_waiting_never_runs(engine):
 
 
 def test_queue_bound_raises_busy(engine):
-    sched = Scheduler(engine, max_batch=1, max_queue=2)
+    sched = BatchScheduler(engine, max_batch=1, max_queue=2)
     try:
         params = SamplingParams(temperature=1.0, max_new_tokens=10_000, stop_at_newline=False)
         running = Collector()
@@ -201,7 +202,7 @@ def test_queue_bound_raises_busy(engine):
 
 
 def test_bad_params_are_refused_before_queueing(engine):
-    sched = Scheduler(engine)
+    sched = BatchScheduler(engine)
     try:
         with pytest.raises(ValueError, match="temperature"):
             sched.submit("Human: hi\nAssistant:", SamplingParams(temperature=-1), Collector())
@@ -212,7 +213,7 @@ def test_bad_params_are_refused_before_queueing(engine):
 
 def test_follow_up_turn_reuses_the_cached_prefix(engine):
     prefixes = PrefixCache(budget_bytes=64 * 2**20)
-    sched = Scheduler(engine, max_batch=2, prefill_chunk=8, prefix_cache=prefixes)
+    sched = BatchScheduler(engine, max_batch=2, prefill_chunk=8, prefix_cache=prefixes)
     params = SamplingParams(temperature=0, max_new_tokens=6, stop_at_newline=False)
     try:
         turn1 = "Human: tell me about the sea and the ships on it\nAssistant:"

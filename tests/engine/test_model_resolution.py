@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 from chatcore import checkpoint
-from chatcore.bot import load_engine
+from chatcore.weights import load_engine
 from chatcore.config import load_config
 from chatcore.model import GPT, GPTConfig
 from chatcore.plugin_manager import make_plugin_manager
-from chatcore.training.gate import Registry
+from chatcore.registry import Registry
 
 
 def _config(tmp_path, base):

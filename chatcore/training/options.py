@@ -1,0 +1,131 @@
+"""The learning loop's options (``plugins.auto_finetune.training``, ``.guards``, ``.gate``, ``.preference``).
+
+Torch-free, so validating a config (`chatcore config check`) never loads torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = 3e-4
+    min_lr: float = 3e-5  # cosine floor: 10% of the peak
+    batch_size: int = 2
+    block_size: int = 128
+    max_iters: int = 1000
+    warmup_iters: int = 100
+    dropout: float = 0.1
+    eval_interval: int = 50
+    eval_max_batches: int | None = None  # None: the whole validation split
+    patience: int = 5  # evaluations without an improvement of at least min_delta
+    min_delta: float = 0.001
+    grad_clip: float = 1.0  # 0: off
+    weight_decay: float = 0.01  # torch's AdamW default, as the seed used
+    beta1: float = 0.9
+    beta2: float = 0.999
+    seed: int = 1337
+    loss_on: str = "assistant"  # or "all" (the seed's whole-text loss)
+    fused: bool | None = None  # None: fused AdamW where this torch has it
+    head_on_targets_only: bool = True  # skip the output head where nothing is trained on
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "TrainConfig":
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+        cfg = cls(**{k: v for k, v in d.items() if v is not None or k in ("fused", "eval_max_batches")})
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.loss_on not in ("assistant", "all"):
+            raise ValueError(f'training.loss_on must be "assistant" or "all", not {self.loss_on!r}')
+        for name in ("batch_size", "block_size", "max_iters", "eval_interval", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"training.{name} must be at least 1")
+        if not 0 <= self.min_lr <= self.learning_rate:
+            raise ValueError("training.min_lr must lie between 0 and learning_rate")
+        if not 0 <= self.dropout < 1:
+            raise ValueError("training.dropout must lie in [0, 1)")
+
+
+@dataclass
+class GuardConfig:
+    """Each guard can be switched off; forgotten/opted-out users are excluded always."""
+
+    drop_exact_duplicates: bool = True
+    drop_near_duplicates: bool = True  # same text after case, punctuation and whitespace folding
+    min_user_chars: int = 1
+    min_assistant_chars: int = 2
+    max_user_share: float | None = 0.5  # of the kept exchanges, when at least two users contributed
+    drop_bad: bool = True
+    excluded_users: frozenset[str] = field(default_factory=frozenset)  # forgotten / opted out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "GuardConfig":
+        d = dict(d or {})
+        if "excluded_users" in d:
+            d["excluded_users"] = frozenset(d["excluded_users"])
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown guard option(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+@dataclass
+class GateConfig:
+    min_improvement: float = 0.0  # the candidate must beat serving by more than this
+    general_text: str | None = None  # JSONL exchanges or plain text; None: no general check
+    max_general_regression: float = 0.05  # allowed loss increase on the general text
+    keep: int = 3  # promoted checkpoints kept (the serving one always is)
+    keep_rejected: int = 3
+    eval_block_size: int = 128
+    eval_max_batches: int | None = None
+    preference_check: bool = True  # held-out 👍/👎 and pairs: the candidate must order them at least as well
+    max_preference_regression: float = 0.0  # allowed drop in preference accuracy (0: at least as well)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "GateConfig":
+        d = dict(d or {})
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown gate option(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+@dataclass
+class PreferenceConfig:
+    """``plugins.auto_finetune.preference``: off by default, and off until `min_labels` training labels exist."""
+
+    enabled: bool = False
+    min_labels: int = 100  # labels (votes + pairs) in the training split before the stage runs
+    beta: float = 0.1  # KTO/DPO temperature on the log-ratio to the reference
+    learning_rate: float = 1e-4
+    max_steps: int = 60
+    batch_size: int = 8
+    max_kl: float = 0.1  # drift cap: mean per-token KL(policy || reference), nats
+    eval_interval: int = 10  # steps between drift checks
+    desirable_weight: float = 1.0  # KTO's lambda_D
+    undesirable_weight: float = 1.0  # KTO's lambda_U
+    block_size: int = 128
+    grad_clip: float = 1.0
+    seed: int = 1337
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "PreferenceConfig":
+        d = {k: v for k, v in dict(d or {}).items() if v is not None}
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown preference option(s): {', '.join(sorted(unknown))}")
+        cfg = cls(**d)
+        if cfg.beta <= 0 or cfg.learning_rate <= 0 or cfg.max_kl <= 0:
+            raise ValueError("preference.beta, learning_rate and max_kl must be positive")
+        if min(cfg.max_steps, cfg.batch_size, cfg.eval_interval, cfg.block_size) < 1:
+            raise ValueError("preference.max_steps, batch_size, eval_interval and block_size must be at least 1")
+        return cfg

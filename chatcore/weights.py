@@ -1,0 +1,221 @@
+"""Which weights serve, read top-down: the one place that decides.
+
+1. the promoted fine-tune (`chatcore.registry`), when there is a sound one;
+   a damaged one is reported and skipped, never fatal;
+2. ``model.checkpoint``: a native .safetensors, a seed/nanoGPT .pt, or a Hugging Face directory;
+3. ``model.base`` in the Hugging Face cache;
+4. ``model.base`` downloaded (when ``model.download`` and not ``HF_HUB_OFFLINE``);
+5. the offline starter model (`chatcore.training.starter`, when ``model.starter``);
+6. otherwise `ModelNotFound`, saying what is missing and how to fix it.
+
+A running bot follows the registry (`RegistryWatch`): a promotion or rollback
+made by another process (``chatcore model rollback``, ``chatcore finetune``)
+serves within seconds, loaded fully before it is swapped in.
+
+Steps 2-6 are "the base": what serves when nothing is promoted, and what a
+fine-tune starts from (`base_checkpoint` names it without loading it).
+
+``model:`` keys used here::
+
+    checkpoint: null   # a native .safetensors, a seed/nanoGPT .pt, or a Hugging Face directory
+    base: gpt2         # hub name used when no checkpoint is configured
+    download: true     # may fetch `base` from the Hugging Face hub when it is not cached
+    cache_dir: null    # Hugging Face cache directory (null: huggingface_hub's default)
+    device: auto       # auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps
+    dtype: auto        # auto (float32 on cpu, bfloat16/float16 on accelerators), float32, bfloat16, float16
+    threads: null      # torch CPU threads (null: torch's default)
+    quantize: null     # int8: int8 weights on the CPU
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import hf
+from .checkpoint import CheckpointError, ColumnMajor
+from .engine import Engine, decode_column_major, pick_device, pick_dtype
+from .model import GPT
+from .registry import Registry, RegistryError, serving_checkpoint
+from .tokenizer import Tokenizer
+
+log = logging.getLogger("chatcore")
+
+Starter = Callable[[], "str | Path | None"]
+
+
+class ModelNotFound(RuntimeError):
+    """No weights to serve could be found; the message says what to do."""
+
+
+def models_dir(config: Any) -> Path:
+    """Where fine-tuned checkpoints, the registry and the starter model live."""
+    return Path(config.data_dir) / "models"
+
+
+def load_engine(config: Any, tokenizer: Tokenizer | None = None) -> Engine:
+    """The serving engine: the promoted fine-tune if there is a sound one, else the base (see the module docstring)."""
+    promoted = serving_checkpoint(models_dir(config))
+    if promoted is not None:
+        try:
+            return engine_for(config, promoted, tokenizer)
+        except CheckpointError as exc:  # a damaged fine-tune never stops the bot from serving
+            log.warning("promoted checkpoint %s is unusable (%s); serving the base model", promoted, exc)
+    return build_engine(config["model"], starter_for(config), tokenizer)
+
+
+def engine_for(config: Any, checkpoint: str | Path, tokenizer: Tokenizer | None = None) -> Engine:
+    """An engine for one checkpoint, built with the configured device, dtype and options."""
+    return build_engine({**config["model"], "checkpoint": str(checkpoint)}, None, tokenizer)
+
+
+def build_engine(model_cfg: dict | None = None, starter: Starter | None = None,
+                 tokenizer: Tokenizer | None = None) -> Engine:
+    """The engine for a ``model:`` section: the base model (steps 2-6), no registry involved."""
+    cfg = dict(model_cfg or {})
+    device = pick_device(cfg.get("device", "auto"))
+    dtype = pick_dtype(cfg.get("dtype", "auto"), device)
+    model, meta, model_id = resolve_model(cfg, starter, decode_column_major if device.type == "cpu" else None)
+    engine = Engine(model, tokenizer, model_id=model_id, device=device, dtype=dtype,
+                    threads=cfg.get("threads"), meta=meta)
+    if cfg.get("quantize") == "int8":
+        from .quant import quantize_int8
+
+        quantize_int8(engine.model)
+        engine.model_id += " int8"  # stored with every exchange: which weights answered
+    return engine
+
+
+def resolve_model(cfg: dict, starter: Starter | None = None,
+                  column_major: ColumnMajor | None = None) -> tuple[GPT, dict, str]:
+    """(model, metadata, model_id) from the first source of steps 2-6 that has weights; ModelNotFound otherwise.
+
+    ``column_major`` picks weights to read straight into column-major memory (see
+    `chatcore.checkpoint.load`)."""
+    checkpoint = cfg.get("checkpoint")
+    if checkpoint:
+        path = Path(os.path.expanduser(str(checkpoint)))
+        if not path.exists():
+            raise ModelNotFound(
+                f"model.checkpoint is {str(checkpoint)!r} but no such file or directory exists. "
+                "Point it at a .safetensors checkpoint, a .pt file or a Hugging Face GPT-2 directory, "
+                "or remove it to use GPT-2."
+            )
+        model, meta = hf.load_any(path, column_major=column_major)
+        return model, meta, model_id(path, meta)
+
+    base = cfg.get("base") or "gpt2"
+    cache_dir = cfg.get("cache_dir")
+    tried: list[str] = []
+    try:
+        model, meta = hf.load_hf(base, cache_dir=cache_dir, local_files_only=True, column_major=column_major)
+        return model, meta, base
+    except CheckpointError:
+        raise
+    except Exception as e:  # not cached (huggingface_hub's own error types vary by version)
+        tried.append(f"{base!r} is not in the Hugging Face cache ({type(e).__name__})")
+    if cfg.get("download", True) and not hub_offline():
+        try:
+            model, meta = hf.load_hf(base, cache_dir=cache_dir, local_files_only=False, column_major=column_major)
+            return model, meta, base
+        except CheckpointError:
+            raise
+        except Exception as e:  # offline, proxy, no such repo...
+            tried.append(f"downloading {base!r} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    else:
+        tried.append("downloading is off (model.download: false or HF_HUB_OFFLINE=1)")
+    if starter is not None:
+        path = starter()
+        if path:
+            model, meta = hf.load_any(path, column_major=column_major)
+            return model, meta, model_id(Path(path), meta)
+        tried.append("no offline starter model has been built")
+    raise ModelNotFound(
+        "No model to serve: no model.checkpoint is configured, "
+        + "; ".join(tried)
+        + ". To fix it: connect to the internet once so GPT-2 can be downloaded (about 500 MB), "
+        "or copy a Hugging Face GPT-2 directory (config.json + model.safetensors) and set model.checkpoint to it"
+        + (", or build the offline starter model" if starter is not None else "")
+        + "."
+    )
+
+
+def base_checkpoint(config: Any) -> str | None:
+    """Where the base model's weights are on disk (steps 2-5, never the promoted fine-tune, never a
+    download or a starter build), without loading them; None when there are none yet."""
+    cfg = config["model"]
+    if cfg.get("checkpoint"):
+        path = Path(os.path.expanduser(str(cfg["checkpoint"])))
+        return str(path) if path.exists() else None
+    try:
+        return str(hf.fetch(cfg.get("base") or "gpt2", cache_dir=cfg.get("cache_dir"), local_files_only=True))
+    except Exception:  # not cached (huggingface_hub's error types vary by version)
+        pass
+    if cfg.get("starter"):
+        from .training.starter import starter_path
+
+        path = starter_path(config)
+        return str(path) if path.is_file() else None
+    return None
+
+
+class RegistryWatch:
+    """Notices changes to registry.json and says which engine should serve now."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.path = models_dir(config) / "registry.json"
+        self.seen = self._stamp()
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def changed(self) -> bool:
+        """Whether registry.json changed since the last call (or since the bot started)."""
+        stamp = self._stamp()
+        if stamp == self.seen:
+            return False
+        self.seen = stamp
+        return True
+
+    def engine_if_needed(self, current: Any) -> Engine | None:
+        """A fully loaded engine for what the registry says serves now; None when that already serves
+        (or the registry is unreadable: the current model keeps serving)."""
+        try:
+            promoted = Registry(models_dir(self.config)).current()
+        except RegistryError as exc:
+            log.error("%s; still serving %s", exc, getattr(current, "model_id", "the current model"))
+            return None
+        want = str(promoted) if promoted is not None and promoted.is_file() else base_checkpoint(self.config)
+        serving = (getattr(current, "meta", None) or {}).get("source")
+        if want is not None and serving is not None and Path(want).resolve() == Path(serving).resolve():
+            return None
+        engine = load_engine(self.config, getattr(current, "tokenizer", None))
+        return None if engine.meta.get("source") == serving else engine
+
+
+def starter_for(config: Any) -> Starter | None:
+    """The offline starter model's builder, when the config allows it (see chatcore.training.starter)."""
+    if not config["model"]["starter"]:
+        return None
+    from .training.starter import starter_model
+
+    return lambda: starter_model(config)
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def model_id(path: Path, meta: dict) -> str:
+    """The name stored with every exchange: the checkpoint's name, and the base it was tuned from."""
+    base = (meta.get("provenance") or {}).get("base_model")
+    name = path.stem if path.is_file() else path.name
+    return f"{name} ({base})" if base and base != name else name
