@@ -187,12 +187,16 @@ def _batch(items: Sequence[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.
 
 
 def token_logps(model: nn.Module, items: Sequence[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """Per sequence: summed reply-token log-probability, reply token count; and the reply positions' log-softmax."""
+    """Per sequence: summed reply-token log-probability and reply token count; and the log-softmax at reply positions.
+
+    The output head runs on reply positions only (the prompt's positions are never scored).
+    """
     x, y, m = _batch(items)
-    logits = model.lm_head(hidden_states(model, x)).float()
-    logp = F.log_softmax(logits, dim=-1)
-    tok = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1) * m
-    return tok.sum(1), m.sum(1), (logp, m)
+    h = hidden_states(model, x)[m]  # [reply positions, n_embd], row-major: sequence by sequence
+    logp = F.log_softmax(model.lm_head(h).float(), dim=-1)
+    tok = logp.gather(-1, y[m].unsqueeze(-1)).squeeze(-1)
+    row = torch.arange(len(items)).unsqueeze(1).expand_as(m)[m]
+    return torch.zeros(len(items)).index_add(0, row, tok), m.sum(1), logp
 
 
 @torch.no_grad()
@@ -270,11 +274,10 @@ def mean_kl(model: nn.Module, reference: nn.Module, items: Sequence[tuple[list[i
     """Mean over reply positions of KL(model || reference), in nats per token."""
     total, count = 0.0, 0
     for i in range(0, len(items), batch):
-        _, _, (lp, m) = token_logps(model, items[i:i + batch])
-        _, _, (lq, _) = token_logps(reference, items[i:i + batch])
-        kl = (lp.exp() * (lp - lq)).sum(-1)
-        total += float(kl[m].sum())
-        count += int(m.sum())
+        _, _, lp = token_logps(model, items[i:i + batch])
+        _, _, lq = token_logps(reference, items[i:i + batch])
+        total += float((lp.exp() * (lp - lq)).sum())
+        count += lp.size(0)
     return total / count if count else 0.0
 
 
