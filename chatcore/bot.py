@@ -16,7 +16,8 @@ from typing import Any
 
 from .adapter import AdapterError
 from .config import Config, load_config
-from .message import DROP, Message, Reply
+from .message import DROP, Busy, Message, Reply
+from .metrics import Metrics
 from .params import SamplingParams
 from .plugin_manager import Command, PluginManager, await_me_maybe, call_hook, make_plugin_manager
 from .prompt import build_prompt
@@ -48,6 +49,7 @@ class Bot:
         self.adapters: list[Any] = []
         self._stopping = asyncio.Event()
         self.registry_watch = RegistryWatch(config)  # from now on, registry changes are followed
+        self.metrics = Metrics(self)  # per bot: tests with many bots never share counters
 
     # --- building -------------------------------------------------------------
 
@@ -110,6 +112,22 @@ class Bot:
 
     async def handle(self, message: Message, on_delta: Callable[[str], Any] | None = None,
                      params: SamplingParams | None = None) -> Reply | None:
+        """Answer `message` (see `_answer`), counted and timed for /metrics."""
+        probe = self.metrics.request(message.adapter)
+        try:
+            reply = await self._answer(message, probe.wrap(on_delta), params)
+        except Busy:
+            probe.done("busy")
+            raise
+        except BaseException:
+            probe.done("error")
+            raise
+        outcome = "silent" if reply is None else "answered" if reply.from_model else "hook"
+        probe.done(outcome, reply, self.generator.engine.count_tokens)
+        return reply
+
+    async def _answer(self, message: Message, on_delta: Callable[[str], Any] | None = None,
+                      params: SamplingParams | None = None) -> Reply | None:
         """Answer `message`: hooks, history, model, store. None means nothing to send.
 
         `params` replaces the configured sampler settings for this message (per-request API settings).
@@ -129,9 +147,9 @@ class Bot:
 
         # Every store call runs on the store's thread: a locked database delays this chat, not the loop.
         history = await self.store.run(self.store.history, message, limit=self.config["bot"]["history_turns"])
-        return await self._answer(message, history, params, on_delta)
+        return await self._generate(message, history, params, on_delta)
 
-    async def _answer(self, message: Message, history: list[tuple[str, str]], params: SamplingParams,
+    async def _generate(self, message: Message, history: list[tuple[str, str]], params: SamplingParams,
                       on_delta: Callable[[str], Any] | None = None, retry_of: int | None = None) -> Reply | None:
         """Prompt, generate, run the reply hooks and log a model reply to `message` after `history`."""
         engine = self.generator.engine
@@ -197,7 +215,7 @@ class Bot:
         original = Message(text=last.user_text, adapter=message.adapter, channel=message.channel, user=message.user,
                            user_name=message.user_name, is_direct=message.is_direct, raw=message.raw)
         history = await self.store.run(self.store.context_before, last.id, limit=self.config["bot"]["history_turns"])
-        return await self._answer(original, history, self.retry_params(last.params), retry_of=last.id)
+        return await self._generate(original, history, self.retry_params(last.params), retry_of=last.id)
 
     async def retry_reply(self, adapter: str, platform_message_id: str, user: str) -> Reply | None:
         """🔁 on a reply: retry it if it is the last reply of the reacting user's own conversation, else None."""

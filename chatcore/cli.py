@@ -258,7 +258,7 @@ def finetune(config: Any, *, jsonl: list[Path] = (), use_store: bool = True, max
     """Run one fine-tune job in this process (holding the same lock as the bot's scheduler)."""
     from .registry import serving_checkpoint
     from .training.job import run_job, spec_from_config
-    from .training.scheduler import LOCK_NAME
+    from .training.scheduler import LOCK_NAME, clean_leftovers
     from .weights import models_dir as models_folder
     from .weights import resolve_model, starter_for
 
@@ -285,6 +285,7 @@ def finetune(config: Any, *, jsonl: list[Path] = (), use_store: bool = True, max
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise Failure("a fine-tune job is already running (the bot's, or another chatcore finetune)") from None
+        clean_leftovers(models_dir)  # what crashed fine-tunes left behind
         return run_job(spec)
 
 
@@ -348,8 +349,7 @@ def cmd_starter(args: argparse.Namespace) -> int:
         cfg.minutes = args.minutes
     logging.getLogger("chatcore.training").setLevel(logging.INFO)
     try:
-        out = build_starter(path, corpus=args.corpus, cfg=cfg, threads=config.get("model.threads"),
-                            progress=sys.stderr.isatty())
+        out = build_starter(path, corpus=args.corpus, cfg=cfg, threads=config.get("model.threads"))
     except (RuntimeError, ValueError) as exc:
         raise Failure(str(exc)) from None
     print(f"starter model written to {out}")
