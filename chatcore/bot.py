@@ -217,8 +217,8 @@ class Bot:
         last = await self.store.run(self.store.last_exchange, message)
         if last is None:
             return None
-        original = Message(text=last.user_text, adapter=message.adapter, channel=message.channel, user=message.user,
-                           user_name=message.user_name, is_direct=message.is_direct, raw=message.raw)
+        # the asker's own message, so who vouches for them (and where they said it) carries over to the retry
+        original = dataclasses.replace(message, text=last.user_text, id=None)
         history = await self.store.run(self.store.context_before, last.id, limit=self.config["bot"]["history_turns"])
         return await self._generate(original, history, self.retry_params(last.params), retry_of=last.id)
 
@@ -227,7 +227,8 @@ class Bot:
         exchange = await self.store.run(self.store.find_by_platform_message_id, adapter, str(platform_message_id))
         if exchange is None or exchange.user != str(user):
             return None
-        message = Message(text=exchange.user_text, adapter=adapter, channel=exchange.channel, user=exchange.user)
+        message = Message(text=exchange.user_text, adapter=adapter, channel=exchange.channel, user=exchange.user,
+                          workspace=exchange.workspace)
         last = await self.store.run(self.store.last_exchange, message)
         if last is None or last.id != exchange.id:
             return None  # an older reply: the conversation has moved on since

@@ -8,7 +8,7 @@ from chatcore.training.preference import from_store_preferences
 
 from .conftest import eventually
 from .fake_discord import user
-from .test_http import client, post
+from .test_http import KEY, client, post
 
 ALICE = user(5, "alice")
 BOB = user(6, "bob")
@@ -77,7 +77,8 @@ async def test_slack_retry_in_a_thread_then_carrying_on_keeps_the_second(slack_b
 
 
 async def test_http_retry_command_and_feedback_make_a_pair_and_labels(http_bot):
-    bot, _, url = await http_bot(replies=["first answer", "second answer"])
+    # API-key clients: their text may teach the bot (anonymous HTTP never does, retries included)
+    bot, _, url = await http_bot({"api_key": KEY}, replies=["first answer", "second answer"])
     async with client(url) as api:
         one = await api.chat.completions.create(model="x", user="alice", extra_headers={
             "X-Chatcore-Conversation": "c1"}, messages=[{"role": "user", "content": "tell me a joke"}])
@@ -97,3 +98,15 @@ async def test_http_retry_command_and_feedback_make_a_pair_and_labels(http_bot):
     # /forget takes Bob's votes, and with them his pair
     bot.store.forget_user("http:bob")
     assert pairs(bot) == [("first answer", "second answer", "http:alice", "rated")]
+
+
+async def test_a_retry_keeps_who_vouched_for_the_asker(http_bot):
+    """A /retry from an unauthenticated HTTP client is no more trainable than the message it retries."""
+    bot, _, url = await http_bot(replies=["first answer", "second answer"])  # no api_key: nobody vouches
+    async with client(url, api_key="none") as api:
+        for text in ("tell me a joke", "/retry"):
+            await api.chat.completions.create(model="x", user="alice", extra_headers={
+                "X-Chatcore-Conversation": "c1"}, messages=[{"role": "user", "content": text}])
+    rows = list(bot.store.exchanges())
+    assert [r.reply_text for r in rows] == ["first answer", "second answer"]
+    assert not any(r.trainable for r in rows)
