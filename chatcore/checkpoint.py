@@ -115,6 +115,9 @@ def _atomic_write(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+atomic_write = _atomic_write  # public name: chatcore.lora writes adapter files the same way
+
+
 # --- reading ------------------------------------------------------------------------
 
 

@@ -70,7 +70,12 @@ def spec_from_config(config: Any, base: str, serving: str | None = None, **overr
 def load_model(spec: str):
     """Weights for a checkpoint path or a Hugging Face hub name (cache only: a job never downloads)."""
     from ..hf import load_any, load_hf
+    from ..lora import is_adapter, load_adapter, merge_adapter
 
+    if is_adapter(Path(spec).expanduser()):  # a LoRA adapter: its base, with the adapter merged in
+        adapter = load_adapter(Path(spec).expanduser())
+        model, meta = load_model(adapter.base_model or "")
+        return merge_adapter(model, adapter), {**meta, "source": str(spec), "adapter": adapter.meta}
     if Path(spec).expanduser().exists():
         return load_any(Path(spec).expanduser())
     return load_hf(spec, local_files_only=True)
@@ -100,6 +105,11 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
     train_cfg = TrainConfig.from_dict(spec.train)
     guard_cfg = GuardConfig.from_dict(spec.guards)
     gate_cfg = GateConfig.from_dict(spec.gate)
+    lora_cfg = None
+    if train_cfg.method == "lora":  # validated before any data or weights are read
+        from ..lora import LoRAConfig
+
+        lora_cfg = LoRAConfig.from_dict(train_cfg.lora)
 
     # data
     exchanges, bad_lines, up_to_id = [], [], None
@@ -127,15 +137,25 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
     model, base_meta = load_model(spec.base)
     serving = copy.deepcopy(model) if spec.serving in (None, spec.base) else load_model(spec.serving)[0]
     serving.eval()
+    if lora_cfg is not None:
+        from ..lora import apply_lora
+
+        apply_lora(model, lora_cfg)
 
     outcome = train(model, data, train_cfg, progress=spec.progress, should_stop=should_stop)
 
     # candidate: written atomically (temp name + rename inside checkpoint.save)
     cand = candidate_path(models_dir)
-    save(model, cand, base_model=spec.base, iteration=outcome.best_iter,
-         train_loss=outcome.final_train_loss, val_loss=outcome.best_val_loss, data_hash=data.hash,
-         data=data.summary(), training=asdict(train_cfg), stopped=outcome.stopped,
-         initial_val_loss=outcome.initial_val_loss)
+    provenance = dict(iteration=outcome.best_iter, train_loss=outcome.final_train_loss,
+                      val_loss=outcome.best_val_loss, data_hash=data.hash, data=data.summary(),
+                      training=asdict(train_cfg), stopped=outcome.stopped,
+                      initial_val_loss=outcome.initial_val_loss)
+    if lora_cfg is not None:  # the adapter alone; weights.py serves it on its base
+        from ..lora import save_adapter
+
+        save_adapter(model, cand, lora_cfg, base_model=spec.base, **provenance)
+    else:
+        save(model, cand, base_model=spec.base, **provenance)
 
     general = None
     if gate_cfg.general_text:

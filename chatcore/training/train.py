@@ -149,6 +149,15 @@ def evaluate(model: nn.Module, data: TokenData, batch_size: int = 8, block_size:
     return total / count if count else float("nan")
 
 
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of what training changes: every tensor, or only the trainable ones when the rest is frozen (LoRA)."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = model.state_dict()
+    if trainable and len(trainable) < len(list(model.parameters())):
+        state = {k: v for k, v in state.items() if k in trainable}
+    return copy.deepcopy(state)
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -205,7 +214,7 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, progress: bool =
 
     initial = val()
     best, best_iter, bad_evals = initial, 0, 0
-    best_state = copy.deepcopy(model.state_dict()) if not math.isnan(initial) else None
+    best_state = trained_state(model) if not math.isnan(initial) else None
     history = [{"iter": 0, "val_loss": initial}]
     log.info("fine-tune: %d train / %d val tokens, initial val loss %.4f",
              len(data.train), len(data.val), initial)
@@ -246,7 +255,7 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, progress: bool =
             log.info("iter %d: train loss %.4f, val loss %.4f%s", it, ema, v, " (best)" if improved else "")
             if improved:
                 best, best_iter, bad_evals = v, it, 0
-                best_state = copy.deepcopy(model.state_dict())
+                best_state = trained_state(model)
             else:
                 bad_evals += 1
                 if bad_evals >= cfg.patience:
@@ -256,7 +265,7 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, progress: bool =
                     break
     bar.close()
     if best_state is not None:
-        model.load_state_dict(best_state)
+        model.load_state_dict(best_state, strict=False)
     model.eval()
     set_dropout(model, 0.0)
     seconds = time.perf_counter() - t0
