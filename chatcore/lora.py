@@ -175,7 +175,7 @@ def fingerprint(model: GPT) -> str:
 
 
 @dataclass
-class Adapter:
+class LoRAAdapter:
     """An adapter read from disk: its tensors, its LoRA options and its metadata."""
 
     state: dict[str, torch.Tensor]
@@ -219,7 +219,7 @@ def is_adapter(path: str | Path) -> bool:
         return False
 
 
-def load_adapter(path: str | Path) -> Adapter:
+def load_adapter(path: str | Path) -> LoRAAdapter:
     """Read an adapter file; CheckpointError when it is not one or is damaged."""
     path = Path(path)
     try:
@@ -238,10 +238,10 @@ def load_adapter(path: str | Path) -> Adapter:
         if not (k.endswith(".lora_A") or k.endswith(".lora_B")) or t.dim() != 2:
             raise CheckpointError(f"{path}: unexpected tensor {k!r}")
     meta["source"] = str(path)
-    return Adapter(state, cfg, meta)
+    return LoRAAdapter(state, cfg, meta)
 
 
-def _pairs(model: nn.Module, adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _pairs(model: nn.Module, adapter: LoRAAdapter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{layer name: (A, B)}, checked against the model's layer shapes."""
     layers = dict(model.named_modules())
     pairs = {}
@@ -258,7 +258,7 @@ def _pairs(model: nn.Module, adapter: Adapter) -> dict[str, tuple[torch.Tensor, 
     return pairs
 
 
-def check_base(model: GPT, adapter: Adapter) -> None:
+def check_base(model: GPT, adapter: LoRAAdapter) -> None:
     """CheckpointError unless `model` is the base the adapter was trained on."""
     want = (adapter.meta.get("provenance") or {}).get("base_fingerprint")
     if want and want != fingerprint(model):
@@ -267,7 +267,7 @@ def check_base(model: GPT, adapter: Adapter) -> None:
 
 
 @torch.no_grad()
-def merge_adapter(model: GPT, adapter: Adapter) -> GPT:
+def merge_adapter(model: GPT, adapter: LoRAAdapter) -> GPT:
     """Fold a saved adapter into `model`'s weights (the base it was trained on)."""
     check_base(model, adapter)
     layers = dict(model.named_modules())
@@ -277,7 +277,7 @@ def merge_adapter(model: GPT, adapter: Adapter) -> GPT:
     return model
 
 
-def attach(model: GPT, key: Any, adapter: Adapter) -> None:
+def attach(model: GPT, key: Any, adapter: LoRAAdapter) -> None:
     """Serve `adapter` under `key` (unmerged; rows pick it with `route`)."""
     _wrap(model, adapter.config.targets, None)
     dev, dt = model.device, model.dtype
