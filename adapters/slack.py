@@ -202,6 +202,8 @@ class SlackAdapter(Adapter):
             is_direct=is_dm,
             mentions_bot=mention,
             id=f"{channel}:{event['ts']}",
+            workspace=event.get("team"),
+            parent=channel if thread else None,
             raw=event,
         )
         return message, thread

@@ -17,6 +17,7 @@ from .message import DROP, Message, Reply
 from .params import SamplingParams
 from .plugin_manager import Command, PluginManager, await_me_maybe, call_hook, make_plugin_manager
 from .prompt import build_prompt
+from .scopes import Scopes
 from .serving import Generator
 from .weights import RegistryWatch, load_engine
 
@@ -39,6 +40,7 @@ class Bot:
         self.adapters: list[Any] = []
         self._stopping = asyncio.Event()
         self.registry_watch = RegistryWatch(config)  # from now on, registry changes are followed
+        self.scopes = Scopes.from_config(config)  # communities: persona and adapter (chatcore/scopes.py)
 
     # --- building -------------------------------------------------------------
 
@@ -105,8 +107,10 @@ class Bot:
 
         engine = self.generator.engine
         history = self.store.history(message, limit=self.config["bot"]["history_turns"])
+        scope = self.scopes.resolve(message)
         prompt = build_prompt(message.text, history, engine.count_tokens,
-                              budget=engine.block_size - min(params.max_new_tokens, engine.block_size // 2))
+                              budget=engine.block_size - min(params.max_new_tokens, engine.block_size // 2),
+                              persona=self.scopes.persona(scope))
         await self._call("prompt_built", bot=self, message=message, prompt=prompt)
 
         parts: list[str] = []

@@ -90,6 +90,8 @@ CORE_SCHEMA: Schema = {
     "store": {
         "path": Field(str, None, help="SQLite file (default: <data_dir>/history.db)."),
     },
+    "scopes": Field(list, [], help="Communities (a workspace or a channel; threads follow their channel), "
+                                   "each with an optional persona and its own adapter: see chatcore/scopes.py."),
     "adapters": {},  # filled from the registered adapters
     "plugins": {
         "disabled": Field(list, [], help="Plugin names not to load (built-in or installed)."),

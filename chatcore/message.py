@@ -20,6 +20,8 @@ class Message:
     is_direct: bool = False  # a DM, or a one-to-one surface such as stdin
     mentions_bot: bool = False
     id: str | None = None  # the platform's message id, when it has one
+    workspace: str | None = None  # the Discord guild / Slack team id, when there is one (chatcore.scopes)
+    parent: str | None = None  # a thread's parent channel: the thread shares its scope (chatcore.scopes)
     raw: Any = field(default=None, compare=False, repr=False)  # the platform event, for plugins
 
     @property

@@ -35,6 +35,7 @@ def register_commands(register):
     register("status", status)
     register("good", good)
     register("bad", bad)
+    register("persona", persona)
 
 
 @hookimpl(tryfirst=True)
@@ -137,3 +138,25 @@ async def _rate_last(bot, message, value: int) -> str:
         return "There is no reply of mine in this conversation to rate yet."
     await bot.rate(exchange, message.user_key, value)
     return "Thanks for the feedback."
+
+
+async def persona(bot, message, args):
+    """Show this channel's persona (admins: /persona set TEXT, /persona clear)."""
+    scopes = bot.scopes
+    scope = scopes.resolve(message)
+    if scope is None:
+        return "This channel is in no scope, so it has no persona (see scopes: in the config)."
+    verb, _, text = args.partition(" ")
+    if verb in ("set", "clear"):
+        if not bot.is_admin(message):
+            return "Only admins can change the persona."
+        if verb == "set" and not text.strip():
+            return "Usage: /persona set TEXT"
+        try:
+            scopes.set_persona(scope, text.strip() if verb == "set" else None)
+        except ValueError as exc:
+            return str(exc)
+    elif verb:
+        return "Usage: /persona, /persona set TEXT, /persona clear"
+    current = scopes.persona(scope)
+    return f"Persona of {scope.name}: {current}" if current else f"{scope.name} has no persona."
