@@ -17,9 +17,10 @@ from .message import DROP, Message, Reply
 from .params import SamplingParams
 from .plugin_manager import Command, PluginManager, await_me_maybe, call_hook, make_plugin_manager
 from .prompt import build_prompt
-from .scopes import Scopes
+from .registry import serving_checkpoint
+from .scopes import Scopes, adapter_dir
 from .serving import Generator
-from .weights import RegistryWatch, load_engine
+from .weights import RegistryWatch, load_engine, models_dir
 
 log = logging.getLogger("chatcore")
 
@@ -115,7 +116,7 @@ class Bot:
 
         parts: list[str] = []
         # aclosing: when on_delta raises (the client went away), the engine stops now, not at garbage collection.
-        async with aclosing(self.generator.stream(prompt.text, params)) as stream:
+        async with aclosing(self.generator.stream(prompt.text, params, self.scope_adapter(scope))) as stream:
             async for delta in stream:
                 if not parts:
                     delta = delta.lstrip()  # the prompt ends at "Assistant:"; the reply's first space is format
@@ -132,6 +133,13 @@ class Bot:
         reply.exchange_id = exchange.id
         await self._call("exchange_logged", bot=self, exchange=exchange)
         return reply
+
+    def scope_adapter(self, scope: Any) -> tuple[str, str] | None:
+        """(scope name, adapter file) when `scope` has a promoted adapter of its own (a thread: its channel's)."""
+        if scope is None:
+            return None
+        promoted = serving_checkpoint(adapter_dir(models_dir(self.config), scope))
+        return None if promoted is None else (scope.name, str(promoted))
 
     async def record_delivery(self, reply: Reply, platform_message_id: str) -> None:
         """Remember which platform message carried `reply`, so reactions to it count as feedback."""

@@ -304,3 +304,66 @@ def route(model: nn.Module, groups: Sequence[tuple[Any, Sequence[int] | torch.Te
     finally:
         for m in layers:
             m.groups = []
+
+
+class AdapterPool:
+    """The adapters a serving model holds: loaded lazily, kept within a memory budget (least recently used
+    first out, never one in use), replaced in a slot (a scope) when a new version is promoted there.
+
+    A key is ``(file, mtime_ns)``: a promoted file is a new key, so a prefix-cache namespace
+    or a batch row never mixes versions. Used by one thread (the batch worker)."""
+
+    def __init__(self, model: GPT, budget_bytes: int = 64 * 2**20, on_unload: Any = None) -> None:
+        self.model = model
+        self.budget_bytes = budget_bytes
+        self.on_unload = on_unload  # called with a key whose adapter left the model (flush its prefixes)
+        self.loaded: dict[Any, int] = {}  # key -> bytes, least recently used first
+        self.pins: dict[Any, int] = {}
+        self.slots: dict[str, Any] = {}  # slot (scope) -> its current key
+        self.superseded: set[Any] = set()  # replaced in their slot while in use: unloaded when released
+        self.loads = 0
+
+    def acquire(self, path: str | Path, slot: str | None = None) -> Any:
+        """Attach the adapter in `path` if needed and pin it; returns its key. CheckpointError if unusable."""
+        p = Path(path)
+        try:
+            key = (str(p.resolve()), p.stat().st_mtime_ns)
+        except OSError as e:
+            raise CheckpointError(f"adapter {path} is not readable: {e}") from e
+        if key in self.loaded:
+            self.loaded[key] = self.loaded.pop(key)  # most recently used
+        else:
+            adapter = load_adapter(p)
+            check_base(self.model, adapter)
+            size = adapter.nbytes()
+            for old in [k for k in self.loaded if not self.pins.get(k)]:
+                if sum(self.loaded.values()) + size <= self.budget_bytes:
+                    break
+                self._unload(old)
+            attach(self.model, key, adapter)
+            self.loaded[key] = size
+            self.loads += 1
+        self.pins[key] = self.pins.get(key, 0) + 1
+        if slot is not None:
+            old = self.slots.get(slot)
+            self.slots[slot] = key
+            if old is not None and old != key:  # the scope's adapter changed: its old version and prefixes go
+                if self.pins.get(old):
+                    self.superseded.add(old)
+                else:
+                    self._unload(old)
+        return key
+
+    def release(self, key: Any) -> None:
+        self.pins[key] -= 1
+        if not self.pins[key]:
+            del self.pins[key]
+            if key in self.superseded:
+                self.superseded.discard(key)
+                self._unload(key)
+
+    def _unload(self, key: Any) -> None:
+        detach(self.model, key)
+        self.loaded.pop(key, None)
+        if self.on_unload is not None:
+            self.on_unload(key)
