@@ -109,6 +109,7 @@ class Bot:
         engine = self.generator.engine
         history = self.store.history(message, limit=self.config["bot"]["history_turns"])
         scope = self.scopes.resolve(message)
+        self.scopes.note(message, scope)  # its exchanges train that scope's adapter
         prompt = build_prompt(message.text, history, engine.count_tokens,
                               budget=engine.block_size - min(params.max_new_tokens, engine.block_size // 2),
                               persona=self.scopes.persona(scope))

@@ -62,7 +62,9 @@ class Scopes:
         self._channels = {(s.adapter, s.channel): s for s in self.scopes if s.channel}
         self._workspaces = {(s.adapter, s.workspace): s for s in self.scopes if s.workspace}
         self.state_path = Path(state_dir) / "personas.json" if state_dir is not None else None
+        self.ledger_path = Path(state_dir) / "channels.json" if state_dir is not None else None
         self._personas = self._read_personas()
+        self._ledger = self._read_json(self.ledger_path)  # "adapter:channel" -> scope name
 
     @classmethod
     def from_config(cls, config: Any) -> "Scopes":
@@ -79,6 +81,29 @@ class Scopes:
             return self._workspaces.get((message.adapter, message.workspace))
         return None
 
+    def note(self, message: Message, scope: Scope | None) -> None:
+        """Remember which scope `message`'s channel is in, so its stored exchanges train that scope's
+        adapter (the store keeps the channel, not the thread's parent or the workspace)."""
+        key = f"{message.adapter}:{message.channel}"
+        name = scope.name if scope is not None else None
+        if name is None or self._ledger.get(key) == name:
+            return
+        self._ledger[key] = name
+        self._write_json(self.ledger_path, self._ledger)
+
+    def channels(self, scope: Scope) -> list[str]:
+        """The "adapter:channel" keys whose exchanges belong to `scope`."""
+        keys = {k for k, name in self._ledger.items() if name == scope.name}
+        if scope.channel is not None:
+            keys.add(f"{scope.adapter}:{scope.channel}")
+        return sorted(keys)
+
+    def scope_of(self, adapter: str, channel: str) -> Scope | None:
+        """The scope of a stored exchange's channel."""
+        if (adapter, channel) in self._channels:
+            return self._channels[(adapter, channel)]
+        return self.by_name.get(self._ledger.get(f"{adapter}:{channel}", ""))
+
     def persona(self, scope: Scope | None) -> str | None:
         """The persona in force in `scope` (set from chat, else configured); None for no persona."""
         if scope is None:
@@ -92,22 +117,31 @@ class Scopes:
         if text and len(text) > MAX_PERSONA_CHARS:
             raise ValueError(f"a persona is at most {MAX_PERSONA_CHARS} characters")
         self._personas[scope.name] = text or ""
-        if self.state_path is not None:
-            self.state_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.state_path.with_name(f".personas.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self._personas, indent=2), encoding="utf-8")
-            os.replace(tmp, self.state_path)
+        self._write_json(self.state_path, self._personas)
 
     def _read_personas(self) -> dict[str, str]:
-        if self.state_path is None or not self.state_path.is_file():
+        return self._read_json(self.state_path)
+
+    @staticmethod
+    def _read_json(path: Path | None) -> dict[str, str]:
+        if path is None or not path.is_file():
             return {}
         try:
-            data = json.loads(self.state_path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise ValueError(f"{self.state_path} is unreadable ({exc}); fix or remove it") from exc
+            raise ValueError(f"{path} is unreadable ({exc}); fix or remove it") from exc
         if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-            raise ValueError(f"{self.state_path} must map scope names to persona text; fix or remove it")
+            raise ValueError(f"{path} must map names to text; fix or remove it")
         return data
+
+    @staticmethod
+    def _write_json(path: Path | None, data: dict[str, str]) -> None:
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+        os.replace(tmp, path)
 
 
 def adapter_dir(models_dir: str | os.PathLike, scope: Scope) -> Path:

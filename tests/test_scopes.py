@@ -90,3 +90,30 @@ def test_persona_command_shows_and_admins_set_it(tmp_path):
 def test_bad_scopes_are_refused_with_the_entry(raw, error):
     with pytest.raises(ValueError, match=error):
         parse(raw)
+
+
+def test_a_thread_is_served_with_its_channels_promoted_adapter(tmp_path):
+    from chatcore.registry import Registry
+
+    bot = TestBot(make_bot(tmp_path, config={"scopes": SCOPES}))
+    try:
+        rust = bot.bot.scopes.by_name["rust"]
+        folder = adapter_dir(tmp_path / "models", rust)
+        folder.mkdir(parents=True)
+        adapter = folder / "finetuned_20260101_000000.safetensors"
+        adapter.write_bytes(b"weights")  # the registry records; the batch worker loads (tests/engine)
+        Registry(folder).promote(adapter)
+        seen = []
+        stream = bot.bot.generator.stream
+
+        def recording(prompt, params, adapter=None):
+            seen.append(adapter)
+            return stream(prompt, params, adapter)
+
+        bot.bot.generator.stream = recording
+        bot.ask("hi", adapter="discord", channel="555", parent="100", workspace="7")  # a thread of #100
+        bot.ask("hi", adapter="discord", channel="100", workspace="7")
+        bot.ask("hi", adapter="discord", channel="200", workspace="7")  # the guild: no adapter promoted
+        assert seen == [("rust", str(adapter)), ("rust", str(adapter)), None]
+    finally:
+        bot.close()

@@ -50,6 +50,8 @@ class JobSpec:
     val_fraction: float = 0.1
     threads: int | None = None
     progress: bool = True
+    scope: str | None = None  # a scope's own adapter (chatcore.scopes): only its channels' exchanges
+    scope_channels: list[str] = field(default_factory=list)  # their "adapter:channel" keys
 
 
 def spec_from_config(config: Any, base: str, serving: str | None = None, **overrides: Any) -> JobSpec:
@@ -119,6 +121,10 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
 
         store = Store(spec.store)
         exchanges += from_store(store)
+        if spec.scope is not None:  # this scope's conversations only: trained on, and gated on
+            keys = set(spec.scope_channels)
+            mine = {e.id for e in store.exchanges() if f"{e.adapter}:{e.channel}" in keys}
+            exchanges = [e for e in exchanges if e.id in mine]
         up_to_id = max((e.id for e in exchanges if e.id is not None), default=0)
     for path in spec.jsonl:
         rows, bad = load_jsonl(path)
@@ -178,8 +184,13 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
         registry.promote(cand, metrics=result["gate"])
     else:
         registry.reject(cand, metrics=result["gate"])
+    if spec.scope is not None:  # the scope's own counter restarts; the bot-wide one is not touched
+        _write_json_atomic(models_dir / "last_finetune.json", {"up_to_id": up_to_id, "at": time.time(),
+                                                               "candidate": cand.name})
+        result["scope"] = spec.scope
     if store is not None:
-        store.mark_finetune(checkpoint=cand.name, up_to_id=up_to_id)
+        if spec.scope is None:
+            store.mark_finetune(checkpoint=cand.name, up_to_id=up_to_id)
         store.close()
     log.info("%s: %s", result["status"], verdict.reason)
     return result

@@ -149,3 +149,34 @@ def test_lora_job_gate_registry_weights_and_rollback(tmp_path, sample_conversati
     if result2["status"] == "promoted":
         assert reg.rollback() == cand
     assert reg.rollback() is None
+
+
+def test_a_scope_job_trains_its_adapter_on_its_own_conversations_only(tmp_path, sample_conversations):
+    from chatcore.message import Message
+    from chatcore.scopes import Scope, adapter_dir
+
+    base = checkpoint.save(steerable(), tmp_path / "base", base_model="random-test")
+    exchanges, _ = load_jsonl(sample_conversations)
+    with Store(tmp_path / "history.db") as store:
+        for i, e in enumerate(exchanges):
+            channel = "rust" if i % 3 == 0 else "general"
+            store.log_exchange(Message(text=e.user, adapter="discord", channel=channel, user=f"u{i % 7}"),
+                               e.assistant, model_id="m", params=None)
+        before = store.exchanges_since_finetune()
+    folder = adapter_dir(tmp_path / "models", Scope("rust", "discord", channel="rust"))
+    spec = JobSpec(models_dir=str(folder), base=str(base), store=str(tmp_path / "history.db"),
+                   train={**FAST, "max_iters": 10, "eval_interval": 5}, progress=False, threads=1,
+                   guards={"max_user_share": None}, scope="rust", scope_channels=["discord:rust"])
+    result = run_job(spec)
+    data = result["data"]
+    assert data["train_exchanges"] + data["val_exchanges"] <= len(exchanges[0::3])
+    assert data["train_exchanges"] + data["val_exchanges"] > 0.8 * len(exchanges[0::3])
+    assert result["scope"] == "rust" and Path(result["candidate"]).parent == folder
+    if result["status"] == "promoted":
+        assert Registry(folder).current() == Path(result["candidate"])
+    assert not (tmp_path / "models" / "registry.json").exists()  # the bot-wide model is untouched
+    with Store(tmp_path / "history.db") as store:
+        assert store.exchanges_since_finetune() == before  # and so is its counter
+    import json
+
+    assert json.loads((folder / "last_finetune.json").read_text())["up_to_id"] > 0
