@@ -61,7 +61,7 @@ class Bot:
         if not isinstance(config, Config):
             config = load_config(config, pm.schema())
         pm.disable(config["plugins"]["disabled"])
-        store = Store(config.store_path)  # first: a locked or read-only database fails before the model loads
+        store = Store(config.store_path, timeout=config["store"]["busy_timeout_s"])  # first: a locked or read-only database fails before the model loads
         if engine is None:
             try:
                 engine = load_engine(config)
@@ -107,7 +107,8 @@ class Bot:
             return reply if reply.text else None
 
         engine = self.generator.engine
-        history = self.store.history(message, limit=self.config["bot"]["history_turns"])
+        # Every store call runs on the store's thread: a locked database delays this chat, not the loop.
+        history = await self.store.run(self.store.history, message, limit=self.config["bot"]["history_turns"])
         scope = self.scopes.resolve(message)
         self.scopes.note(message, scope)  # its exchanges train that scope's adapter
         prompt = build_prompt(message.text, history, engine.count_tokens,
@@ -130,7 +131,8 @@ class Bot:
         await self._call("reply_ready", bot=self, message=message, reply=reply)
         if not reply.text:
             return None
-        exchange = self.store.log_exchange(message, reply.text, model_id=reply.model_id, params=params)
+        exchange = await self.store.run(self.store.log_exchange, message, reply.text, model_id=reply.model_id,
+                                        params=params)
         reply.exchange_id = exchange.id
         await self._call("exchange_logged", bot=self, exchange=exchange)
         return reply
@@ -145,11 +147,11 @@ class Bot:
     async def record_delivery(self, reply: Reply, platform_message_id: str) -> None:
         """Remember which platform message carried `reply`, so reactions to it count as feedback."""
         if reply.exchange_id is not None:
-            self.store.set_platform_message_id(reply.exchange_id, str(platform_message_id))
+            await self.store.run(self.store.set_platform_message_id, reply.exchange_id, str(platform_message_id))
 
     async def feedback(self, adapter: str, platform_message_id: str, user: str, value: int) -> bool:
         """A user rated the reply carried by a platform message; False if it is not one of ours."""
-        exchange = self.store.find_by_platform_message_id(adapter, str(platform_message_id))
+        exchange = await self.store.run(self.store.find_by_platform_message_id, adapter, str(platform_message_id))
         if exchange is None:
             return False
         await self.rate(exchange, f"{adapter}:{user}", value)
@@ -157,7 +159,7 @@ class Bot:
 
     async def rate(self, exchange: Any, user_key: str, value: int) -> None:
         value = 1 if value > 0 else -1
-        self.store.add_feedback(exchange.id, user_key, value)
+        await self.store.run(self.store.add_feedback, exchange.id, user_key, value)
         await self._call("feedback_received", bot=self, exchange=exchange, user=user_key, value=value)
 
     # --- running adapters ------------------------------------------------------------
@@ -229,7 +231,7 @@ class Bot:
 
     async def close(self) -> None:
         await self.generator.close()
-        self.store.close()
+        await self.store.run(self.store.close)  # after the writes queued before it
 
     # --- hook calling ------------------------------------------------------------------
 

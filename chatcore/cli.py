@@ -154,7 +154,7 @@ def open_store(config_path: Path | None, *, read_only: bool = False):
     from .store import Store
 
     _, config = load(config_path)
-    return Store(config.store_path, read_only=read_only)
+    return Store(config.store_path, read_only=read_only, timeout=config["store"]["busy_timeout_s"])
 
 
 def build_bot(config_path: Path | None):

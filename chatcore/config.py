@@ -1,5 +1,10 @@
 """YAML configuration: `${ENV}` secrets, schema validation that names the key and the line.
 
+A value holding ``${VAR}`` is converted to its key's type (int, float, bool as
+true/false/yes/no/on/off/1/0; a list as comma-separated items; empty means unset),
+and a value that came from the environment is never printed: not in errors, not
+by `Config.redacted`.
+
 A schema is a nested dict whose leaves are `Field`s. The core declares its own
 sections here; adapters declare theirs in `Adapter.config_schema` and plugins
 through the `register_config` hook, so every key a running bot reads is checked
@@ -89,6 +94,9 @@ CORE_SCHEMA: Schema = {
     },
     "store": {
         "path": Field(str, None, help="SQLite file (default: <data_dir>/history.db)."),
+        "busy_timeout_s": Field((int, float), 30,
+                                help="How long a store call waits while another process (an import, the trainer) "
+                                     "holds the database locked: the chat is delayed, then fails with a clear error."),
     },
     "scopes": Field(list, [], help="Communities (a workspace or a channel; threads follow their channel), "
                                    "each with an optional persona and its own adapter: see chatcore/scopes.py."),
@@ -105,6 +113,7 @@ class Config(Mapping):
     """Validated config: nested dicts, plus `get("a.b.c")` and a redacted view for printing."""
 
     def __init__(self, data: dict[str, Any], secrets: set[str], path: str | None = None):
+        # secrets: the paths never printed (secret keys, and keys whose value came from the environment)
         self._data, self._secrets, self.path = data, secrets, path
 
     def __getitem__(self, key: str) -> Any:
@@ -249,9 +258,10 @@ def _validate(node: yaml.Node, schema: Schema, prefix: str, file: str | None,
             raise ConfigError("unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else ""),
                               key=prefix + key, file=file, line=_line(key_node))
         given[key] = value_node
-    # A section that can be switched off (adapters) needs its required values only when on.
+    # A section that can be switched off (adapters) needs its required values only when on
+    # (`enabled: ${DISCORD_ON}` counts as on when the variable says so).
     enforce = not isinstance(schema.get("enabled"), Field) or (
-        "enabled" in given and _construct(given["enabled"]) is True)
+        "enabled" in given and _value(given["enabled"], schema["enabled"], prefix + "enabled", file, environ)[0] is True)
     out: dict[str, Any] = {}
     for key, spec in schema.items():
         path = prefix + key
@@ -274,11 +284,21 @@ def _validate(node: yaml.Node, schema: Schema, prefix: str, file: str | None,
                                   line=_line(node) if node.value else None)
             out[key] = _copy(spec.default)
             continue
-        value = _construct(value_node)
-        value = _substitute(value, path, file, _line(value_node), environ)
-        _check(value, spec, path, file, _line(value_node), enforce)
+        value, from_env = _value(value_node, spec, path, file, environ)
+        if from_env:
+            secrets.add(path)  # whatever the key, a value from the environment is never printed
+        _check(value, spec, path, file, _line(value_node), enforce, shown=not from_env)
         out[key] = value
     return out
+
+
+def _value(node: yaml.Node, spec: Field, path: str, file: str | None, environ: Mapping[str, str]) -> tuple[Any, bool]:
+    """The node's value with ``${VAR}`` substituted and converted to the key's type; and whether it used any."""
+    variables: list[str] = []
+    value = _substitute(_construct(node), path, file, _line(node), environ, variables)
+    if variables:
+        value = _from_environment(value, spec, path, file, _line(node), variables)
+    return value, bool(variables)
 
 
 def _defaults(schema: Schema, prefix: str, file: str | None, secrets: set[str], line: int | None) -> dict[str, Any]:
@@ -305,10 +325,13 @@ def _construct(node: yaml.Node) -> Any:
     return yaml.SafeLoader("").construct_document(node)
 
 
-def _substitute(value: Any, path: str, file: str | None, line: int, environ: Mapping[str, str]) -> Any:
+def _substitute(value: Any, path: str, file: str | None, line: int, environ: Mapping[str, str],
+                variables: list[str]) -> Any:
+    """`value` with every ``${VAR}`` replaced; the names substituted are appended to `variables`."""
     if isinstance(value, str):
         def env(match: re.Match) -> str:
             name, fallback = match.group(1), match.group(2)
+            variables.append(name)
             if name in environ:
                 return environ[name]
             if fallback is not None:
@@ -316,17 +339,53 @@ def _substitute(value: Any, path: str, file: str | None, line: int, environ: Map
             raise ConfigError(f"environment variable {name} is not set", key=path, file=file, line=line)
         return _ENV.sub(env, value)
     if isinstance(value, list):
-        return [_substitute(v, path, file, line, environ) for v in value]
+        return [_substitute(v, path, file, line, environ, variables) for v in value]
     if isinstance(value, dict):
-        return {k: _substitute(v, f"{path}.{k}", file, line, environ) for k, v in value.items()}
+        return {k: _substitute(v, f"{path}.{k}", file, line, environ, variables) for k, v in value.items()}
     return value
+
+
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+_INTEGER = re.compile(r"[+-]?[0-9]{1,18}")
+
+
+def _from_environment(value: Any, spec: Field, path: str, file: str | None, line: int,
+                      variables: list[str]) -> Any:
+    """A string built from environment variables, as the type the key wants (variables are strings)."""
+    types = spec.type if isinstance(spec.type, tuple) else (spec.type,)
+    if not isinstance(value, str) or str in types:
+        return value
+    text = value.strip()
+    if not text:
+        return None  # `threads: ${THREADS:-}`: unset, the key's default applies below
+    for t in types:
+        if t is bool and text.lower() in _TRUE | _FALSE:
+            return text.lower() in _TRUE
+        if t is int and _INTEGER.fullmatch(text):
+            return int(text)
+        if t is float:
+            try:
+                number = float(text)
+            except ValueError:
+                continue
+            if number == number and abs(number) != float("inf"):
+                return number
+        if t is list:
+            return [item.strip() for item in text.split(",") if item.strip()]
+    expected = " or ".join(_ENV_TYPE_NAMES.get(t, t.__name__) for t in types)
+    names = ", ".join(dict.fromkeys(variables))
+    raise ConfigError(f"environment variable {names} must hold {expected} (its value is not shown)",
+                      key=path, file=file, line=line)
 
 
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
                list: "a list", dict: "a mapping"}
+_ENV_TYPE_NAMES = {**_TYPE_NAMES, bool: "true or false (yes/no, on/off, 1/0)", list: "a comma-separated list"}
 
 
-def _check(value: Any, spec: Field, path: str, file: str | None, line: int, enforce: bool = True) -> None:
+def _check(value: Any, spec: Field, path: str, file: str | None, line: int, enforce: bool = True,
+           shown: bool = True) -> None:
+    """Raise ConfigError unless `value` fits `spec`; `shown`: the value may appear in the message."""
     if value is None and not (spec.required and enforce):
         return
     types = spec.type if isinstance(spec.type, tuple) else (spec.type,)
@@ -334,7 +393,12 @@ def _check(value: Any, spec: Field, path: str, file: str | None, line: int, enfo
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
     if not ok:
         expected = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
-        got = "a secret value" if spec.secret else f"{type(value).__name__} {value!r}"[:80]
+        if spec.secret:
+            got = "a secret value"
+        elif not shown:
+            got = f"{type(value).__name__} from the environment (value not shown)"
+        else:
+            got = f"{type(value).__name__} {value!r}"[:80]
         raise ConfigError(f"expected {expected}, got {got}", key=path, file=file, line=line)
     if spec.required and value in ("", []) and enforce:
         raise ConfigError("must not be empty", key=path, file=file, line=line)

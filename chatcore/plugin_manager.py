@@ -119,7 +119,10 @@ def make_plugin_manager(extra: Iterable[Any] = (), *, entry_points: bool = True)
     if entry_points:
         pm.load_setuptools_entrypoints("chatcore")
     for plugin in extra:
-        pm.register(plugin)
+        # A plugin given explicitly (the testbot recipe) may also be installed through its entry
+        # point, or be a built-in: it is the same module object, registered once.
+        if not pm.is_registered(plugin):
+            pm.register(plugin)
     if os.environ.get("CHATCORE_TRACE_HOOKS"):
         _trace(pm)
     return pm

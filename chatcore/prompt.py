@@ -79,26 +79,26 @@ def build_prompt(
     `persona` (chatcore.scopes) opens the prompt, cleaned like user text, when it fits.
     """
     head = render_persona(persona)
-    if head and count_tokens(head) + count_tokens(render_prompt(message)) <= budget:
-        prompt = build_prompt(message, history, count_tokens, budget - count_tokens(head))
-        return Prompt(text=head + prompt.text, turns=prompt.turns)
-    current = render_prompt(message)
-    used = count_tokens(current)
-    if used > budget:
+    if head:
+        reserve = count_tokens(head + HUMAN) - count_tokens(HUMAN)  # as it tokenizes before the first turn
+        if reserve + count_tokens(render_prompt(message)) <= budget:
+            prompt = build_prompt(message, history, count_tokens, budget - reserve)
+            if count_tokens(head + prompt.text) <= budget:
+                return Prompt(text=head + prompt.text, turns=prompt.turns)
+    text = render_prompt(message)
+    if count_tokens(text) > budget:
         return Prompt(text=_truncate_front(message, count_tokens, budget), turns=[])
     kept: list[tuple[str, str]] = []
-    parts: list[str] = []
     for user, assistant in reversed(history):
-        turn = render_exchange(user, assistant)
-        cost = count_tokens(turn)
-        if used + cost > budget:
+        # Count the text as it will be sent, not each turn alone: a turn's closing "\n\n" is one
+        # token at the end of a string but two before the next "Human" (tokens merge across turns).
+        longer = render_exchange(user, assistant) + text
+        if count_tokens(longer) > budget:
             break
-        used += cost
+        text = longer
         kept.append((user, assistant))
-        parts.append(turn)
     kept.reverse()
-    parts.reverse()
-    return Prompt(text="".join(parts) + current, turns=kept)
+    return Prompt(text=text, turns=kept)
 
 
 def _truncate_front(message: str, count_tokens: Callable[[str], int], budget: int) -> str:

@@ -195,7 +195,7 @@ async def exchange_logged(bot, exchange):
     scopes = getattr(bot, "scopes", None)
     scope = scopes.scope_of(exchange.adapter, exchange.channel) if scopes is not None else None
     if scope is not None and scope.finetune:  # counted per scope: its own adapter
-        if scope_exchanges_since_finetune(bot, scope) >= st.cfg.get("every", 50):
+        if await bot.store.run(scope_exchanges_since_finetune, bot, scope) >= st.cfg.get("every", 50):
             try:
                 await start_job(bot, scope)
             except JobBusy as exc:
@@ -204,10 +204,10 @@ async def exchange_logged(bot, exchange):
                 st.last_attempt = time.time()
                 log.warning("fine-tune of scope %s not started: %s", scope.name, exc)
         return
-    if bot.store.exchanges_since_finetune() < st.cfg.get("every", 50):
+    if await bot.store.run(bot.store.exchanges_since_finetune) < st.cfg.get("every", 50):
         return
     cooldown = float(st.cfg.get("cooldown_minutes", 60)) * 60
-    last = bot.store.last_finetune()
+    last = await bot.store.run(bot.store.last_finetune)
     since = time.time() - max(last["at"] if last else 0.0, st.last_attempt)
     if since < cooldown:
         return
@@ -291,7 +291,8 @@ async def finetune_command(bot, message, args):
         if st.running:
             return f"Fine-tune job {st.job.id} is running: {st.job.progress() or 'starting'}"
         reg = Registry(st.models_dir).current()
-        return (f"No fine-tune is running. {bot.store.exchanges_since_finetune()} new exchange(s) since the "
+        since = await bot.store.run(bot.store.exchanges_since_finetune)
+        return (f"No fine-tune is running. {since} new exchange(s) since the "
                 f"last one; serving {reg.name if reg else 'the base model'}.")
     if arg == "cancel":
         if not st.running:

@@ -103,21 +103,21 @@ def help_(bot, message, args):
     return "Commands:\n" + "\n".join(lines)
 
 
-def reset(bot, message, args):
+async def reset(bot, message, args):
     """Start a new conversation: I forget the earlier turns of this one."""
-    bot.store.reset_conversation(message)
+    await bot.store.run(bot.store.reset_conversation, message)
     return "OK, starting a new conversation."
 
 
-def forget(bot, message, args):
+async def forget(bot, message, args):
     """Delete everything I stored from you, and never train on your messages."""
-    deleted = bot.store.forget_user(message.user_key)
+    deleted = await bot.store.run(bot.store.forget_user, message.user_key)
     return f"Done: I deleted {deleted} stored message(s) of yours and won't learn from you."
 
 
-def status(bot, message, args):
+async def status(bot, message, args):
     """Show which model is serving and what I have learned so far."""
-    stats = bot.store.stats()
+    stats = await bot.store.run(bot.store.stats)
     return (f"{bot.name} on model {bot.engine.model_id}: {stats['exchanges']} exchanges stored, "
             f"{stats['since_finetune']} new since the last fine-tune.")
 
@@ -133,7 +133,7 @@ async def bad(bot, message, args):
 
 
 async def _rate_last(bot, message, value: int) -> str:
-    exchange = bot.store.last_exchange(message)
+    exchange = await bot.store.run(bot.store.last_exchange, message)
     if exchange is None:
         return "There is no reply of mine in this conversation to rate yet."
     await bot.rate(exchange, message.user_key, value)

@@ -515,16 +515,18 @@ CRASHER = textwrap.dedent("""
     import os, sys
     from chatcore.store import Store
     store = Store(sys.argv[1])
+    stage = store._stage
 
-    def lines():
-        for i in range(1, 1000):
-            if i == 200:
-                # Inside the open transaction: this process sees its own rows...
-                print(store._db.execute("SELECT COUNT(*) FROM exchanges").fetchone()[0], flush=True)
-                os._exit(3)  # ...and dies without a chance to commit or roll back.
-            yield '{"user": "u%d", "assistant": "a%d"}\\n' % (i, i)
+    def stage_then_die_mid_copy(rows):
+        stage(rows)
+        if len(rows) < 10000:  # the last batch: the one transaction that copies them comes next
+            def die():
+                print(store._db.in_transaction, flush=True)
+                os._exit(3)  # inside the copy: no chance to commit or roll back
+            store._db.set_progress_handler(die, 2000)
 
-    store.import_jsonl(lines())
+    store._stage = stage_then_die_mid_copy
+    store.import_jsonl('{"user": "u%d", "assistant": "a%d"}\\n' % (i, i) for i in range(1, 1000))
 """)
 
 
@@ -535,7 +537,7 @@ def test_import_crash_leaves_nothing(tmp_path):
     proc = subprocess.run([sys.executable, "-c", CRASHER, str(path)], capture_output=True, text=True,
                           timeout=60, cwd=ROOT)
     assert proc.returncode == 3, proc.stderr
-    assert proc.stdout.strip() == "200"  # 199 imported rows + the existing one were in flight
+    assert proc.stdout.strip() == "True"  # it died inside the transaction that copies the staged rows
     with Store(path) as s:
         assert [e.user_text for e in s.exchanges()] == ["existing"]
         assert s.stats()["conversations"] == 1
