@@ -57,8 +57,10 @@ def _schema_of(cls: type) -> dict[str, Field]:
     out: dict[str, Field] = {}
     for f in dataclasses.fields(cls):
         args = set(typing.get_args(hints[f.name])) - {type(None)} or {hints[f.name]}
-        if bool in args:
-            typ: Any = bool
+        if typing.get_origin(hints[f.name]) is dict:  # e.g. training.lora: a mapping of its own options
+            typ: Any = dict
+        elif bool in args:
+            typ = bool
         elif float in args:
             typ = (int, float)
         elif int in args:
