@@ -138,9 +138,11 @@ class State:
         from chatcore.scopes import adapter_dir
         from chatcore.weights import base_checkpoint
 
-        base = base_checkpoint(bot.config)
+        # An adapter serves on the weights it was trained on (lora.check_base): the configured base, or
+        # with start_from: serving the bot-wide model that serves now.
+        base = base_checkpoint(bot.config) if self.cfg.get("start_from", "base") == "base" else _source(bot.engine)
         if not base:
-            raise RuntimeError("the configured model has no checkpoint on disk to fine-tune from")
+            raise RuntimeError("the model has no checkpoint on disk to fine-tune from")
         folder = adapter_dir(self.models_dir, scope)
         serving = serving_checkpoint(folder)
         spec = spec_from_config(bot.config, base, str(serving) if serving else None, progress=False,
