@@ -147,6 +147,8 @@ def batched(engine, prompts: list[str], new_tokens: int, stagger: float, adapter
     sched = BatchScheduler(engine, max_batch=len(prompts))
     try:
         _warm(sched)
+        for i, path in enumerate(adapters or []):  # loaded before the clock starts (lazy loading is timed apart)
+            _warm(sched, (f"scope{i}", str(path)))
         steps0 = sched.steps
         t0 = time.perf_counter()
         requests, sinks = [], []
@@ -171,11 +173,11 @@ def batched(engine, prompts: list[str], new_tokens: int, stagger: float, adapter
         sched.close(timeout=10)
 
 
-def _warm(sched) -> None:
+def _warm(sched, adapter=None) -> None:
     from chatcore.sampling import SamplingParams
 
     sink = Sink()
-    sched.submit("Human: hi\nAssistant:", SamplingParams(max_new_tokens=4, stop_at_newline=False), sink)
+    sched.submit("Human: hi\nAssistant:", SamplingParams(max_new_tokens=4, stop_at_newline=False), sink, adapter=adapter)
     sink.done.wait()
 
 

@@ -170,6 +170,7 @@ def main() -> int:
     p.add_argument("--quality", type=int, default=0, metavar="STEPS",
                    help="also fine-tune a small base fully and with LoRA for STEPS steps: held-out loss")
     p.add_argument("--quality-pretrain", type=int, default=150, metavar="STEPS", help=argparse.SUPPRESS)
+    p.add_argument("--quality-only", action="store_true", help="only the held-out loss comparison (--quality STEPS)")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -178,6 +179,13 @@ def main() -> int:
 
     import torch
 
+    if args.quality_only:
+        held_out = quality(args)
+        print(json.dumps({"held_out_reply_loss": held_out, "steps": args.quality}) if args.json else
+              f"held-out reply-token loss after {args.quality} steps from a small base: base "
+              f"{held_out['base']:.3f}, full {held_out['full']:.3f}, LoRA {held_out['lora']:.3f} "
+              f"(LoRA gets {held_out['lora_share_of_full_gain']:.0%} of full fine-tuning's gain)")
+        return 0
     memory = {v: run_child(v, args)["peak_rss_mb"] for v in VARIANTS}
     times = timed(args)
     seed_s = statistics.median(times["seed"])

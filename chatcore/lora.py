@@ -92,6 +92,7 @@ class LoRALinear(nn.Linear):
         self.lora_dropout = 0.0
         self.served: dict[Any, tuple[torch.Tensor, torch.Tensor, float]] = {}  # key -> (A, B, scale)
         self.groups: list[tuple[Any, torch.Tensor]] = []  # (key, batch rows) for the next forward
+        self._stacked: tuple | None = None  # per-row A^T, B^T, scale of the last mix of adapters
         if cfg is not None:
             w = base.weight
             self.lora_A = nn.Parameter(torch.empty(cfg.rank, self.in_features, device=w.device, dtype=w.dtype))
@@ -105,10 +106,31 @@ class LoRALinear(nn.Linear):
         if self.lora_A is not None:
             h = nn.functional.dropout(x, self.lora_dropout, self.training) if self.lora_dropout else x
             y = y + self.scale * ((h @ self.lora_A.t()) @ self.lora_B.t())
-        for key, rows in self.groups:
+        if len(self.groups) == 1:
+            key, rows = self.groups[0]
             a, b, s = self.served[key]
             y.index_add_(0, rows, (x.index_select(0, rows) @ a.t()) @ b.t(), alpha=s)
+        elif self.groups:
+            self._add_many(x, y)
         return y
+
+    def _add_many(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Rows of several adapters: one batched matmul pair over per-row (A, B), not one pair per adapter."""
+        keys = tuple(k for k, rows in self.groups for _ in range(len(rows)))
+        if self._stacked is None or self._stacked[0] != keys:
+            # kept while the batch's adapters stay the same (decode steps): stacked once, not every step
+            pairs = [self.served[k] for k in keys]
+            if len({a.shape[0] for a, _, _ in pairs}) > 1:  # different ranks: one adapter at a time
+                for key, rows in self.groups:
+                    a, b, s = self.served[key]
+                    y.index_add_(0, rows, (x.index_select(0, rows) @ a.t()) @ b.t(), alpha=s)
+                return
+            scales = torch.tensor([s for _, _, s in pairs], device=x.device, dtype=x.dtype)
+            self._stacked = (keys, torch.stack([a.t() for a, _, _ in pairs]),
+                             torch.stack([b.t() for _, b, _ in pairs]), scales[:, None, None])
+        _, at, bt, scales = self._stacked
+        rows = torch.cat([rows for _, rows in self.groups])
+        y.index_add_(0, rows, torch.bmm(torch.bmm(x.index_select(0, rows), at), bt) * scales)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -289,6 +311,7 @@ def attach(model: GPT, key: Any, adapter: LoRAAdapter) -> None:
 def detach(model: nn.Module, key: Any) -> None:
     for _, m in lora_layers(model):
         m.served.pop(key, None)
+        m._stacked = None
 
 
 @contextmanager
