@@ -14,7 +14,8 @@ from typing import Any
 
 from .adapter import AdapterError
 from .config import Config, load_config
-from .message import DROP, Message, Reply
+from .message import DROP, Busy, Message, Reply
+from .metrics import Metrics
 from .params import SamplingParams
 from .plugin_manager import Command, PluginManager, await_me_maybe, call_hook, make_plugin_manager
 from .prompt import build_prompt
@@ -48,6 +49,7 @@ class Bot:
         self.adapters: list[Any] = []
         self._stopping = asyncio.Event()
         self.registry_watch = RegistryWatch(config)  # from now on, registry changes are followed
+        self.metrics = Metrics(self)  # per bot: tests with many bots never share counters
         self.scopes = Scopes.from_config(config)  # communities: persona and adapter (chatcore/scopes.py)
 
     # --- building -------------------------------------------------------------
@@ -111,6 +113,22 @@ class Bot:
 
     async def handle(self, message: Message, on_delta: Callable[[str], Any] | None = None,
                      params: SamplingParams | None = None) -> Reply | None:
+        """Answer `message` (see `_answer`), counted and timed for /metrics."""
+        probe = self.metrics.request(message.adapter)
+        try:
+            reply = await self._answer(message, probe.wrap(on_delta), params)
+        except Busy:
+            probe.done("busy")
+            raise
+        except BaseException:
+            probe.done("error")
+            raise
+        outcome = "silent" if reply is None else "answered" if reply.from_model else "hook"
+        probe.done(outcome, reply, self.generator.engine.count_tokens)
+        return reply
+
+    async def _answer(self, message: Message, on_delta: Callable[[str], Any] | None = None,
+                      params: SamplingParams | None = None) -> Reply | None:
         """Answer `message`: hooks, history, model, store. None means nothing to send.
 
         `params` replaces the configured sampler settings for this message (per-request API settings).

@@ -349,8 +349,7 @@ def cmd_starter(args: argparse.Namespace) -> int:
         cfg.minutes = args.minutes
     logging.getLogger("chatcore.training").setLevel(logging.INFO)
     try:
-        out = build_starter(path, corpus=args.corpus, cfg=cfg, threads=config.get("model.threads"),
-                            progress=sys.stderr.isatty())
+        out = build_starter(path, corpus=args.corpus, cfg=cfg, threads=config.get("model.threads"))
     except (RuntimeError, ValueError) as exc:
         raise Failure(str(exc)) from None
     print(f"starter model written to {out}")

@@ -806,3 +806,60 @@ class Store:
             "last_at": last,
             "db_bytes": size,
         }
+
+    # --- dashboard queries ------------------------------------------------------------------
+
+    def daily_activity(self, days: int = 30, now: float | None = None) -> list[dict[str, Any]]:
+        """Per UTC day of the last `days`: exchanges, conversations started, active users, 👍 and 👎."""
+        now = time.time() if now is None else now
+        first_day = int(now // 86400) - days + 1
+        since = first_day * 86400.0
+        rows: dict[int, dict[str, Any]] = {
+            d: {"day": time.strftime("%Y-%m-%d", time.gmtime(d * 86400)), "exchanges": 0, "conversations": 0,
+                "active_users": 0, "good": 0, "bad": 0} for d in range(first_day, first_day + days)}
+        with self._translated() as db:
+            for day, exchanges, users in db.execute(
+                    "SELECT CAST(e.created_at / 86400 AS INTEGER) d, COUNT(*), COUNT(DISTINCT c.adapter || ':' || "
+                    "c.user) FROM exchanges e JOIN conversations c ON c.id = e.conversation_id "
+                    "WHERE e.created_at >= ? GROUP BY d", (since,)):
+                if day in rows:
+                    rows[day].update(exchanges=exchanges, active_users=users)
+            for day, count in db.execute("SELECT CAST(started_at / 86400 AS INTEGER) d, COUNT(*) FROM "
+                                         "conversations WHERE started_at >= ? GROUP BY d", (since,)):
+                if day in rows:
+                    rows[day]["conversations"] = count
+            for day, good, bad in db.execute("SELECT CAST(at / 86400 AS INTEGER) d, SUM(value > 0), SUM(value < 0) "
+                                             "FROM feedback WHERE at >= ? GROUP BY d", (since,)):
+                if day in rows:
+                    rows[day].update(good=good or 0, bad=bad or 0)
+        return [rows[d] for d in sorted(rows)]
+
+    def search_exchanges(self, text: str = "", *, adapter: str | None = None, channel: str | None = None,
+                         user_key: str | None = None, before_id: int | None = None,
+                         limit: int = 50) -> list[Exchange]:
+        """Newest first: exchanges whose user text or reply contains `text`, optionally of one adapter/channel/user."""
+        where, args = [], []
+        if text:
+            where.append("(instr(lower(e.user_text), ?) > 0 OR instr(lower(e.reply_text), ?) > 0)")
+            args += [text.lower(), text.lower()]
+        for column, value in (("c.adapter", adapter), ("c.channel", channel)):
+            if value:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if user_key:
+            where.append("c.adapter || ':' || c.user = ?")
+            args.append(user_key)
+        if before_id is not None:
+            where.append("e.id < ?")
+            args.append(before_id)
+        sql = _EXCHANGE_SELECT + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY e.id DESC LIMIT ?"
+        with self._translated() as db:
+            rows = db.execute(sql, (*args, max(1, min(int(limit), 500)))).fetchall()
+        return [_exchange(r) for r in rows]
+
+    def channels(self) -> list[dict[str, Any]]:
+        """Every adapter and channel with its exchange count, busiest first."""
+        with self._translated() as db:
+            rows = db.execute("SELECT c.adapter, c.channel, COUNT(e.id) n FROM conversations c JOIN exchanges e "
+                              "ON e.conversation_id = c.id GROUP BY c.adapter, c.channel ORDER BY n DESC").fetchall()
+        return [{"adapter": a, "channel": ch, "exchanges": n} for a, ch, n in rows]

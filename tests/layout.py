@@ -25,8 +25,9 @@ LAYERS: list[tuple[str, list[str]]] = [  # bottom-up
                "chatcore.prefix_cache", "chatcore.checkpoint", "chatcore.hf", "chatcore.reply_text",
                "chatcore.engine", "chatcore.batching", "chatcore.lora"]),
     ("learning", ["chatcore.training", "chatcore.training.*"]),
-    ("runtime", ["chatcore.weights", "chatcore.serving", "chatcore.bot", "chatcore.testing"]),
-    ("edges", ["chatcore.adapters", "chatcore.adapters.*", "chatcore.plugins", "chatcore.plugins.*"]),
+    ("runtime", ["chatcore.weights", "chatcore.serving", "chatcore.metrics", "chatcore.bot", "chatcore.testing"]),
+    ("edges", ["chatcore.adapters", "chatcore.adapters.*", "chatcore.plugins", "chatcore.plugins.*",
+               "chatcore.dashboard", "chatcore.dashboard.*"]),
     ("command", ["chatcore.cli", "chatcore.training.cli"]),
 ]
 

@@ -178,7 +178,8 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
     provenance = dict(iteration=outcome.best_iter, train_loss=outcome.final_train_loss,
                       val_loss=outcome.best_val_loss, data_hash=data.hash, data=data.summary(),
                       training=asdict(train_cfg), stopped=outcome.stopped,
-                      initial_val_loss=outcome.initial_val_loss, resumed_from=outcome.resumed_from)
+                      initial_val_loss=outcome.initial_val_loss, resumed_from=outcome.resumed_from,
+                      history=outcome.history)  # per-evaluation train/val losses: the dashboard's learning curves
     if lora_cfg is not None:  # the adapter alone; weights.py serves it on its base
         from ..lora import save_adapter
 

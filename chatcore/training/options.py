@@ -30,6 +30,10 @@ class TrainConfig:
     loss_on: str = "assistant"  # or "all" (the seed's whole-text loss)
     fused: bool | None = None  # None: fused AdamW where this torch has it
     head_on_targets_only: bool = True  # skip the output head where nothing is trained on
+    # Wall-clock budget in seconds (None: none). Training, evaluations included, stops
+    # within it whatever the machine's load, and the cosine runs over the budget's time
+    # instead of over max_iters (which then only caps the iterations).
+    max_seconds: float | None = None
     method: str = "full"  # or "lora": train a low-rank adapter (chatcore.lora), the base stays frozen
     lora: dict[str, Any] = field(default_factory=dict)  # rank, alpha, dropout, targets (chatcore.lora.LoRAConfig)
 
@@ -58,6 +62,8 @@ class TrainConfig:
             raise ValueError("training.min_lr must lie between 0 and learning_rate")
         if not 0 <= self.dropout < 1:
             raise ValueError("training.dropout must lie in [0, 1)")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ValueError("training.max_seconds must be positive")
 
 
 @dataclass
