@@ -14,6 +14,7 @@ from typing import Any
 
 from .adapter import AdapterError
 from .config import Config, load_config
+from .consent import check_config, decide
 from .message import DROP, Busy, Message, Reply
 from .metrics import Metrics
 from .params import SamplingParams
@@ -70,6 +71,7 @@ class Bot:
         if not isinstance(config, Config):
             config = load_config(config, pm.schema())
         pm.disable(config["plugins"]["disabled"])
+        check_config(config)  # an unacknowledged Discord/Slack training policy stops the bot before it starts
         store = Store(config.store_path, timeout=config["store"]["busy_timeout_s"])  # first: a locked or read-only database fails before the model loads
         if engine is None:
             try:
@@ -140,7 +142,8 @@ class Bot:
         if answer is DROP:
             return None
         if answer is not None:
-            reply = Reply(text=str(answer), message=message, from_model=False)
+            # A command may answer with a whole Reply (e.g. /mydata, which carries a file).
+            reply = answer if isinstance(answer, Reply) else Reply(text=str(answer), message=message, from_model=False)
             await self._call("reply_ready", bot=self, message=message, reply=reply)
             return reply if reply.text else None
 
@@ -169,8 +172,10 @@ class Bot:
         await self._call("reply_ready", bot=self, message=message, reply=reply)
         if not reply.text:
             return None
+        said = await self.store.run(decide, self.config, self.store, message)  # provenance, fixed now
         exchange = await self.store.run(self.store.log_exchange, message, reply.text, model_id=reply.model_id,
-                                        params=params)
+                                        params=params, policy=said.policy, consent=said.consent,
+                                        trainable=said.trainable)
         reply.exchange_id = exchange.id
         await self._call("exchange_logged", bot=self, exchange=exchange)
         return reply

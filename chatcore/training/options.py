@@ -77,6 +77,10 @@ class GuardConfig:
     max_user_share: float | None = 0.5  # of the kept exchanges, when at least two users contributed
     drop_bad: bool = True
     excluded_users: frozenset[str] = field(default_factory=frozenset)  # forgotten / opted out
+    # Poisoning and brigading defences (docs/privacy.md):
+    max_per_user_per_day: int | None = 50  # trainable exchanges one user adds per UTC day; the rest wait out
+    quarantine_days: float = 0.0  # users first seen less than this long ago do not train yet
+    brigade_min_users: int | None = 3  # this many users sending near-identical text: it counts once
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "GuardConfig":
@@ -99,6 +103,9 @@ class GateConfig:
     keep_rejected: int = 3
     eval_block_size: int = 128
     eval_max_batches: int | None = None
+    canary_check: bool = True  # judge the canary prompts (a poisoned candidate forgets how to answer them)
+    canaries: str | None = None  # operator's canary file (seed-format JSONL); None: the built-in set
+    max_canary_regression: float = 0.25  # allowed reply-token loss increase on the canaries
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "GateConfig":
