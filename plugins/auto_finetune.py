@@ -171,7 +171,8 @@ def scope_exchanges_since_finetune(bot: Any, scope: Any) -> int:
     except (OSError, ValueError, AttributeError):
         since = 0
     keys = set(bot.scopes.channels(scope))
-    return sum(1 for e in bot.store.exchanges(since_id=since) if f"{e.adapter}:{e.channel}" in keys)
+    return sum(1 for e in bot.store.exchanges(since_id=since)
+               if f"{e.adapter}:{e.channel}" in keys and e.trainable)  # consented, as the bot-wide count
 
 
 _states: "weakref.WeakKeyDictionary[Any, State]" = weakref.WeakKeyDictionary()

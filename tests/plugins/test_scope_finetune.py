@@ -17,7 +17,9 @@ async def test_a_scopes_exchanges_start_its_own_job(tmp_path, monkeypatch):
         started.append(None if scope is None else scope.name)
 
     monkeypatch.setattr(auto_finetune, "start_job", fake_start)
-    config = {"scopes": SCOPES, "plugins": {"auto_finetune": {"every": 3, "cooldown_minutes": 0}}}
+    consent = {"policy": "opt_out", "i_have_discords_permission_to_train": True}  # chatcore.consent
+    config = {"scopes": SCOPES, "plugins": {"auto_finetune": {"every": 3, "cooldown_minutes": 0}},
+              "adapters": {"discord": {"training": consent}}}
     bot = make_bot(tmp_path, config=config)
     try:
         def msg(channel: str, user: str, parent: str | None = None) -> Message:
@@ -33,5 +35,24 @@ async def test_a_scopes_exchanges_start_its_own_job(tmp_path, monkeypatch):
         assert bot.scopes.channels(bot.scopes.by_name["rust"]) == ["discord:100", "discord:555"]
         spec = auto_finetune.state_of(bot).scope_spec  # what the job would get
         assert callable(spec)
+    finally:
+        await bot.close()
+
+
+async def test_a_scope_counts_only_consented_exchanges(tmp_path, monkeypatch):
+    from chatcore.plugins import auto_finetune
+
+    started = []
+
+    async def fake_start(bot, scope=None):
+        started.append(scope)
+
+    monkeypatch.setattr(auto_finetune, "start_job", fake_start)
+    config = {"scopes": SCOPES, "plugins": {"auto_finetune": {"every": 2, "cooldown_minutes": 0}}}
+    bot = make_bot(tmp_path, config=config)  # Discord's training policy is off by default
+    try:
+        for user in "abc":
+            await bot.handle(Message(text="hello there", adapter="discord", channel="100", user=user))
+        assert started == []
     finally:
         await bot.close()
