@@ -121,6 +121,7 @@ class DiscordAdapter(Adapter):
             mentions_bot=mentioned,
             id=str(message.id),
             workspace=None if is_dm else str(message.guild.id),
+            parent=None if getattr(channel, "parent_id", None) is None else str(channel.parent_id),
             raw=message,
         )
 

@@ -206,6 +206,7 @@ class SlackAdapter(Adapter):
             mentions_bot=mention,
             id=f"{channel}:{event['ts']}",
             workspace=event.get("team") or team,
+            parent=channel if thread else None,
             raw=event,
         )
         return message, thread

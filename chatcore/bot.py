@@ -22,8 +22,10 @@ from .metrics import Metrics
 from .params import SamplingParams
 from .plugin_manager import Command, PluginManager, await_me_maybe, call_hook, make_plugin_manager
 from .prompt import build_prompt
+from .registry import serving_checkpoint
+from .scopes import Scopes, adapter_dir
 from .serving import Generator
-from .weights import RegistryWatch, load_engine
+from .weights import RegistryWatch, load_engine, models_dir
 
 log = logging.getLogger("chatcore")
 
@@ -51,6 +53,7 @@ class Bot:
         self._stopping = asyncio.Event()
         self.registry_watch = RegistryWatch(config)  # from now on, registry changes are followed
         self.metrics = Metrics(self)  # per bot: tests with many bots never share counters
+        self.scopes = Scopes.from_config(config)  # communities: persona and adapter (chatcore/scopes.py)
 
     # --- building -------------------------------------------------------------
 
@@ -156,13 +159,16 @@ class Bot:
                       on_delta: Callable[[str], Any] | None = None, retry_of: int | None = None) -> Reply | None:
         """Prompt, generate, run the reply hooks and log a model reply to `message` after `history`."""
         engine = self.generator.engine
+        scope = self.scopes.resolve(message)
+        self.scopes.note(message, scope)  # its exchanges train that scope's adapter
         prompt = build_prompt(message.text, history, engine.count_tokens,
-                              budget=engine.block_size - min(params.max_new_tokens, engine.block_size // 2))
+                              budget=engine.block_size - min(params.max_new_tokens, engine.block_size // 2),
+                              persona=self.scopes.persona(scope))
         await self._call("prompt_built", bot=self, message=message, prompt=prompt)
 
         parts: list[str] = []
         # aclosing: when on_delta raises (the client went away), the engine stops now, not at garbage collection.
-        async with aclosing(self.generator.stream(prompt.text, params)) as stream:
+        async with aclosing(self.generator.stream(prompt.text, params, self.scope_adapter(scope))) as stream:
             async for delta in stream:
                 if not parts:
                     delta = delta.lstrip()  # the prompt ends at "Assistant:"; the reply's first space is format
@@ -184,6 +190,13 @@ class Bot:
         reply.exchange_id = exchange.id
         await self._call("exchange_logged", bot=self, exchange=exchange)
         return reply
+
+    def scope_adapter(self, scope: Any) -> tuple[str, str] | None:
+        """(scope name, adapter file) when `scope` has a promoted adapter of its own (a thread: its channel's)."""
+        if scope is None:
+            return None
+        promoted = serving_checkpoint(adapter_dir(models_dir(self.config), scope))
+        return None if promoted is None else (scope.name, str(promoted))
 
     async def record_delivery(self, reply: Reply, platform_message_id: str) -> None:
         """Remember which platform message carried `reply`, so reactions to it count as feedback."""

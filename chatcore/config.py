@@ -102,6 +102,8 @@ CORE_SCHEMA: Schema = {
         "retention_days": Field((int, float), None,
                                 help="Delete exchanges older than this, at start and daily (null: keep until /forget)."),
     },
+    "scopes": Field(list, [], help="Communities (a workspace or a channel; threads follow their channel), "
+                                   "each with an optional persona and its own adapter: see chatcore/scopes.py."),
     "adapters": {},  # filled from the registered adapters
     "plugins": {
         "disabled": Field(list, [], help="Plugin names not to load (built-in or installed)."),

@@ -45,6 +45,7 @@ def register_commands(register):
     register("good", good)
     register("bad", bad)
     register("retry", retry)
+    register("persona", persona)
 
 
 @hookimpl(tryfirst=True)
@@ -171,3 +172,25 @@ async def retry(bot, message, args):
     """Answer my last reply again, differently (then rate one, or just carry on with the new one)."""
     reply = await bot.retry(message)
     return reply if reply is not None else "There is no reply of mine in this conversation to retry yet."
+
+
+async def persona(bot, message, args):
+    """Show this channel's persona (admins: /persona set TEXT, /persona clear)."""
+    scopes = bot.scopes
+    scope = scopes.resolve(message)
+    if scope is None:
+        return "This channel is in no scope, so it has no persona (see scopes: in the config)."
+    verb, _, text = args.partition(" ")
+    if verb in ("set", "clear"):
+        if not bot.is_admin(message):
+            return "Only admins can change the persona."
+        if verb == "set" and not text.strip():
+            return "Usage: /persona set TEXT"
+        try:
+            scopes.set_persona(scope, text.strip() if verb == "set" else None)
+        except ValueError as exc:
+            return str(exc)
+    elif verb:
+        return "Usage: /persona, /persona set TEXT, /persona clear"
+    current = scopes.persona(scope)
+    return f"Persona of {scope.name}: {current}" if current else f"{scope.name} has no persona."

@@ -102,10 +102,13 @@ def judge(candidate: nn.Module, serving: nn.Module, val: TokenData, cfg: GateCon
 
 def judge_file(candidate: str | os.PathLike, serving: nn.Module, val: TokenData, cfg: GateConfig | None = None,
                general: TokenData | None = None, canaries: TokenData | None = None,
-               preferences: Callable[[nn.Module], dict[str, Any]] | None = None) -> GateResult:
-    """`judge` the candidate as it was written to disk: a file that cannot load or serve is never promoted."""
+               preferences: Callable[[nn.Module], dict[str, Any]] | None = None,
+               loader: Callable[[Any], tuple[nn.Module, dict]] | None = None) -> GateResult:
+    """`judge` the candidate as it was written to disk: a file that cannot load or serve is never promoted.
+
+    `loader` reads it (default `checkpoint.load`; a LoRA adapter is loaded onto its base by the job)."""
     try:
-        model, _ = load(candidate)
+        model, _ = (loader or load)(candidate)
         check_servable(model, str(candidate))
     except CheckpointError as exc:
         return GateResult(False, f"the candidate cannot serve: {exc}", math.nan, math.nan)

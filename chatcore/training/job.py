@@ -59,6 +59,8 @@ class JobSpec:
     val_fraction: float = 0.1
     threads: int | None = None
     progress: bool = True
+    scope: str | None = None  # a scope's own adapter (chatcore.scopes): only its channels' exchanges
+    scope_channels: list[str] = field(default_factory=list)  # their "adapter:channel" keys
 
 
 def spec_from_config(config: Any, base: str, serving: str | None = None, **overrides: Any) -> JobSpec:
@@ -79,7 +81,12 @@ def spec_from_config(config: Any, base: str, serving: str | None = None, **overr
 def load_model(spec: str):
     """Weights for a checkpoint path or a Hugging Face hub name (cache only: a job never downloads)."""
     from ..hf import load_any, load_hf
+    from ..lora import is_adapter, load_adapter, merge_adapter
 
+    if is_adapter(Path(spec).expanduser()):  # a LoRA adapter: its base, with the adapter merged in
+        adapter = load_adapter(Path(spec).expanduser())
+        model, meta = load_model(adapter.base_model or "")
+        return merge_adapter(model, adapter), {**meta, "source": str(spec), "adapter": adapter.meta}
     if Path(spec).expanduser().exists():
         return load_any(Path(spec).expanduser())
     return load_hf(spec, local_files_only=True)
@@ -121,6 +128,11 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
     train_cfg = TrainConfig.from_dict(spec.train)
     guard_cfg = GuardConfig.from_dict(spec.guards)
     gate_cfg = GateConfig.from_dict(spec.gate)
+    lora_cfg = None
+    if train_cfg.method == "lora":  # validated before any data or weights are read
+        from ..lora import LoRAConfig
+
+        lora_cfg = LoRAConfig.from_dict(train_cfg.lora)
 
     # data
     exchanges, bad_lines, up_to_id = [], [], None
@@ -130,6 +142,10 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
 
         store = Store(spec.store)
         exchanges += from_store(store)
+        if spec.scope is not None:  # this scope's conversations only: trained on, and gated on
+            keys = set(spec.scope_channels)
+            mine = {e.id for e in store.exchanges() if f"{e.adapter}:{e.channel}" in keys}
+            exchanges = [e for e in exchanges if e.id in mine]
         up_to_id = max((e.id for e in exchanges if e.id is not None), default=0)
     for path in spec.jsonl:
         rows, bad = load_jsonl(path)
@@ -153,6 +169,10 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
     lineage = inherit_lineage(data.lineage, base_meta)
     serving = copy.deepcopy(model) if spec.serving in (None, spec.base) else load_model(spec.serving)[0]
     serving.eval()
+    if lora_cfg is not None:
+        from ..lora import apply_lora
+
+        apply_lora(model, lora_cfg)
 
     resume = Resume(models_dir / RESUME_NAME, resume_key(spec, train_cfg, data.hash, model.config))
     outcome = train(model, data, train_cfg, progress=spec.progress, should_stop=should_stop, resume=resume)
@@ -161,13 +181,19 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
 
     # candidate: written atomically (temp name + rename inside checkpoint.save)
     cand = candidate_path(models_dir)
-    save(model, cand, base_model=spec.base, iteration=outcome.best_iter,
-         train_loss=outcome.final_train_loss, val_loss=outcome.best_val_loss, data_hash=data.hash,
-         data=data.summary(), training=asdict(train_cfg), stopped=outcome.stopped,
-         initial_val_loss=outcome.initial_val_loss, resumed_from=outcome.resumed_from, lineage=lineage,
-         history=outcome.history,  # per-evaluation train/val losses: the dashboard's learning curves
-         curves=outcome.curves(),  # the same as {iter, train, val} lists, for plotting
-         preference=pref_outcome.as_dict() if pref_outcome else None)
+    provenance = dict(iteration=outcome.best_iter, train_loss=outcome.final_train_loss,
+                      val_loss=outcome.best_val_loss, data_hash=data.hash, data=data.summary(),
+                      training=asdict(train_cfg), stopped=outcome.stopped,
+                      initial_val_loss=outcome.initial_val_loss, resumed_from=outcome.resumed_from, lineage=lineage,
+                      history=outcome.history,  # per-evaluation train/val losses: the dashboard's learning curves
+                      curves=outcome.curves(),  # the same as {iter, train, val} lists, for plotting
+                      preference=pref_outcome.as_dict() if pref_outcome else None)
+    if lora_cfg is not None:  # the adapter alone; weights.py serves it on its base
+        from ..lora import save_adapter
+
+        save_adapter(model, cand, lora_cfg, base_model=spec.base, **provenance)
+    else:
+        save(model, cand, base_model=spec.base, **provenance)
 
     del model  # the gate judges the file just written, exactly what would serve
     general = None
@@ -177,7 +203,8 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
     pref_block = gate_cfg.eval_block_size
     verdict = judge_file(cand, serving, data.val, gate_cfg, general, canaries,
                          preferences=(lambda m: preference_metrics(m, tok, prefs_held, pref_block))
-                         if len(prefs_held) else None)
+                         if len(prefs_held) else None,
+                         loader=(lambda p: load_model(str(p))) if lora_cfg is not None else None)
     registry = Registry(models_dir, keep=gate_cfg.keep, keep_rejected=gate_cfg.keep_rejected)
     result = {
         "status": "promoted" if verdict.promoted else "rejected",
@@ -199,9 +226,14 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
         registry.promote(cand, metrics=result["gate"])
     else:
         registry.reject(cand, metrics=result["gate"])
+    if spec.scope is not None:  # the scope's own counter restarts; the bot-wide one is not touched
+        _write_json_atomic(models_dir / "last_finetune.json", {"up_to_id": up_to_id, "at": time.time(),
+                                                               "candidate": cand.name})
+        result["scope"] = spec.scope
     resume.clear()  # complete: the registry knows the candidate (until then, an orphan is cleaned and this resumes)
     if store is not None:
-        store.mark_finetune(checkpoint=cand.name, up_to_id=up_to_id)
+        if spec.scope is None:
+            store.mark_finetune(checkpoint=cand.name, up_to_id=up_to_id)
         store.close()
     log.info("%s: %s", result["status"], verdict.reason)
     return result

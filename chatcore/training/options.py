@@ -34,6 +34,8 @@ class TrainConfig:
     # within it whatever the machine's load, and the cosine runs over the budget's time
     # instead of over max_iters (which then only caps the iterations).
     max_seconds: float | None = None
+    method: str = "full"  # or "lora": train a low-rank adapter (chatcore.lora), the base stays frozen
+    lora: dict[str, Any] = field(default_factory=dict)  # rank, alpha, dropout, targets (chatcore.lora.LoRAConfig)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "TrainConfig":
@@ -49,6 +51,10 @@ class TrainConfig:
     def validate(self) -> None:
         if self.loss_on not in ("assistant", "all"):
             raise ValueError(f'training.loss_on must be "assistant" or "all", not {self.loss_on!r}')
+        if self.method not in ("full", "lora"):
+            raise ValueError(f'training.method must be "full" or "lora", not {self.method!r}')
+        if not isinstance(self.lora, dict):
+            raise ValueError("training.lora must be a mapping (rank, alpha, dropout, targets)")
         for name in ("batch_size", "block_size", "max_iters", "eval_interval", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"training.{name} must be at least 1")
