@@ -1,8 +1,12 @@
-"""The SQLite history store: conversations, exchanges, feedback, opt-outs, fine-tune marks.
+"""The history store: conversations, exchanges, feedback, opt-outs, fine-tune marks.
 
-One file (WAL mode) shared by the bot and the trainer process, each with its own
-`Store`. The schema is versioned with ``PRAGMA user_version`` and an ordered list
-of migrations; a migration, once released, never changes: new needs get a new one.
+Two backends behind one `Store`: an SQLite file (WAL mode; the default) shared by the
+bot and the trainer process, each with its own `Store`, or a PostgreSQL database
+(``history.url: postgresql://...``) shared by any number of instances. The store's SQL
+and `MIGRATIONS` are written once, in the SQL both share; `chatcore.postgres` rewrites
+the few differences. The schema is versioned (SQLite: ``PRAGMA user_version``;
+PostgreSQL: the ``schema_version`` table) by an ordered list of migrations; a migration,
+once released, never changes: new needs get a new one, and it runs on both backends.
 
 Tables (schema 2):
 
@@ -24,7 +28,7 @@ process (an import, the trainer, an sqlite3 shell) delays the exchange, up to
 event loop. Failures of SQLite itself (locked past that bound, read-only, not a
 database, disk full) surface as `StoreError` with a clear message.
 
-Every write checks, before it starts and once committed, that the database file
+On SQLite, every write checks, before it starts and once committed, that the database file
 (and its ``-wal`` and ``-shm`` files) at the path is still the one that was opened:
 a file deleted or replaced while the bot runs would swallow every later write
 unseen (or overlay a restored backup with our WAL). The store then refuses every
@@ -233,15 +237,23 @@ def _writable(path: Path) -> bool:
     return os.access(path, os.W_OK)
 
 
+def sqlite_path(target: str) -> str:
+    """The file of an SQLite target: a path, or an ``sqlite:///relative`` / ``sqlite:////absolute`` URL."""
+    return target[len("sqlite:///"):] if target.startswith("sqlite:///") else target
+
+
 class Store:
-    """The history store on one SQLite file; open one per process."""
+    """The history store on one SQLite file or one PostgreSQL database; open one per process."""
 
     def __init__(self, path: str | os.PathLike, *, timeout: float = BUSY_TIMEOUT_S, read_only: bool = False):
         """Open (creating file and folders if needed), switch to WAL and migrate; `read_only` never writes.
 
+        `path`: an SQLite file, ``sqlite:///path``, or ``postgresql://user:password@host:port/database``.
         `timeout`: seconds a call waits for a database locked by another process before StoreError.
         """
-        self.path = str(path)
+        target = str(path)
+        self.backend = "postgresql" if target.startswith(("postgresql://", "postgres://")) else "sqlite"
+        self.path = sqlite_path(target)
         self.timeout = timeout
         self.read_only = read_only
         self._lock = threading.RLock()
@@ -251,6 +263,10 @@ class Store:
         self._thread: ThreadPoolExecutor | None = None  # the thread `run` calls the store on
         # Guards `_thread` only: `_lock` may be held for seconds by a call waiting on a busy database.
         self._thread_lock = threading.Lock()
+        self._errors: tuple[type[Exception], ...] = (sqlite3.Error,)
+        if self.backend == "postgresql":
+            self._open_postgresql(target)
+            return
         memory = self.path == ":memory:"
         if not memory:
             self.path = str(Path(path).expanduser())
@@ -284,6 +300,37 @@ class Store:
             raise
 
     # --- opening ----------------------------------------------------------------
+
+    def _open_postgresql(self, url: str) -> None:
+        from . import postgres
+
+        self.path = postgres.redact(url)  # the name in every message: never the password
+        self._errors = (sqlite3.Error, postgres.Error)
+        try:
+            self._db = postgres.connect(url, timeout=self.timeout, read_only=self.read_only)
+        except postgres.Error as err:
+            raise self._error(err) from None
+        try:
+            with self._translated():
+                self._migrate()
+        except BaseException:
+            self.close()
+            raise
+
+    def _version(self, db) -> int:
+        if self.backend == "sqlite":
+            return db.execute("PRAGMA user_version").fetchone()[0]
+        if db.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
+            return 0
+        return db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+
+    def _set_version(self, db, version: int) -> None:
+        if self.backend == "sqlite":
+            db.execute(f"PRAGMA user_version = {version}")
+            return
+        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        db.execute("DELETE FROM schema_version")
+        db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
 
     def _check_path(self, path: Path) -> None:
         # SQLite would open an unwritable file read-only without a word and fail on the
@@ -327,7 +374,7 @@ class Store:
 
     def _migrate(self) -> None:
         db = self._conn()
-        version = db.execute("PRAGMA user_version").fetchone()[0]
+        version = self._version(db)
         if version > SCHEMA_VERSION:
             raise StoreError(f"history database {self.path} has schema version {version}, newer than "
                              f"this chatcore knows ({SCHEMA_VERSION}): upgrade chatcore to open it")
@@ -338,12 +385,12 @@ class Store:
                              f"{SCHEMA_VERSION}); open it writable once to migrate it")
         with self._write() as db:
             # Re-read inside the write lock: another process may have migrated meanwhile.
-            version = db.execute("PRAGMA user_version").fetchone()[0]
+            version = self._version(db)
             for target in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in MIGRATIONS[target - 1]:
                     db.execute(statement)
             if version < SCHEMA_VERSION:
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                self._set_version(db, SCHEMA_VERSION)
 
     # --- plumbing -----------------------------------------------------------------
 
@@ -367,8 +414,20 @@ class Store:
             log.critical("%s", self._lost)
             raise StoreError(self._lost)
 
-    def _error(self, err: sqlite3.Error) -> StoreError:
+    def _error(self, err: Exception) -> StoreError:
         text = str(err)
+        if not isinstance(err, sqlite3.Error):
+            from . import postgres
+
+            kind = postgres.error_kind(err)
+            if kind == "locked":
+                return StoreError(f"history database {self.path} is locked by another process "
+                                  f"(gave up after {self.timeout:g} s): {text}")
+            if kind == "read-only":
+                return StoreError(f"history database {self.path} is read-only: {text}")
+            if kind == "connect":
+                return StoreError(f"cannot use history database {self.path}: {text}")
+            return StoreError(f"history database {self.path}: {text}")
         name = getattr(err, "sqlite_errorname", "")
         if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in text:
             return StoreError(f"history database {self.path} is locked by another process "
@@ -388,7 +447,7 @@ class Store:
         with self._lock:
             try:
                 yield self._conn()
-            except sqlite3.Error as err:
+            except self._errors as err:
                 raise self._error(err) from None
 
     @contextmanager
@@ -437,7 +496,7 @@ class Store:
     def schema_version(self) -> int:
         """The schema version of the open database."""
         with self._translated() as db:
-            return db.execute("PRAGMA user_version").fetchone()[0]
+            return self._version(db)
 
     # --- conversations ------------------------------------------------------------------
 
@@ -775,14 +834,17 @@ class Store:
         """Counts and dates for `chatcore history stats` and /status."""
         with self._translated() as db:
             exchanges, imported, first, last = db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(source = 'import'), 0), MIN(created_at), MAX(replied_at) "
+                "SELECT COUNT(*), COALESCE(SUM(CASE WHEN source = 'import' THEN 1 ELSE 0 END), 0), "
+                "MIN(created_at), MAX(replied_at) "
                 "FROM exchanges").fetchone()
             conversations, users = db.execute(
                 "SELECT COUNT(*), COUNT(DISTINCT adapter || ':' || user) FROM conversations").fetchone()
             opted_out = db.execute("SELECT COUNT(*) FROM opted_out").fetchone()[0]
             feedback = db.execute("SELECT COUNT(*) FROM feedback").fetchone()[0]
-        size = 0
-        if self.path != ":memory:":
+            size = 0
+            if self.backend == "postgresql":
+                size = db.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+        if self.backend == "sqlite" and self.path != ":memory:":
             size = sum(os.path.getsize(p) for p in (self.path, self.path + "-wal") if os.path.exists(p))
         return {
             "path": self.path,
