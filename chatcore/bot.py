@@ -58,7 +58,7 @@ class Bot:
         if not isinstance(config, Config):
             config = load_config(config, pm.schema())
         pm.disable(config["plugins"]["disabled"])
-        store = Store(config.store_path, timeout=config["store"]["busy_timeout_s"])  # first: a locked or read-only database fails before the model loads
+        store = Store(config.store_url, timeout=config["store"]["busy_timeout_s"])  # first: a locked or read-only database fails before the model loads
         if engine is None:
             try:
                 engine = load_engine(config)

@@ -92,6 +92,11 @@ CORE_SCHEMA: Schema = {
         "max_batch": Field(int, 8, help="Conversations decoding together in one batch."),
         "prefix_cache_mb": Field((int, float), 256, help="Memory for reusable conversation states (0: off)."),
     },
+    "history": {
+        "url": Field(str, None, secret=True,
+                     help="Where the history lives: postgresql://user@host:port/db for several instances "
+                          "(password from PGPASSWORD or ~/.pgpass), or sqlite:///path (default: store.path)."),
+    },
     "store": {
         "path": Field(str, None, help="SQLite file (default: <data_dir>/history.db)."),
         "busy_timeout_s": Field((int, float), 30,
@@ -139,6 +144,11 @@ class Config(Mapping):
     def store_path(self) -> Path:
         path = self.get("store.path")
         return Path(os.path.expanduser(path)) if path else self.data_dir / "history.db"
+
+    @property
+    def store_url(self) -> str:
+        """What `Store` opens: ``history.url`` when set, else the SQLite file `store_path`."""
+        return self.get("history.url") or str(self.store_path)
 
     def redacted(self) -> dict[str, Any]:
         """The config with every secret replaced by ``***``: the only form fit to print or log."""

@@ -210,7 +210,11 @@ class Connection:
     def execute(self, sql: str, params: tuple | list = ()) -> Result:
         if re.fullmatch(r"\s*BEGIN\s+IMMEDIATE\s*", sql, re.I):
             self._conn.execute("BEGIN")
-            self._conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (ADVISORY_CLASS, WRITE_LOCK))
+            try:
+                self._conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (ADVISORY_CLASS, WRITE_LOCK))
+            except BaseException:
+                self._conn.execute("ROLLBACK")  # the caller's transaction never began: end it here
+                raise
             return Result(self._conn.cursor(), consumed=True)
         text, returning = self._prepare(sql)
         cursor = self._conn.execute(text, tuple(encode_text(v) if isinstance(v, str) else v for v in params))

@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -269,7 +270,7 @@ class Store:
             return
         memory = self.path == ":memory:"
         if not memory:
-            self.path = str(Path(path).expanduser())
+            self.path = str(Path(self.path).expanduser())
             self._check_path(Path(self.path))
         try:
             if read_only and not memory:
@@ -861,3 +862,84 @@ class Store:
             "last_at": last,
             "db_bytes": size,
         }
+
+    # --- moving a history between backends (`chatcore history migrate`) ----------------------------
+
+    def _columns(self, table: str) -> list[str]:
+        # PostgreSQL's emulated rowid (see chatcore.postgres) is an artefact of the backend, not data.
+        with self._translated() as db:
+            return [d[0] for d in db.execute(f"SELECT * FROM {table} LIMIT 0").description if d[0] != "rowid"]
+
+    def table_rows(self, table: str, *, batch: int = 1000) -> Iterator[tuple]:
+        """Every row of a schema table in insertion order (by id, else rowid), all columns but the rowid."""
+        columns = self._columns(table)
+        key = "id" if "id" in columns else "rowid"
+        select = f"SELECT {key}, {', '.join(columns)} FROM {table} WHERE {key} > ? ORDER BY {key} LIMIT ?"
+        last: Any = -1 << 63
+        while True:
+            with self._translated() as db:
+                rows = db.execute(select, (last, batch)).fetchall()
+            for row in rows:
+                yield row[1:]
+            if len(rows) < batch:
+                return
+            last = rows[-1][0]
+
+    def digest(self) -> tuple[dict[str, int], str]:
+        """(rows per table, SHA-256 of every row of every table): equal on both sides of a lossless copy."""
+        counts, sha = {}, hashlib.sha256()
+        for table in schema_tables():
+            sha.update(json.dumps([table, self._columns(table)]).encode())
+            counts[table] = 0
+            for row in self.table_rows(table):
+                sha.update(json.dumps(row, ensure_ascii=False, allow_nan=True).encode("utf-8", "surrogatepass"))
+                counts[table] += 1
+        return counts, sha.hexdigest()
+
+
+def schema_tables() -> list[str]:
+    """The tables the migrations create (and do not drop), parents before children."""
+    tables: list[str] = []
+    for statement in (s for migration in MIGRATIONS for s in migration):
+        if m := re.match(r"\s*CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?(\w+)", statement, re.I):
+            tables.append(m[1])
+        elif m := re.match(r"\s*DROP\s+TABLE\s+(?:IF\s+EXISTS\s+)?(\w+)", statement, re.I):
+            tables.remove(m[1])
+    return tables
+
+
+def copy_history(source: Store, target: Store) -> dict[str, int]:
+    """Copy every row of `source` into the empty `target`, ids kept, in one transaction; returns rows per table.
+
+    Stop the bots first: rows written to the source during the copy may be missed.
+    """
+    if source.schema_version != target.schema_version:
+        raise StoreError(f"{source.path} has schema version {source.schema_version}, {target.path} "
+                         f"{target.schema_version}: open the older one writable once to migrate it")
+    tables = schema_tables()
+    with target._translated() as db:
+        filled = {t: n for t in tables if (n := db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0])}
+    if filled:
+        raise StoreError(f"{target.path} is not empty ({', '.join(f'{n} {t}' for t, n in filled.items())}): "
+                         "refusing to mix two histories; migrate into a new database")
+    counts = {}
+    with target._write() as db:
+        for table in tables:
+            columns = source._columns(table)
+            insert = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+            counts[table] = 0
+            batch: list[tuple] = []
+            for row in source.table_rows(table):
+                batch.append(row)
+                if len(batch) >= IMPORT_BATCH:
+                    db.executemany(insert, batch)
+                    counts[table] += len(batch)
+                    batch = []
+            if batch:
+                db.executemany(insert, batch)
+                counts[table] += len(batch)
+            if target.backend == "postgresql" and "id" in columns:
+                # Rows came with their ids: move the identity past them, or the next insert collides.
+                db.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                           f"(SELECT COALESCE(MAX(id), 0) + 1 FROM {table}), false)")
+    return counts

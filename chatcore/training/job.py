@@ -42,7 +42,7 @@ class JobSpec:
     models_dir: str
     base: str  # start weights: a checkpoint file, a Hugging Face dir, or a hub name such as "gpt2"
     serving: str | None = None  # what the candidate must beat (None: the same as base)
-    store: str | None = None  # SQLite history file
+    store: str | None = None  # the history: an SQLite file or a postgresql:// URL
     jsonl: list[str] = field(default_factory=list)  # extra seed-format chat_history.jsonl files
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
     guards: dict[str, Any] = field(default_factory=dict)  # GuardConfig fields
@@ -60,7 +60,7 @@ def spec_from_config(config: Any, base: str, serving: str | None = None, **overr
         return {k: v for k, v in (section.get(name) or {}).items() if v is not None and v != []}
 
     fields = dict(models_dir=str(Path(config.data_dir) / "models"), base=base, serving=serving,
-                  store=str(config.store_path), train=options("training"), guards=options("guards"),
+                  store=config.store_url, train=options("training"), guards=options("guards"),
                   gate=options("gate"), val_fraction=float(section.get("val_fraction", 0.1)),
                   threads=section.get("threads"))
     fields.update(overrides)
