@@ -36,6 +36,7 @@ Error = psycopg.Error
 # pg_advisory_xact_lock(ADVISORY_CLASS, key): one namespace for chatcore's database-wide locks.
 ADVISORY_CLASS = 0x63686174  # "chat"
 WRITE_LOCK = 1  # every store write transaction (BEGIN IMMEDIATE)
+JOB_LOCK = 2  # a running fine-tune job, across every instance on the database
 
 _ESCAPE = "\uffff"
 
@@ -242,6 +243,16 @@ def _frozen(mapping: dict) -> tuple:
 @functools.lru_cache(maxsize=1024)
 def _translate_cached(sql: str, keys: tuple, ids: tuple) -> tuple[str, bool]:
     return translate(sql, {k: list(v) for k, v in keys}, dict(ids))
+
+
+def try_lock(url: str, key: int, *, timeout: float = 10.0) -> psycopg.Connection | None:
+    """A session holding advisory lock `key` (closing it, or the process dying, releases it), or None if taken."""
+    conn = psycopg.connect(url, autocommit=True, connect_timeout=max(1, round(timeout)),
+                           application_name="chatcore-lock")
+    if conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (ADVISORY_CLASS, key)).fetchone()[0]:
+        return conn
+    conn.close()
+    return None
 
 
 def connect(url: str, *, timeout: float, read_only: bool = False) -> Connection:

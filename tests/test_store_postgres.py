@@ -216,3 +216,35 @@ def test_migrate_sqlite_to_postgresql_and_back_is_lossless(tmp_path, pg_url, sam
     with Store(pg_url) as pg, Store(back) as sq:
         copy_history(pg, sq)
         assert sq.digest() == pg.digest()
+
+
+# --- one fine-tune job across instances --------------------------------------------------------
+
+def test_one_finetune_job_across_instances(pg_url, tmp_path, monkeypatch):
+    # Two instances on two machines: separate models folders (no shared file lock), one PostgreSQL.
+    import subprocess
+    import sys
+
+    from chatcore.training import scheduler as sched
+    from chatcore.training.job import JobSpec
+
+    real_popen = subprocess.Popen
+
+    def worker(args, **kw):  # a stand-in worker that runs until told to stop: no training
+        return real_popen([sys.executable, "-c", "import time; time.sleep(60)"], **kw)
+
+    monkeypatch.setattr(sched.subprocess, "Popen", worker)
+    first = sched.JobScheduler(tmp_path / "a", threads=1, lock_url=pg_url)
+    second = sched.JobScheduler(tmp_path / "b", threads=1, lock_url=pg_url)
+    job = first.start(JobSpec(models_dir=str(tmp_path / "a"), base="gpt2"))
+    try:
+        assert second.busy() and first.busy()
+        with pytest.raises(sched.JobBusy, match="another instance"):
+            second.start(JobSpec(models_dir=str(tmp_path / "b"), base="gpt2"))
+    finally:
+        job.cancel(grace=5)
+    assert not second.busy()  # the lock went with the worker
+    job2 = second.start(JobSpec(models_dir=str(tmp_path / "b"), base="gpt2"))
+    job2.cancel(grace=5)
+    # An SQLite history keeps the file lock alone.
+    assert sched.JobScheduler(tmp_path / "c", lock_url=str(tmp_path / "h.db")).lock_url is None
