@@ -346,6 +346,12 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         serving = registry.rollback()
     except LookupError as exc:  # nothing to roll back
         raise Failure(str(exc)) from None
+    from .store import is_postgres_url
+
+    if is_postgres_url(config.store_url):
+        from .postgres import announce_registry_change
+
+        announce_registry_change(config.store_url, "rollback")
     print(f"now serving {serving.name if serving else 'the configured base model'} "
           "(a running bot switches within seconds)")
     return 0

@@ -22,7 +22,9 @@ equal strings stay equal in SQL. Numeric results (``SUM`` of integers) load as i
 from __future__ import annotations
 
 import functools
+import logging
 import re
+import threading
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -32,6 +34,7 @@ from psycopg.adapt import Loader
 from psycopg.pq import TransactionStatus
 
 Error = psycopg.Error
+log = logging.getLogger("chatcore")
 
 # pg_advisory_xact_lock(ADVISORY_CLASS, key): one namespace for chatcore's database-wide locks.
 ADVISORY_CLASS = 0x63686174  # "chat"
@@ -39,11 +42,6 @@ WRITE_LOCK = 1  # every store write transaction (BEGIN IMMEDIATE)
 JOB_LOCK = 2  # a running fine-tune job, across every instance on the database
 
 _ESCAPE = "\uffff"
-
-
-def is_url(target: str) -> bool:
-    """Whether `target` names a PostgreSQL database rather than an SQLite file."""
-    return target.startswith(("postgresql://", "postgres://"))
 
 
 def redact(url: str) -> str:
@@ -253,6 +251,55 @@ def try_lock(url: str, key: int, *, timeout: float = 10.0) -> psycopg.Connection
         return conn
     conn.close()
     return None
+
+
+REGISTRY_CHANNEL = "chatcore_registry"  # NOTIFY'd after every promotion and rollback
+
+
+def announce(url: str, channel: str, payload: str = "") -> None:
+    """NOTIFY every instance listening on `channel` of this database."""
+    with psycopg.connect(url, autocommit=True, connect_timeout=10, application_name="chatcore") as conn:
+        conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+
+
+def announce_registry_change(url: str, payload: str = "") -> None:
+    """Tell every instance on this database that registry.json changed; a failure only delays them to their next poll."""
+    try:
+        announce(url, REGISTRY_CHANNEL, payload)
+    except psycopg.Error as err:
+        log.warning("could not announce the registry change on %s (instances see it within seconds "
+                    "anyway): %s", redact(url), err)
+
+
+class Listener:
+    """LISTEN on a channel in a thread of its own, calling `on_notify(payload)`; reconnects after failures."""
+
+    def __init__(self, url: str, channel: str, on_notify, *, retry_s: float = 5.0):
+        self.url, self.channel, self.on_notify, self.retry_s = url, channel, on_notify, retry_s
+        self._stop = threading.Event()
+        self.listening = threading.Event()  # set while subscribed: for callers that must not miss the first NOTIFY
+        self._thread = threading.Thread(target=self._run, name=f"chatcore-listen-{channel}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self.url, autocommit=True, connect_timeout=10,
+                                     application_name="chatcore-listen") as conn:
+                    conn.execute(f'LISTEN "{self.channel}"')
+                    self.listening.set()
+                    while not self._stop.is_set():
+                        for note in conn.notifies(timeout=0.5):
+                            self.on_notify(note.payload)
+            except psycopg.Error as err:
+                self.listening.clear()
+                log.warning("listening for %s on %s failed (retrying in %g s): %s",
+                            self.channel, redact(self.url), self.retry_s, err)
+                self._stop.wait(self.retry_s)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def connect(url: str, *, timeout: float, read_only: bool = False) -> Connection:

@@ -238,6 +238,11 @@ def _writable(path: Path) -> bool:
     return os.access(path, os.W_OK)
 
 
+def is_postgres_url(target: str | os.PathLike | None) -> bool:
+    """Whether a history target names a PostgreSQL database rather than an SQLite file."""
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
 def sqlite_path(target: str) -> str:
     """The file of an SQLite target: a path, or an ``sqlite:///relative`` / ``sqlite:////absolute`` URL."""
     return target[len("sqlite:///"):] if target.startswith("sqlite:///") else target
@@ -253,7 +258,7 @@ class Store:
         `timeout`: seconds a call waits for a database locked by another process before StoreError.
         """
         target = str(path)
-        self.backend = "postgresql" if target.startswith(("postgresql://", "postgres://")) else "sqlite"
+        self.backend = "postgresql" if is_postgres_url(target) else "sqlite"
         self.path = sqlite_path(target)
         self.timeout = timeout
         self.read_only = read_only

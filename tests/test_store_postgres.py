@@ -248,3 +248,36 @@ def test_one_finetune_job_across_instances(pg_url, tmp_path, monkeypatch):
     job2.cancel(grace=5)
     # An SQLite history keeps the file lock alone.
     assert sched.JobScheduler(tmp_path / "c", lock_url=str(tmp_path / "h.db")).lock_url is None
+
+
+# --- promotions announced with LISTEN/NOTIFY ------------------------------------------------------
+
+async def test_a_notify_wakes_follow_registry_before_its_poll(pg_url, tmp_path):
+    import asyncio
+
+    from chatcore.postgres import announce_registry_change
+    from chatcore.testing import make_bot
+
+    bot = make_bot(tmp_path, config={"history": {"url": pg_url}})
+    bot.registry_poll_s = 3600  # only a NOTIFY can make it look before the test ends
+    looked = asyncio.Event()
+
+    class Watch:
+        def changed(self):
+            looked.set()
+            return False
+
+    bot.registry_watch = Watch()
+    follower = asyncio.create_task(bot.follow_registry())
+    try:
+        for _ in range(100):  # until the listener is subscribed
+            if bot._registry_listener is not None and bot._registry_listener.listening.is_set():
+                break
+            await asyncio.sleep(0.05)
+        assert not looked.is_set()
+        await asyncio.to_thread(announce_registry_change, pg_url, "finetuned_x")
+        await asyncio.wait_for(looked.wait(), 10)
+    finally:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+        await bot.close()

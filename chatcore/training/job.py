@@ -91,6 +91,7 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
     from ..tokenizer import Tokenizer
     from .data import GuardConfig, build_dataset, from_store, load_jsonl
     from ..registry import Registry
+    from ..store import is_postgres_url
     from .gate import GateConfig, judge
     from .train import TrainConfig, set_threads, train
 
@@ -161,6 +162,10 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
     if store is not None:
         store.mark_finetune(checkpoint=cand.name, up_to_id=up_to_id)
         store.close()
+    if verdict.promoted and is_postgres_url(spec.store):
+        from ..postgres import announce_registry_change
+
+        announce_registry_change(spec.store, cand.name)  # every instance swaps now, not at its next poll
     log.info("%s: %s", result["status"], verdict.reason)
     return result
 

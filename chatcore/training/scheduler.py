@@ -38,6 +38,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..store import is_postgres_url
 from .job import JobSpec
 
 LOCK_NAME = ".finetune.lock"
@@ -126,7 +127,7 @@ class JobScheduler:
     def __init__(self, models_dir: str | os.PathLike, *, threads: int | None = None,
                  keep_jobs: int = 10, lock_url: str | None = None) -> None:
         """`lock_url`: the PostgreSQL history the instances share (an SQLite path needs no more than the file lock)."""
-        self.lock_url = lock_url if lock_url and lock_url.startswith(("postgresql://", "postgres://")) else None
+        self.lock_url = lock_url if is_postgres_url(lock_url) else None
         self.models_dir = Path(models_dir).expanduser()
         self.threads = threads or default_threads()
         self.keep_jobs = keep_jobs
