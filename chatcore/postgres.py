@@ -72,7 +72,10 @@ class _NumericAsNumber(Loader):
 
     def load(self, data: Any) -> int | float:
         text = bytes(data)
-        return float(text) if b"." in text or b"N" in text else int(text)
+        try:
+            return int(text)
+        except ValueError:  # a fraction, NaN or Infinity
+            return float(text)
 
 
 # --- translation ---------------------------------------------------------------------------
@@ -200,14 +203,20 @@ class Connection:
             self._schema = keys, ids
         return self._schema
 
+    def _reconnect_if_broken(self) -> None:
+        # The server restarted or dropped us: the call that found out failed; the next gets a new session.
+        if self._conn.broken:
+            self._conn = self._connect()
+            self._schema = None
+
     def _prepare(self, sql: str) -> tuple[str, bool]:
-        if self._conn.broken and not self.in_transaction:
-            self._conn = self._connect()  # the server restarted: a new session for the next call
+        self._reconnect_if_broken()
         keys, ids = self._catalog() if _INSERT.match(sql) else ({}, {})
         return _translate_cached(sql, _frozen(keys), _frozen(ids))
 
     def execute(self, sql: str, params: tuple | list = ()) -> Result:
         if re.fullmatch(r"\s*BEGIN\s+IMMEDIATE\s*", sql, re.I):
+            self._reconnect_if_broken()
             self._conn.execute("BEGIN")
             try:
                 self._conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (ADVISORY_CLASS, WRITE_LOCK))

@@ -281,3 +281,16 @@ async def test_a_notify_wakes_follow_registry_before_its_poll(pg_url, tmp_path):
         follower.cancel()
         await asyncio.gather(follower, return_exceptions=True)
         await bot.close()
+
+
+def test_a_dropped_session_fails_one_call_then_reconnects(pg_url):
+    store = Store(pg_url)
+    log(store, "before")
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    with pytest.raises(StoreError, match="cannot use history database|terminat|closed"):
+        log(store, "lost call")  # reported, never acknowledged
+    log(store, "after")
+    assert [e.user_text for e in store.exchanges()] == ["before", "after"]
+    store.close()
