@@ -54,5 +54,11 @@ def pg_cluster():
 def history_url(request, tmp_path):
     """Where a test's history lives, once per backend: an SQLite file, or a fresh PostgreSQL database."""
     if request.param == "sqlite":
-        return tmp_path / "history.db"
-    return request.getfixturevalue("pg_cluster").new_database()
+        yield tmp_path / "history.db"
+        return
+    url = request.getfixturevalue("pg_cluster").new_database()
+    yield url
+    import psycopg
+
+    with psycopg.connect(url) as conn:  # the test's history really lived in PostgreSQL, not in a file named like the URL
+        assert conn.execute("SELECT to_regclass('exchanges')").fetchone()[0] is not None
