@@ -2,7 +2,7 @@
 
 Thin by design: a Discord message becomes a `Message`, the reply goes back in
 chunks of at most 2000 characters with every mention disabled, and 👍/👎
-reactions on a reply become feedback. The conversation is the channel (a
+reactions on a reply become feedback (removing the reaction withdraws it). The conversation is the channel (a
 thread is its own channel) plus the user. Reconnects are discord.py's job.
 
 Intents: the default ones (guilds, messages, reactions). Discord delivers the
@@ -23,8 +23,7 @@ import discord
 from chatcore import hookimpl
 from chatcore.adapter import Adapter, AdapterError, BotSurface
 from chatcore.config import Field
-from chatcore.message import Message, Reply
-from chatcore.message import BUSY_REPLY, Busy
+from chatcore.message import BUSY_REPLY, Busy, Message, RateLimited, Reply
 from chatcore.text import split_message
 
 log = logging.getLogger("chatcore.discord")
@@ -50,6 +49,9 @@ class _Client(discord.Client):
 
     async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
         await self.adapter.on_reaction(payload)
+
+    async def on_raw_reaction_remove(self, payload: discord.RawReactionActionEvent) -> None:
+        await self.adapter.on_reaction(payload, removed=True)
 
 
 class DiscordAdapter(Adapter):
@@ -128,6 +130,10 @@ class DiscordAdapter(Adapter):
         except Busy:
             await message.channel.send(BUSY_REPLY, reference=self._reference(message))
             return
+        except RateLimited as refused:
+            if refused.notice:
+                await message.channel.send(refused.notice, reference=self._reference(message))
+            return
         if reply is not None:
             await self.deliver(message, reply)
 
@@ -142,7 +148,7 @@ class DiscordAdapter(Adapter):
         # In a DM the reply is obvious; in a server, quote the question (without pinging its author).
         return None if message.guild is None else message.to_reference(fail_if_not_exists=False)
 
-    async def on_reaction(self, payload: discord.RawReactionActionEvent) -> None:
+    async def on_reaction(self, payload: discord.RawReactionActionEvent, removed: bool = False) -> None:
         me = self.client.user
         if me is None or payload.user_id == me.id:
             return
@@ -150,7 +156,9 @@ class DiscordAdapter(Adapter):
         if author is not None and author != me.id:
             return
         value = FEEDBACK.get(_EMOJI_MODIFIERS.sub("", payload.emoji.name or ""))
-        if value is not None:
+        if value is not None and removed:
+            await self.bot.withdraw_feedback(self.name, str(payload.message_id), str(payload.user_id), value)
+        elif value is not None:
             await self.bot.feedback(self.name, str(payload.message_id), str(payload.user_id), value)
 
 

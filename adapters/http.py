@@ -13,14 +13,29 @@ the last ``user`` message is used. Which conversation it continues:
 ``http:<conversation>:<user>``, where ``user`` is the request's ``user`` field
 (OpenAI's end-user id) and ``conversation`` the ``X-Chatcore-Conversation``
 header (or, for /chat, the ``conversation`` field), ``default`` when absent.
-A request with neither a user nor a conversation is a one-off: it sees no
-earlier turns and later requests do not see it.
+A request without a user is a one-off (see below), whatever its conversation.
 
 Sampler settings from the request (temperature, top_p, max_tokens, stop, seed)
 apply to that request only; ``max_tokens`` may not exceed the configured
 ``max_tokens`` limit. With ``api_key`` set, every endpoint but /health needs
-``Authorization: Bearer <key>``. A full model queue answers 503 with
-Retry-After, which OpenAI clients retry.
+``Authorization: Bearer <key>``. A full model queue answers 503 and the rate
+limit 429, both with Retry-After, which OpenAI clients retry. Every malformed
+request is a 400 naming the field (OpenAI's error shape), never a 500.
+
+Who is asking: with ``api_key`` the request is authenticated and its ``user``
+is trusted as the key holder's end user. Without one (the default) ``user`` is
+self-declared: the message is marked unauthenticated (``Message.authenticated``,
+untrusted for training) and rate limits count by client address, so rotating
+``user`` buys nothing. A request without ``user`` is anonymous: a one-off
+identity that shares nothing with anyone, and commands about "my data"
+(/forget, /reset, ...) are refused for it.
+
+Browsers: the bot listens on 127.0.0.1 by default, where any web page the
+operator opens could reach it. So POSTs must be ``application/json`` (a
+cross-site form or ``text/plain`` POST is refused with 415), ``Host`` must name
+this server (loopback names, the bound host, or ``allowed_hosts``: defeats DNS
+rebinding), and a browser's ``Origin``, when sent, must be this server or one
+of ``allowed_origins`` (403 otherwise).
 """
 
 from __future__ import annotations
@@ -29,24 +44,28 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from chatcore import hookimpl
 from chatcore.adapter import Adapter, BotSurface
 from chatcore.config import Field
-from chatcore.message import Message
-from chatcore.params import SamplingParams
-from chatcore.message import Busy
+from chatcore.message import Busy, Message, RateLimited
+from chatcore.params import SEED_MAX, SEED_MIN, SamplingParams, validate
 
 log = logging.getLogger("chatcore.http")
 
 CONVERSATION_HEADER = "X-Chatcore-Conversation"
 RETRY_AFTER_S = 1
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+ANY_ADDRESS = ("", "0.0.0.0", "::")
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
 class ApiError(Exception):
@@ -73,12 +92,22 @@ class HttpAdapter(Adapter):
         "max_tokens": Field(int, 512, help="The most new tokens one request may ask for (at most half the "
                                            "model's context, so the prompt keeps room)."),
         "model_name": Field(str, None, help="Model id shown by /v1/models (default: the serving model's id)."),
+        "allowed_hosts": Field(list, [], help="Host names clients may use besides loopback and `host` (behind a "
+                                              "proxy or on 0.0.0.0 with a DNS name); others are refused (403)."),
+        "allowed_origins": Field(list, [], help="Web origins (https://app.example) whose pages may call the bot "
+                                                "from a browser; other cross-site requests are refused (403)."),
     }
 
     def __init__(self, bot: BotSurface, config: dict[str, Any]) -> None:
         super().__init__(bot, config)
         self.api_key = config.get("api_key") or None
         self.max_tokens_limit = int(config.get("max_tokens", 512))
+        host = str(config.get("host", "127.0.0.1")).lower()
+        allowed = [str(h).lower() for h in config.get("allowed_hosts") or []]
+        # bound to every interface with no names given: the names clients use cannot be known
+        self.allowed_hosts: set[str] | None = (None if host in ANY_ADDRESS and not allowed
+                                               else {*LOOPBACK_HOSTS, host, *allowed})
+        self.allowed_origins = {str(o).lower().rstrip("/") for o in config.get("allowed_origins") or []}
         self.port: int | None = None  # the port actually bound
         self.ready = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -88,7 +117,7 @@ class HttpAdapter(Adapter):
 
     def make_app(self) -> web.Application:
         app = web.Application(client_max_size=int(self.config.get("max_request_bytes", 64 * 1024)),
-                              middlewares=[self._errors, self._auth])
+                              middlewares=[self._errors, self._browsers, self._auth])
         app.router.add_get("/health", self.health)
         app.router.add_post("/chat", self.chat)
         app.router.add_get("/v1/models", self.models)
@@ -133,11 +162,34 @@ class HttpAdapter(Adapter):
         except Busy as exc:
             return ApiError(503, f"the model is busy: {exc}", "server_overloaded", code="busy",
                             headers={"Retry-After": str(RETRY_AFTER_S)}).response()
+        except RateLimited as exc:
+            return ApiError(429, exc.notice or "too many requests; slow down", "rate_limit_error",
+                            code="rate_limit_exceeded",
+                            headers={"Retry-After": str(max(1, math.ceil(exc.retry_after)))}).response()
         except (ConnectionResetError, asyncio.CancelledError):
             raise  # the client went away: nothing to answer
         except Exception:
             log.exception("http: %s %s failed", request.method, request.path)
             return ApiError(500, "internal error", "server_error").response()
+
+    @web.middleware
+    async def _browsers(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+        """Refuse what only a hostile web page would send: a foreign Host, a foreign Origin, a non-JSON POST."""
+        host = _host_name(request.host)
+        if self.allowed_hosts is not None and host not in self.allowed_hosts:
+            raise ApiError(403, f"Host {request.host!r} is not this server (add it to allowed_hosts)",
+                           "permission_error", code="host_not_allowed")
+        origin = request.headers.get("Origin")
+        if origin is not None:
+            origin = origin.lower().rstrip("/")
+            same = urlsplit(origin).netloc == (request.host or "").lower()
+            if not same and origin not in self.allowed_origins:
+                raise ApiError(403, f"Origin {origin!r} may not call this server (add it to allowed_origins)",
+                               "permission_error", code="origin_not_allowed")
+        if request.method == "POST" and request.content_type != "application/json":
+            raise ApiError(415, "the request body must be JSON (Content-Type: application/json)",
+                           code="unsupported_media_type")
+        return await handler(request)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
@@ -153,10 +205,13 @@ class HttpAdapter(Adapter):
 
     @property
     def model_id(self) -> str:
-        return self.config.get("model_name") or self.bot.engine.model_id
+        return self.config.get("model_name") or self.bot.public_model_id
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "model": self.bot.engine.model_id})
+        health = self.bot.health()
+        if health["status"] != "ok":
+            return web.json_response(health, status=503)
+        return web.json_response({**health, "model": self.model_id})
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
@@ -167,8 +222,8 @@ class HttpAdapter(Adapter):
         text = body.get("message")
         if not isinstance(text, str) or not text.strip():
             raise ApiError(400, '"message" must be a non-empty string', param="message")
-        conversation = request.headers.get(CONVERSATION_HEADER) or _optional_str(body, "conversation")
-        message = self._message(text, _optional_str(body, "user"), conversation)
+        conversation = _conversation(request) or _optional_str(body, "conversation")
+        message = self._message(request, text, _optional_str(body, "user"), conversation)
         reply = await self.bot.handle(message)
         return web.json_response({"response": reply.text if reply else ""})
 
@@ -177,9 +232,13 @@ class HttpAdapter(Adapter):
         text = _last_user_message(body.get("messages"))
         params = self._params(body)
         n = body.get("n", 1)
-        if n not in (1, None):
+        if n is not None and (not _is_int(n) or n != 1):
             raise ApiError(400, "only n=1 is supported", param="n")
-        message = self._message(text, _optional_str(body, "user"), request.headers.get(CONVERSATION_HEADER))
+        if not isinstance(body.get("model", ""), str):
+            raise ApiError(400, '"model" must be a string', param="model")
+        if not isinstance(body.get("stream", False), (bool, type(None))):
+            raise ApiError(400, '"stream" must be true or false', param="stream")
+        message = self._message(request, text, _optional_str(body, "user"), _conversation(request))
         completion = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_id}
         if body.get("stream"):
             return await self._stream(request, message, params, completion)
@@ -232,20 +291,24 @@ class HttpAdapter(Adapter):
     async def feedback(self, request: web.Request) -> web.Response:
         body = await _json_object(request)
         completion_id, value = body.get("id"), body.get("value")
-        if not isinstance(completion_id, str) or value not in (1, -1) or isinstance(value, bool):
+        if not isinstance(completion_id, str) or len(completion_id) > 256 or not _is_int(value) or value not in (1, -1):
             raise ApiError(400, '"id" must be a completion id and "value" 1 or -1')
-        user = _optional_str(body, "user") or "anonymous"
+        user = _optional_str(body, "user")
+        if user is None:  # a vote is someone's: anonymous ones would overwrite each other
+            raise ApiError(400, 'rating a reply needs the "user" you chatted as', param="user")
         if not await self.bot.feedback(self.name, completion_id, user, value):
             raise ApiError(404, f"no reply with id {completion_id!r}", param="id")
         return web.json_response({"ok": True})
 
     # --- translation ----------------------------------------------------------------------
 
-    def _message(self, text: str, user: str | None, conversation: str | None) -> Message:
-        if user is None and conversation is None:
-            conversation = f"once-{uuid.uuid4().hex}"  # no identity given: no shared history either
-        return Message(text=text, adapter=self.name, channel=conversation or "default", user=user or "anonymous",
-                       is_direct=True)
+    def _message(self, request: web.Request, text: str, user: str | None, conversation: str | None) -> Message:
+        anonymous = user is None
+        if anonymous:  # no identity given: a one-off one, so no history or data is ever shared
+            user = f"anonymous-{uuid.uuid4().hex}"
+        return Message(text=text, adapter=self.name, channel=conversation or "default", user=user, is_direct=True,
+                       authenticated=self.api_key is not None, anonymous=anonymous,
+                       client=request.remote or "unknown")
 
     def _params(self, body: dict[str, Any]) -> SamplingParams:
         """The request's sampler settings on top of the configured ones, checked."""
@@ -262,16 +325,23 @@ class HttpAdapter(Adapter):
         if top_p is not None and top_p <= 0:
             raise ApiError(400, "top_p must be greater than 0", param="top_p")
         seed = body.get("seed")
-        if seed is not None and not _is_int(seed):
-            raise ApiError(400, "seed must be an integer", param="seed")
+        if seed is not None and (not _is_int(seed) or not SEED_MIN <= seed <= SEED_MAX):
+            raise ApiError(400, f"seed must be an integer from {SEED_MIN} to {SEED_MAX}", param="seed")
+        top_k = body.get("top_k")  # not OpenAI's, but vLLM's and llama.cpp's: accepted the same way
+        if top_k is not None and (not _is_int(top_k) or not 1 <= top_k <= 2**31):
+            raise ApiError(400, "top_k must be a positive integer", param="top_k")
         stop = body.get("stop")
         if isinstance(stop, str):
             stop = [stop]
         if stop is not None and (not isinstance(stop, list) or len(stop) > 4
                                  or not all(isinstance(s, str) and s for s in stop)):
             raise ApiError(400, "stop must be a string or a list of up to 4 non-empty strings", param="stop")
-        return base.updated(temperature=temperature, top_p=top_p, max_new_tokens=max_tokens, seed=seed,
-                            stop=base.stop + tuple(stop or ()))
+        params = base.updated(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_tokens,
+                              seed=seed, stop=base.stop + tuple(stop or ()))
+        try:
+            return validate(params)  # whatever the engine would refuse is refused here, as a 400
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
 
     def _finish_reason(self, content: str, params: SamplingParams) -> str:
         # The bot does not report why generation ended; a reply as long as the budget ran out of it.
@@ -283,12 +353,35 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, f"request body is larger than {limit} bytes", code="request_too_large")
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ApiError(400, "the request body is not valid JSON") from None
+        body = json.loads(await request.read())
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
+    except ValueError as exc:  # bad JSON, bad UTF-8, an integer of more digits than Python converts
+        raise ApiError(400, f"the request body is not valid JSON: {exc}"[:300]) from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
+    except UnicodeEncodeError:  # "\ud800" escapes: no text can be stored or tokenized with them
+        raise ApiError(400, "the request body contains invalid Unicode (a lone surrogate)") from None
     return body
+
+
+def _host_name(host: str | None) -> str:
+    """The name in a Host header, without the port (IPv6 brackets removed)."""
+    host = (host or "").strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _conversation(request: web.Request) -> str | None:
+    value = request.headers.get(CONVERSATION_HEADER) or None
+    if value is not None and len(value) > 256:
+        raise ApiError(400, f"{CONVERSATION_HEADER} must be at most 256 characters", param=CONVERSATION_HEADER)
+    return value
 
 
 def _optional_str(body: dict[str, Any], key: str) -> str | None:
@@ -301,18 +394,33 @@ def _optional_str(body: dict[str, Any], key: str) -> str | None:
 
 
 def _last_user_message(messages: Any) -> str:
+    """The text of the last user message, after checking the shape of every message."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, '"messages" must be a non-empty list', param="messages")
-    for item in reversed(messages):
-        if isinstance(item, dict) and item.get("role") == "user":
-            content = item.get("content")
-            if isinstance(content, list):  # content parts: keep the text ones
-                content = "\n".join(p.get("text", "") for p in content
-                                    if isinstance(p, dict) and p.get("type") == "text")
-            if not isinstance(content, str) or not content.strip():
+    texts = [_message_text(i, item) for i, item in enumerate(messages)]
+    for item, text in zip(reversed(messages), reversed(texts)):
+        if item["role"] == "user":
+            if not text.strip():
                 raise ApiError(400, "the last user message has no text", param="messages")
-            return content
+            return text
     raise ApiError(400, '"messages" has no message with role "user"', param="messages")
+
+
+def _message_text(i: int, item: Any) -> str:
+    """One OpenAI message's text: content is a string, null, or a list of text parts."""
+    where = f"messages[{i}]"
+    if not isinstance(item, dict) or item.get("role") not in ROLES:
+        raise ApiError(400, f'{where} must be an object with "role" one of {", ".join(ROLES)}', param="messages")
+    content = item.get("content")
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise ApiError(400, f"{where}.content must be a string or a list of content parts", param="messages")
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise ApiError(400, f'{where}.content: only text parts ({{"type": "text", "text": "..."}}) are '
+                                "supported", param="messages")
+    return "\n".join(part["text"] for part in content)
 
 
 def _is_int(value: Any) -> bool:

@@ -11,7 +11,7 @@ dropped by `event_id`.
 Replies go in the thread of the message (a thread is its own conversation;
 a top-level DM is answered in the DM itself), split to ~4000 characters,
 with `&`, `<` and `>` escaped so generated text can never form a mention such
-as ``<!channel>``. 👍/👎 reactions on a reply become feedback.
+as ``<!channel>``. 👍/👎 reactions on a reply become feedback; removing one withdraws it.
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from chatcore import hookimpl
 from chatcore.adapter import Adapter, AdapterError, BotSurface
 from chatcore.config import Field
-from chatcore.message import Message, Reply
-from chatcore.message import BUSY_REPLY, Busy
+from chatcore.message import BUSY_REPLY, Busy, Message, RateLimited, Reply
 from chatcore.text import split_message
 
 log = logging.getLogger("chatcore.slack")
@@ -161,6 +160,7 @@ class SlackAdapter(Adapter):
         app.event("app_mention")(self._on_app_mention)
         app.event("message")(self._on_message)
         app.event("reaction_added")(self._on_reaction)
+        app.event("reaction_removed")(self._on_reaction)
         return app
 
     # --- events -------------------------------------------------------------------------------
@@ -182,7 +182,7 @@ class SlackAdapter(Adapter):
         if event.get("bot_id") or event.get("subtype") not in ANSWERED_SUBTYPES:
             return None
         user = event.get("user")
-        if not user or user == self.bot_user_id:
+        if not user or user == self.bot_user_id or not event.get("channel") or not event.get("ts"):
             return None
         channel = event["channel"]
         is_dm = event.get("channel_type") == "im" or channel.startswith("D")
@@ -229,6 +229,10 @@ class SlackAdapter(Adapter):
             except Busy:
                 await self._post(event["channel"], thread, BUSY_REPLY)
                 return
+            except RateLimited as refused:
+                if refused.notice:
+                    await self._post(event["channel"], thread, refused.notice)
+                return
             if reply is not None:
                 await self.deliver(event["channel"], thread, reply)
         finally:
@@ -246,14 +250,18 @@ class SlackAdapter(Adapter):
 
     async def _on_reaction(self, body: dict[str, Any], event: dict[str, Any]) -> None:
         item = event.get("item") or {}
-        if item.get("type") != "message" or event.get("user") == self.bot_user_id:
+        if item.get("type") != "message" or not item.get("channel") or not item.get("ts") \
+                or not event.get("user") or event.get("user") == self.bot_user_id:
             return
         if event.get("item_user") and event["item_user"] != self.bot_user_id:
             return
         value = FEEDBACK.get((event.get("reaction") or "").split("::", 1)[0])
         if value is None or not self._first_delivery(body):
             return
-        await self.bot.feedback(self.name, f"{item['channel']}:{item['ts']}", event["user"], value)
+        if event.get("type") == "reaction_removed":
+            await self.bot.withdraw_feedback(self.name, f"{item['channel']}:{item['ts']}", event["user"], value)
+        else:
+            await self.bot.feedback(self.name, f"{item['channel']}:{item['ts']}", event["user"], value)
 
 
 @hookimpl

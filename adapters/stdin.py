@@ -16,6 +16,7 @@ from typing import IO, Any
 from chatcore import Message, hookimpl
 from chatcore.adapter import Adapter, BotSurface
 from chatcore.config import Field
+from chatcore.message import BUSY_REPLY, Busy, RateLimited
 
 
 class StdinAdapter(Adapter):
@@ -34,9 +35,10 @@ class StdinAdapter(Adapter):
         self.interactive = stdin is None and sys.stdin.isatty() and sys.stdout.isatty()
         self.user = config.get("user") or _login_name()
         self._stopped = asyncio.Event()
+        self._lines: asyncio.Queue[bytes | None] = asyncio.Queue()  # None: end of input (or stop)
 
     async def start(self) -> None:
-        lines: asyncio.Queue[bytes | None] = asyncio.Queue()
+        lines = self._lines
         loop = asyncio.get_running_loop()
 
         def read() -> None:  # a daemon thread, so Ctrl-C never waits for a blocked readline
@@ -74,7 +76,15 @@ class StdinAdapter(Adapter):
             started = True
             self._write(delta)
 
-        reply = await self.bot.handle(message, on_delta=on_delta if streaming else None)
+        try:
+            reply = await self.bot.handle(message, on_delta=on_delta if streaming else None)
+        except Busy:
+            self._write(("\n" if started else "") + BUSY_REPLY + "\n")
+            return
+        except RateLimited as refused:
+            if refused.notice:
+                self._write(refused.notice + "\n")
+            return
         text_out = reply.text if reply else ""
         if streaming and started and reply is not None and reply.from_model:
             self._write("\n")  # already streamed (a rewrite by a plugin shows in the history, not twice here)
@@ -87,6 +97,7 @@ class StdinAdapter(Adapter):
 
     async def stop(self) -> None:
         self._stopped.set()
+        self._lines.put_nowait(None)  # wake a start() waiting for input (SIGTERM while nobody types)
 
 
 def _login_name() -> str:

@@ -42,13 +42,23 @@ class BotSurface(Protocol):
     async def handle(self, message: Message, on_delta: Callable[[str], Any] | None = None,
                      params: SamplingParams | None = None) -> Reply | None:
         """Answer `message` (None: nothing to send); `on_delta` receives the text as it streams.
-        Raises `chatcore.message.Busy` when the queue is full."""
+        Raises `chatcore.message.Busy` when the queue is full, `chatcore.message.RateLimited` over the rate limit."""
 
     async def record_delivery(self, reply: Reply, platform_message_id: str) -> None:
         """Remember which platform message carried `reply`, so reactions to it count as feedback."""
 
     async def feedback(self, adapter: str, platform_message_id: str, user: str, value: int) -> bool:
         """A user rated the reply carried by a platform message (+1/-1); False if it is not one of ours."""
+
+    async def withdraw_feedback(self, adapter: str, platform_message_id: str, user: str, value: int) -> bool:
+        """A user removed a reaction worth `value` (+1/-1); their vote goes if it still is that one."""
+
+    @property
+    def public_model_id(self) -> str:
+        """The serving model's id without file system paths: what outsiders (/health, /v1/models) see."""
+
+    def health(self) -> dict[str, Any]:
+        """``{"status": "ok", "model": ...}``, or ``{"status": "unavailable", "reason": ...}`` (dead or stuck model)."""
 
 
 class Adapter:

@@ -27,7 +27,9 @@ same tokens; seeded sampling: the same draws).
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +41,8 @@ from .message import Busy
 from .prefix_cache import PrefixCache
 from .reply_text import ReplyText, prompt_window, slide_window, turn_marker_ids
 from .sampling import SamplingParams, make_generator, sample, validate
+
+log = logging.getLogger("chatcore.batching")
 
 
 Sink = Callable[[Any], None]  # receives text deltas (str), then DONE, or an exception
@@ -99,6 +103,8 @@ class BatchScheduler:
         self._cond = threading.Condition()
         self._closing = False  # finish what was submitted, then stop
         self._stopped = False
+        self.died: BaseException | None = None  # what killed the worker thread, if anything did
+        self.heartbeat = time.monotonic()  # when the worker last went round its loop (health checks)
         self.steps = 0  # decode steps run (for tests and benchmarks)
         self._thread = threading.Thread(target=self._run, name="chatcore-batch", daemon=True)
         self._thread.start()
@@ -110,10 +116,14 @@ class BatchScheduler:
         validate(params)
         request = Request(prompt, params, sink)
         with self._cond:
+            if self.died is not None:
+                raise RuntimeError("the model worker stopped; restart the bot")
             if self._closing:
                 raise RuntimeError("this scheduler is closed")
             if len(self._waiting) >= self.max_queue and not (self._free and not self._waiting):
                 raise Busy(f"{len(self._waiting)} requests are already waiting; try again shortly")
+            if not self._running and not self._waiting:
+                self.heartbeat = time.monotonic()  # it was idle: no progress was owed before now
             self._waiting.append(request)
             self._cond.notify()
         return request
@@ -149,21 +159,43 @@ class BatchScheduler:
     # --- the worker thread ----------------------------------------------------------
 
     def _run(self) -> None:
-        with torch.inference_mode():
-            while True:
-                with self._cond:
-                    self._admit_locked()
-                    if not self._running:
-                        if self._closing and not self._waiting:
-                            self._stopped = True
-                            return
-                        self._cond.wait()
-                        continue
-                try:
-                    self._step()
-                except Exception as exc:  # a bug or an out-of-memory: fail these requests, keep serving
-                    for r in list(self._running):
-                        self._finish(r, error=exc)
+        try:
+            with torch.inference_mode():
+                while True:
+                    self.heartbeat = time.monotonic()
+                    with self._cond:
+                        self._admit_locked()
+                        if not self._running:
+                            if self._closing and not self._waiting:
+                                return
+                            self._cond.wait()
+                            continue
+                    try:
+                        self._step()
+                    except Exception as exc:  # a bug or an out-of-memory in the batch: fail its requests, keep serving
+                        log.exception("batch step failed; failing the %d running request(s)", len(self._running))
+                        for r in list(self._running):
+                            if r in self._running:
+                                self._finish(r, error=exc)
+        except BaseException as exc:  # never expected: say so, and fail everyone rather than leave them hanging
+            self.died = exc
+            log.critical("the batch worker died; every request now fails", exc_info=exc)
+            with self._cond:
+                self._closing = True
+                orphans = list(self._waiting) + self._running
+                self._waiting.clear()
+            for r in orphans:
+                _send(r, exc if isinstance(exc, Exception) else RuntimeError("the batch worker died"))
+        finally:
+            self._stopped = True
+
+    def health(self, stuck_after: float) -> str | None:
+        """None when serving; else why not (the worker died, or has work and made no progress in `stuck_after` s)."""
+        if self.died is not None or (not self._thread.is_alive() and not self._closing):
+            return "the model worker stopped"
+        if (self._running or self._waiting) and time.monotonic() - self.heartbeat > stuck_after:
+            return f"the model worker made no progress in {stuck_after:g} s"
+        return None
 
     def _admit_locked(self) -> None:
         for r in [r for r in self._waiting if r.cancelled.is_set()]:
@@ -173,7 +205,15 @@ class BatchScheduler:
             r = self._waiting.popleft()
             r.row = self._free.pop(0)
             self._running.append(r)
-            self._start(r)
+            try:
+                self._start(r)
+            except Exception as exc:  # this request's own setup failed (prompt, seed, cache): only it fails
+                log.exception("a request failed to start")
+                self._running.remove(r)
+                self.cache.reset(r.row)
+                self._free.append(r.row)
+                self._free.sort()
+                _send(r, exc)
 
     def _start(self, r: Request) -> None:
         r.context = prompt_window(self.tokenizer.encode(r.prompt), self.block_size, self.tokenizer.eot_token)
@@ -269,7 +309,12 @@ class BatchScheduler:
             for i, tok in zip(rows, picked.tolist()):
                 tokens[i] = tok
         for r, tok in zip(requests, tokens):
-            self._accept(r, tok)
+            try:
+                self._accept(r, tok)
+            except Exception as exc:  # this request's text handling failed: only it fails
+                log.exception("a request failed while decoding")
+                if r in self._running:
+                    self._finish(r, error=exc)
 
     def _accept(self, r: Request, tok: int) -> None:
         if r.cancelled.is_set() or tok == self.tokenizer.eot_token:

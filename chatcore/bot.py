@@ -5,6 +5,7 @@ Adapters see it only through `chatcore.adapter.BotSurface`."""
 from __future__ import annotations
 
 import asyncio
+import re
 import logging
 from contextlib import aclosing
 from collections.abc import Callable, Iterable
@@ -22,6 +23,12 @@ from .store import is_postgres_url
 from .weights import RegistryWatch, load_engine
 
 log = logging.getLogger("chatcore")
+
+SHUTDOWN_GRACE_S = 10.0
+"""On stop, how long adapters get to finish the requests in flight before they are cancelled."""
+
+# an absolute, home or relative file system path inside a model id (a Hugging Face repo id is not one)
+_PATH = re.compile(r"(?<![\w.-])(?:[A-Za-z]:[\\/]|~?/|\.{1,2}[\\/])[^\s()]*")
 
 
 class Bot:
@@ -79,6 +86,19 @@ class Bot:
     @property
     def engine(self) -> Any:
         return self.generator.engine
+
+    @property
+    def public_model_id(self) -> str:
+        """The serving model's id as outsiders may see it: no file system paths."""
+        return _PATH.sub(lambda m: m.group(0).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1],
+                         self.engine.model_id)
+
+    def health(self) -> dict[str, Any]:
+        """What a health check needs: ``status`` ("ok" or "unavailable"), the public model id, and why not ok."""
+        problem = self.generator.health()
+        if problem is not None:
+            return {"status": "unavailable", "reason": problem}
+        return {"status": "ok", "model": self.public_model_id}
 
     def is_admin(self, message: Message) -> bool:
         if message.user_key in self.config["bot"]["admins"]:
@@ -146,6 +166,16 @@ class Bot:
         await self.rate(exchange, f"{adapter}:{user}", value)
         return True
 
+    async def withdraw_feedback(self, adapter: str, platform_message_id: str, user: str, value: int) -> bool:
+        """A user took back a reaction worth `value` from a reply; their vote goes if it still is that one."""
+        exchange = self.store.find_by_platform_message_id(adapter, str(platform_message_id))
+        if exchange is None:
+            return False
+        user_key = f"{adapter}:{user}"
+        if self.store.remove_feedback(exchange.id, user_key, 1 if value > 0 else -1):
+            await self._call("feedback_received", bot=self, exchange=exchange, user=user_key, value=0)
+        return True
+
     async def rate(self, exchange: Any, user_key: str, value: int) -> None:
         value = 1 if value > 0 else -1
         await self.store.run(self.store.add_feedback, exchange.id, user_key, value)
@@ -183,6 +213,8 @@ class Bot:
             stopper.cancel()
             follower.cancel()
             await self.close_adapters()
+            # let each adapter finish (or refuse) the requests it has in flight before cancelling it
+            await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE_S)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -14,6 +14,7 @@ import asyncio
 import fcntl
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def _serve(bot: Any, adapters: list[str] | None) -> int:
     async def go() -> None:
+        # SIGTERM (containers, systemd) stops like the end of input: adapters finish or refuse what is
+        # in flight (within their grace period), shutdown hooks run, exit 0.
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGTERM, bot.stop)
+        except (NotImplementedError, RuntimeError):  # Windows, or not the main thread
+            pass
         try:
             await bot.run(adapters)
         finally:
@@ -284,7 +292,7 @@ def finetune(config: Any, *, jsonl: list[Path] = (), use_store: bool = True, max
     """Run one fine-tune job in this process (holding the same lock as the bot's scheduler)."""
     from .registry import serving_checkpoint
     from .training.job import run_job, spec_from_config
-    from .training.scheduler import LOCK_NAME
+    from .training.scheduler import LOCK_NAME, clean_leftovers
     from .weights import models_dir as models_folder
     from .weights import resolve_model, starter_for
 
@@ -311,6 +319,7 @@ def finetune(config: Any, *, jsonl: list[Path] = (), use_store: bool = True, max
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise Failure("a fine-tune job is already running (the bot's, or another chatcore finetune)") from None
+        clean_leftovers(models_dir)  # what crashed fine-tunes left behind
         return run_job(spec)
 
 

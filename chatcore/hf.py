@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import ColumnMajor, CheckpointError, as_column_major, build_model, load, read_safetensors, torch_load
+from .checkpoint import (ColumnMajor, CheckpointError, as_column_major, build_model, config_from_dict, load,
+                         read_safetensors, torch_load)
 from .model import GPT, GPTConfig
 
 GPT2_SIZES = {  # name: (n_layer, n_head, n_embd)
@@ -34,27 +35,33 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 def config_from_hf(cfg: dict, source: str = "config.json") -> GPTConfig:
     """GPTConfig from a Hugging Face GPT2Config dict; refuses variants this model does not compute."""
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{source}: a JSON {type(cfg).__name__}, not a GPT-2 config object")
     if cfg.get("model_type", "gpt2") != "gpt2":
         raise CheckpointError(f"{source}: model_type {cfg.get('model_type')!r} is not gpt2")
     act = cfg.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
         raise CheckpointError(f"{source}: activation {act!r} is not GPT-2's tanh GELU")
-    n_embd = cfg.get("n_embd", 768)
-    if cfg.get("n_inner") not in (None, 4 * n_embd):
-        raise CheckpointError(f"{source}: n_inner {cfg['n_inner']} is not 4 * n_embd")
-    if cfg.get("scale_attn_by_inverse_layer_idx") or cfg.get("scale_attn_weights") is False:
-        raise CheckpointError(f"{source}: non-standard attention scaling is not supported")
-    if abs(cfg.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
-        raise CheckpointError(f"{source}: layer_norm_epsilon {cfg['layer_norm_epsilon']} is not 1e-5")
-    return GPTConfig(
+    # every size is type-checked (a string or a list here is a clear error, not a TypeError later)
+    gpt = config_from_dict(dict(
         block_size=cfg.get("n_positions", cfg.get("n_ctx", 1024)),
         vocab_size=cfg.get("vocab_size", 50257),
         n_layer=cfg.get("n_layer", 12),
         n_head=cfg.get("n_head", 12),
-        n_embd=n_embd,
+        n_embd=cfg.get("n_embd", 768),
         dropout=0.0,
         bias=True,
-    )
+    ), source)
+    if cfg.get("n_inner") not in (None, 4 * gpt.n_embd):
+        raise CheckpointError(f"{source}: n_inner {cfg['n_inner']!r} is not 4 * n_embd")
+    if cfg.get("scale_attn_by_inverse_layer_idx") or cfg.get("scale_attn_weights") is False:
+        raise CheckpointError(f"{source}: non-standard attention scaling is not supported")
+    eps = cfg.get("layer_norm_epsilon", 1e-5)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or abs(eps - 1e-5) > 1e-12:
+        raise CheckpointError(f"{source}: layer_norm_epsilon {eps!r} is not 1e-5")
+    if cfg.get("tie_word_embeddings", True) not in (True, False):
+        raise CheckpointError(f"{source}: tie_word_embeddings {cfg['tie_word_embeddings']!r} is not a boolean")
+    return gpt
 
 
 def hf_name(k: str) -> str | None:
@@ -112,7 +119,7 @@ def load_hf_dir(
         raise CheckpointError(f"{path} has no config.json: not a Hugging Face model directory")
     try:
         hf_cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, OSError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         raise CheckpointError(f"{cfg_file}: {e}") from e
     cfg = config_from_hf(hf_cfg, str(cfg_file))
     weights = next((path / n for n in _WEIGHT_FILES if (path / n).is_file()), None)
@@ -129,7 +136,9 @@ def load_hf_dir(
         hf_state = torch_load(weights)
         if not isinstance(hf_state, dict) or not all(isinstance(v, torch.Tensor) for v in hf_state.values()):
             raise CheckpointError(f"{weights}: expected a state dict of tensors")
-    model = build_model(cfg, convert_hf_state_dict(hf_state, column_major), source=str(weights))
+    state = convert_hf_state_dict(hf_state, column_major)
+    check_head_tied(hf_cfg, hf_state.get("lm_head.weight"), state.get("transformer.wte.weight"), str(path))
+    model = build_model(cfg, state, source=str(weights))
     model.to(device)
     if dtype is not None:
         model.to(dtype)
@@ -141,6 +150,24 @@ def load_hf_dir(
         "source": str(path),
     }
     return model.eval(), meta
+
+
+def check_head_tied(hf_cfg: dict, head: torch.Tensor | None, wte: torch.Tensor | None, source: str) -> None:
+    """Refuse an export whose output head is not the token embedding.
+
+    chatcore's GPT ties them, as GPT-2 does: the native format stores one copy,
+    int8 quantisation, the decode layout and fine-tuning all rely on it. Loading
+    only the embedding would give silently wrong logits, so such a file is refused.
+    """
+    untied = hf_cfg.get("tie_word_embeddings", True) is False
+    if head is not None and wte is not None and head.shape == wte.shape and torch.equal(head, wte):
+        return  # an explicit copy of the tied head (older .bin exports)
+    if head is not None or untied:
+        raise CheckpointError(
+            f"{source}: its output head (lm_head) is not tied to the token embedding "
+            f"(tie_word_embeddings: {str(not untied).lower()}); chatcore's GPT-2 ties them, so it would "
+            "compute different logits. Re-export it with tie_word_embeddings: true."
+        )
 
 
 def fetch(

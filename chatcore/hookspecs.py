@@ -21,7 +21,7 @@ def register_adapters(register):
 
 @hookspec
 def register_commands(register):
-    """Register slash commands: ``register(name, handler, admin=False)``; help comes from the docstring."""
+    """Register slash commands: ``register(name, handler, admin=False, anonymous=False)``; help from the docstring."""
 
 
 @hookspec
@@ -63,7 +63,7 @@ def exchange_logged(bot, exchange):
 
 @hookspec
 def feedback_received(bot, exchange, user, value):
-    """A user rated a reply: ``value`` is +1 (good) or -1 (bad)."""
+    """A user rated a reply: ``value`` is +1 (good), -1 (bad), or 0 (they withdrew their vote)."""
 
 
 @hookspec

@@ -21,6 +21,11 @@ class Message:
     mentions_bot: bool = False
     id: str | None = None  # the platform's message id, when it has one
     raw: Any = field(default=None, compare=False, repr=False)  # the platform event, for plugins
+    # Who vouches for `user`. A chat platform does; an HTTP client without an API key names itself,
+    # so its text is untrusted (for training too) and its `user` is free to rotate.
+    authenticated: bool = True
+    anonymous: bool = False  # no identity at all: `user` is a one-off id, so "my data" commands are refused
+    client: str | None = None  # the sender's network address, where the platform has one (HTTP)
 
     @property
     def conversation_key(self) -> str:
@@ -30,6 +35,13 @@ class Message:
     def user_key(self) -> str:
         """The user's id across the bot: admin lists and /forget use this form."""
         return f"{self.adapter}:{self.user}"
+
+    @property
+    def limit_key(self) -> str:
+        """Whom rate limits count against: the user, or the client address when the id costs nothing to change."""
+        if (self.anonymous or not self.authenticated) and self.client:
+            return f"{self.adapter}:client:{self.client}"
+        return self.user_key
 
 
 @dataclass
@@ -66,3 +78,11 @@ class Busy(RuntimeError):
 
 BUSY_REPLY = "I'm answering a lot of messages right now; please try again in a moment."
 """What chat adapters tell a user whose message found the queue full."""
+
+
+class RateLimited(Exception):
+    """The sender is over the rate limit: chat adapters say `notice` (None: stay quiet), HTTP answers 429."""
+
+    def __init__(self, retry_after: float, notice: str | None = None) -> None:
+        super().__init__(notice or f"rate limited; retry after {retry_after:g} s")
+        self.retry_after, self.notice = retry_after, notice

@@ -25,6 +25,13 @@ class SamplingParams:
 
 def validate(params: SamplingParams) -> SamplingParams:
     """Raise ValueError naming the bad setting; return ``params`` unchanged otherwise."""
+    for name in ("temperature", "top_p", "repetition_penalty"):
+        if isinstance(getattr(params, name), bool) or not isinstance(getattr(params, name), (int, float)):
+            raise ValueError(f"{name} must be a number, got {getattr(params, name)!r}")
+    if params.top_k is not None and not _is_int(params.top_k):
+        raise ValueError(f"top_k must be an integer or None, got {params.top_k!r}")
+    if not _is_int(params.max_new_tokens):
+        raise ValueError(f"max_new_tokens must be an integer, got {params.max_new_tokens!r}")
     if not params.temperature >= 0:
         raise ValueError(f"temperature must be >= 0 (0 is greedy), got {params.temperature}")
     if params.top_k is not None and params.top_k < 1:
@@ -37,4 +44,13 @@ def validate(params: SamplingParams) -> SamplingParams:
         raise ValueError(f"max_new_tokens must be >= 0, got {params.max_new_tokens}")
     if isinstance(params.stop, str) or not all(isinstance(s, str) for s in params.stop):
         raise ValueError(f"stop must be a sequence of strings, got {params.stop!r}")
+    if params.seed is not None and (not _is_int(params.seed) or not SEED_MIN <= params.seed <= SEED_MAX):
+        raise ValueError(f"seed must be an integer from {SEED_MIN} to {SEED_MAX}, got {params.seed!r}")
     return params
+
+
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -40,6 +40,7 @@ class Command:
     name: str
     handler: Callable[..., Any]
     admin: bool = False
+    anonymous: bool = False  # may run without an identity (it touches nobody's data)
 
     @property
     def help(self) -> str:
@@ -64,8 +65,8 @@ class PluginManager(pluggy.PluginManager):
     def commands(self) -> dict[str, Command]:
         found: dict[str, Command] = {}
 
-        def register(name: str, handler: Callable[..., Any], admin: bool = False) -> None:
-            found[name.lstrip("/")] = Command(name.lstrip("/"), handler, admin)
+        def register(name: str, handler: Callable[..., Any], admin: bool = False, anonymous: bool = False) -> None:
+            found[name.lstrip("/")] = Command(name.lstrip("/"), handler, admin, anonymous)
 
         self.hook.register_commands(register=register)
         return found

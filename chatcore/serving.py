@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -32,6 +33,9 @@ from .prefix_cache import PrefixCache
 from .params import SamplingParams
 
 __all__ = ["Generator"]
+
+STUCK_AFTER_S = 120.0
+"""A model worker with work that has not moved for this long is reported stuck by health checks."""
 
 
 def supports_batching(engine: Any) -> bool:
@@ -58,6 +62,7 @@ class _Serial:
         self._active = 0
         self._lock = threading.Lock()
         self._handles: set[_Handle] = set()
+        self.heartbeat = time.monotonic()  # when the running request last produced text
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatcore-model")
 
     def submit(self, prompt: str, params: SamplingParams, sink: Sink) -> _Handle:
@@ -73,9 +78,11 @@ class _Serial:
             with self._lock:
                 self._pending -= 1
                 self._active += 1
+            self.heartbeat = time.monotonic()
             try:
                 if not handle.cancelled.is_set():
                     for delta in self.engine.stream(prompt, params, handle.cancelled.is_set):
+                        self.heartbeat = time.monotonic()
                         sink(delta)
                 sink(DONE)
             except BaseException as exc:  # handed to the awaiting coroutine
@@ -91,6 +98,12 @@ class _Serial:
     @property
     def idle(self) -> bool:
         return not (self._pending or self._active)
+
+    def health(self, stuck_after: float) -> str | None:
+        """None when serving; else why not (a request has produced nothing for `stuck_after` s)."""
+        if self._active and time.monotonic() - self.heartbeat > stuck_after:
+            return f"the model worker made no progress in {stuck_after:g} s"
+        return None
 
     def close(self, drain: bool = True) -> None:
         if not drain:  # queued work still runs, but finds itself cancelled and just ends its stream
@@ -142,6 +155,12 @@ class Generator:
                 self._retire(self._backend)
             self._backend = self._make_backend(self._engine)
         return self._backend
+
+    def health(self) -> str | None:
+        """None while requests can be served; else why not (closed, a dead or a stuck model worker)."""
+        if self._closed:
+            return "the generator is closed"
+        return self._backend.health(STUCK_AFTER_S) if self._backend is not None else None
 
     def swap(self, engine: Any) -> None:
         """Serve `engine` from the next request on."""

@@ -636,6 +636,13 @@ class Store:
                 db.execute("INSERT OR REPLACE INTO feedback (exchange_id, user_key, value, at) VALUES (?, ?, ?, ?)",
                            (exchange_id, user_key, value, time.time()))
 
+    def remove_feedback(self, exchange_id: int, user_key: str, value: int | None = None) -> bool:
+        """Withdraw a user's vote on an exchange (only if it is `value`, when given); True if one was removed."""
+        with self._write() as db:
+            removed = db.execute("DELETE FROM feedback WHERE exchange_id = ? AND user_key = ? AND (? IS NULL OR value = ?)",
+                                 (exchange_id, user_key, value, value)).rowcount
+        return removed > 0
+
     # --- privacy -----------------------------------------------------------------------
 
     def forget_user(self, user_key: str) -> int:

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from .message import Message, Reply
+from .message import Message, RateLimited, Reply
 from .params import SamplingParams
 
 Script = Iterable[str] | Callable[[str], str] | None
@@ -114,7 +114,11 @@ class TestBot:
 
     def push(self, text: str, **fields: Any) -> Reply | None:
         """Send `text` as a user (fields override adapter, channel, user, ...); queue the reply."""
-        reply = self._loop.run_until_complete(self.bot.handle(self.message(text, **fields)))
+        message = self.message(text, **fields)
+        try:
+            reply = self._loop.run_until_complete(self.bot.handle(message))
+        except RateLimited as refused:  # as a chat adapter does: say the notice once, then stay quiet
+            reply = Reply(refused.notice, message, from_model=False) if refused.notice else None
         self.replies.append(reply)
         return reply
 

@@ -41,13 +41,11 @@ from chatcore import hookimpl
 from chatcore.config import Field
 from chatcore.plugin_manager import call_hook
 from chatcore.registry import Registry
-from chatcore.training.job import JobSpec, spec_from_config
+from chatcore.training.job import MIN_SENSIBLE, JobSpec, spec_from_config
 from chatcore.training.options import GateConfig, GuardConfig, TrainConfig
 from chatcore.training.scheduler import Job, JobBusy, JobScheduler
 
 log = logging.getLogger("chatcore.auto_finetune")
-
-MIN_SENSIBLE = 10  # the seed's warning threshold
 
 
 def _schema_of(cls: type) -> dict[str, Field]:
@@ -145,6 +143,12 @@ def _source(engine: Any) -> str | None:
 
 
 # --- lifecycle -----------------------------------------------------------------------
+
+
+@hookimpl
+async def startup(bot):
+    """Remove what crashed fine-tunes left behind (temporary files, orphan candidates)."""
+    await asyncio.to_thread(state_of(bot).scheduler.clean)
 
 
 @hookimpl

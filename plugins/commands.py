@@ -1,5 +1,12 @@
 """Built-in slash commands and the per-user rate limit.
 
+Over the limit, `message_received` raises `RateLimited`: the first refusal in a
+window carries a polite notice, later ones none (chat adapters stay quiet; HTTP
+answers 429 every time). Senders whose id is free to change (HTTP without an API
+key, anonymous requests) are counted by client address (`Message.limit_key`).
+Commands act on the sender's data, so without an identity (`Message.anonymous`)
+only those registered with ``anonymous=True`` run.
+
 Every command is registered through `register_commands`, exactly as a
 third-party plugin would; `/help` is built from the handlers' docstrings.
 """
@@ -14,6 +21,7 @@ from typing import Any
 from chatcore import DROP, hookimpl
 from chatcore.plugin_manager import await_me_maybe
 from chatcore.config import Field
+from chatcore.message import RateLimited
 
 
 @hookimpl
@@ -29,10 +37,10 @@ def register_config(register):
 
 @hookimpl
 def register_commands(register):
-    register("help", help_)
+    register("help", help_, anonymous=True)
     register("reset", reset)
     register("forget", forget)
-    register("status", status)
+    register("status", status, anonymous=True)
     register("good", good)
     register("bad", bad)
 
@@ -44,9 +52,9 @@ def message_received(bot, message):
         limiter = _limiters[bot] = RateLimiter(bot.config.get("plugins.commands.rate_limit.messages"),
                                                bot.config.get("plugins.commands.rate_limit.seconds"))
     if not bot.is_admin(message):
-        verdict = limiter.check(message.user_key)
+        verdict = limiter.check(message.limit_key)
         if verdict is not None:
-            return verdict
+            raise RateLimited(limiter.retry_after(message.limit_key), None if verdict is DROP else verdict)
     prefix = bot.config.get("plugins.commands.prefix")
     text = message.text.strip()
     if not text.startswith(prefix) or len(text) == len(prefix):
@@ -55,6 +63,10 @@ def message_received(bot, message):
     command = bot.commands.get(name.lower())
     if command is None or (command.admin and not bot.is_admin(message)):
         return f"Unknown command {prefix}{name}. Try {prefix}help."
+    if message.anonymous and not command.anonymous:
+        # a one-off id owns no data: acting on "my data" without an identity could only hit someone else's
+        return (f"{prefix}{command.name} needs to know who you are, and this message came without a user id "
+                f"(over HTTP: send a \"user\"). Nothing was changed.")
     return _run(command, bot, message, args.strip())
 
 
@@ -80,11 +92,16 @@ class RateLimiter:
         if len(times) < self.messages:
             times.append(now)
             return None
-        wait = max(1, round(times[0] + self.seconds - now))
+        wait = self.retry_after(user_key)
         if self.warned_until.get(user_key, 0) > now:
             return DROP
         self.warned_until[user_key] = times[0] + self.seconds
         return f"You're sending messages faster than I can keep up with. Please wait {wait} s and try again."
+
+    def retry_after(self, user_key: str) -> int:
+        """Whole seconds until `user_key` may send again (at least 1)."""
+        times = self.sent.get(user_key)
+        return max(1, round(times[0] + self.seconds - self.clock())) if times else 1
 
 
 _limiters: "weakref.WeakKeyDictionary[Any, RateLimiter]" = weakref.WeakKeyDictionary()

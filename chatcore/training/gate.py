@@ -11,11 +11,13 @@ stays on disk for inspection. The gate judges; `chatcore.registry` records.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch.nn as nn
 
+from ..checkpoint import CheckpointError, check_servable, load
 from .data import TokenData
 from .options import GateConfig
 from .train import evaluate
@@ -58,3 +60,14 @@ def judge(candidate: nn.Module, serving: nn.Module, val: TokenData, cfg: GateCon
     result.promoted = True
     result.reason = f"validation loss {c_val:.4f} beats serving {s_val:.4f}"
     return result
+
+
+def judge_file(candidate: str | os.PathLike, serving: nn.Module, val: TokenData, cfg: GateConfig | None = None,
+               general: TokenData | None = None) -> GateResult:
+    """`judge` the candidate as it was written to disk: a file that cannot load or serve is never promoted."""
+    try:
+        model, _ = load(candidate)
+        check_servable(model, str(candidate))
+    except CheckpointError as exc:
+        return GateResult(False, f"the candidate cannot serve: {exc}", math.nan, math.nan)
+    return judge(model, serving, val, cfg, general)

@@ -25,6 +25,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -169,6 +170,43 @@ def _fused_available() -> bool:
         return False
 
 
+class Resume:
+    """A training run's last evaluation on disk (model, optimizer, step, RNG), so a killed or
+    cancelled job continues from there instead of from the start.
+
+    ``key`` names the run (data hash, options, start weights): a saved state with
+    another key is never used. The file is written atomically and read with
+    ``torch.load(weights_only=True)``; its owner removes it once the run is complete.
+    """
+
+    def __init__(self, path: str | os.PathLike, key: str) -> None:
+        self.path = Path(path)
+        self.key = key
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state of this run, or None (none, unreadable, or another run's)."""
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(str(self.path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch's parser on a damaged file raises many types
+            log.warning("ignoring unreadable resume state %s: %s", self.path, exc)
+            return None
+        if not isinstance(state, dict) or state.get("key") != self.key:
+            log.info("ignoring resume state %s: it is from other data or options; starting fresh", self.path)
+            return None
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        from ..checkpoint import atomic_write
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, lambda tmp: torch.save({**state, "key": self.key}, str(tmp)))
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 @dataclass
 class TrainOutcome:
     initial_val_loss: float
@@ -180,14 +218,19 @@ class TrainOutcome:
     seconds: float
     tokens_per_s: float
     history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int | None = None  # the iteration a resumed run continued from
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, progress: bool = True,
-          should_stop: Callable[[], bool] | None = None, vocab: OutputVocab | None = None) -> TrainOutcome:
-    """Fine-tune `model` in place; on return it holds the weights of its best evaluation."""
+          should_stop: Callable[[], bool] | None = None, vocab: OutputVocab | None = None,
+          resume: Resume | None = None) -> TrainOutcome:
+    """Fine-tune `model` in place; on return it holds the weights of its best evaluation.
+
+    With `resume`, every evaluation is saved there, and a saved state of the same run
+    is continued from (same batches, dropout masks and optimizer state as if never stopped)."""
     cfg.validate()
     if len(data.train) < 2:
         raise ValueError("no training data left after the guards")
@@ -203,19 +246,33 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, progress: bool =
         return evaluate(model, data.val, batch_size=max(cfg.batch_size, 8), block_size=block,
                         max_batches=cfg.eval_max_batches, vocab=vocab)
 
-    initial = val()
-    best, best_iter, bad_evals = initial, 0, 0
-    best_state = copy.deepcopy(model.state_dict()) if not math.isnan(initial) else None
-    history = [{"iter": 0, "val_loss": initial}]
+    saved = resume.load() if resume is not None else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng"])
+        gen.set_state(saved["gen"])
+        start, initial, history = saved["iter"], saved["initial"], saved["history"]
+        best, best_iter, bad_evals = saved["best"], saved["best_iter"], saved["bad_evals"]
+        best_state = copy.deepcopy(model.state_dict()) if saved["best_state"] is None else saved["best_state"]
+        train_loss, ema = saved["train_loss"], saved["ema"]
+        log.info("fine-tune: resumed from iteration %d (val loss %.4f, best %.4f at %d)",
+                 start, history[-1]["val_loss"], best, best_iter)
+    else:
+        start, initial = 0, val()
+        best, best_iter, bad_evals = initial, 0, 0
+        best_state = copy.deepcopy(model.state_dict()) if not math.isnan(initial) else None
+        history = [{"iter": 0, "val_loss": initial}]
+        train_loss, ema = float("nan"), None
     log.info("fine-tune: %d train / %d val tokens, initial val loss %.4f",
              len(data.train), len(data.val), initial)
-    stopped = "max_iters"
-    train_loss = float("nan")
-    ema = None
+    stopped, first = "max_iters", start + 1
+    if bad_evals >= cfg.patience:  # it had stopped early, then died before its candidate was written
+        stopped, first = "early_stop", cfg.max_iters + 1
     tokens = 0
     t0 = time.perf_counter()
-    bar = tqdm(range(1, cfg.max_iters + 1), desc="fine-tune", unit="it", disable=not progress, leave=False)
-    it = 0
+    bar = tqdm(range(first, cfg.max_iters + 1), desc="fine-tune", unit="it", disable=not progress, leave=False)
+    it = start
     for it in bar:
         if should_stop is not None and should_stop():
             raise Cancelled(f"cancelled at iteration {it}")
@@ -249,11 +306,17 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, progress: bool =
                 best_state = copy.deepcopy(model.state_dict())
             else:
                 bad_evals += 1
-                if bad_evals >= cfg.patience:
-                    stopped = "early_stop"
-                    log.info("early stop at iter %d: no improvement >= %g in %d evaluations",
-                             it, cfg.min_delta, cfg.patience)
-                    break
+            if resume is not None:  # the best weights are stored only when they are not the current ones
+                resume.save(dict(iter=it, model=model.state_dict(), optimizer=opt.state_dict(),
+                                 rng=torch.get_rng_state(), gen=gen.get_state(), initial=initial,
+                                 history=history, best=best, best_iter=best_iter, bad_evals=bad_evals,
+                                 best_state=None if best_iter == it else best_state,
+                                 train_loss=train_loss, ema=ema))
+            if bad_evals >= cfg.patience:
+                stopped = "early_stop"
+                log.info("early stop at iter %d: no improvement >= %g in %d evaluations",
+                         it, cfg.min_delta, cfg.patience)
+                break
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -262,7 +325,8 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, progress: bool =
     seconds = time.perf_counter() - t0
     return TrainOutcome(initial_val_loss=initial, best_val_loss=best, best_iter=best_iter, iters=it,
                         final_train_loss=train_loss, stopped=stopped, seconds=seconds,
-                        tokens_per_s=tokens / seconds if seconds > 0 else 0.0, history=history)
+                        tokens_per_s=tokens / seconds if seconds > 0 else 0.0, history=history,
+                        resumed_from=start if saved is not None else None)
 
 
 def set_threads(threads: int | None) -> None:

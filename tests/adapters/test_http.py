@@ -207,7 +207,7 @@ async def test_feedback_endpoint_rates_a_completion(http_bot):
     assert (status, body) == (200, {"ok": True})
     exchange = bot.store.find_by_platform_message_id("http", result.id)
     assert spy.votes == [(exchange.id, "http:alice", -1)]
-    status, body, _ = await post(f"{url}/feedback", {"id": "chatcmpl-unknown", "value": 1})
+    status, body, _ = await post(f"{url}/feedback", {"id": "chatcmpl-unknown", "value": 1, "user": "alice"})
     assert status == 404
     status, _, _ = await post(f"{url}/feedback", {"id": result.id, "value": 5})
     assert status == 400
