@@ -56,6 +56,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from .message import Message
 from .params import SamplingParams
@@ -241,6 +242,15 @@ def _writable(path: Path) -> bool:
 def is_postgres_url(target: str | os.PathLike | None) -> bool:
     """Whether a history target names a PostgreSQL database rather than an SQLite file."""
     return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
+def without_password(url: str) -> tuple[str, str | None]:
+    """(the URL without its password, the password or None): a password travels in PGPASSWORD, never in a file."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url, None
+    credentials, host = parts.netloc.rsplit("@", 1)
+    return urlunsplit(parts._replace(netloc=f"{credentials.split(':', 1)[0]}@{host}")), unquote(parts.password)
 
 
 def sqlite_path(target: str) -> str:

@@ -294,3 +294,28 @@ def test_a_dropped_session_fails_one_call_then_reconnects(pg_url):
     log(store, "after")
     assert [e.user_text for e in store.exchanges()] == ["before", "after"]
     store.close()
+
+
+def test_a_password_in_the_url_reaches_the_worker_by_environment_not_spec_json(pg_url, tmp_path, monkeypatch):
+    import json
+    import subprocess
+    import sys
+
+    from chatcore.training import scheduler as sched
+    from chatcore.training.job import JobSpec
+
+    seen = {}
+    real_popen = subprocess.Popen
+
+    def worker(args, **kw):
+        seen["env"] = kw["env"]
+        return real_popen([sys.executable, "-c", "pass"], **kw)
+
+    monkeypatch.setattr(sched.subprocess, "Popen", worker)
+    url = pg_url.replace("chatcore@", "chatcore:p%40ss@")  # trust auth: any password works
+    job = sched.JobScheduler(tmp_path / "m", threads=1, lock_url=url).start(
+        JobSpec(models_dir=str(tmp_path / "m"), base="gpt2", store=url))
+    job.wait(30)
+    written = (job.dir / "spec.json").read_text()
+    assert "p%40ss" not in written and "p@ss" not in written
+    assert json.loads(written)["store"] == pg_url and seen["env"]["PGPASSWORD"] == "p@ss"

@@ -37,11 +37,11 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from ..store import is_postgres_url
+from ..store import is_postgres_url, without_password
 from .job import RESUME_NAME, JobSpec
 
 LOCK_NAME = ".finetune.lock"
@@ -183,9 +183,14 @@ class JobScheduler:
             folder.mkdir(parents=True)
             spec = JobSpec(**{**asdict(spec), "models_dir": str(self.models_dir),
                               "threads": spec.threads or self.threads})
+            secret: dict[str, str] = {}
+            if is_postgres_url(spec.store):  # spec.json is a file for people to read: no password in it
+                store, password = without_password(spec.store)
+                if password is not None:
+                    spec, secret = replace(spec, store=store), {"PGPASSWORD": password}
             (folder / "spec.json").write_text(json.dumps(asdict(spec), indent=2), encoding="utf-8")
             env = {**os.environ, "OMP_NUM_THREADS": str(spec.threads), "MKL_NUM_THREADS": str(spec.threads),
-                   "PYTHONUNBUFFERED": "1"}
+                   "PYTHONUNBUFFERED": "1", **secret}
             with open(folder / "log.txt", "ab") as logf:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "chatcore.training.job", str(folder / "spec.json"),
