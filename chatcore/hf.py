@@ -14,6 +14,7 @@ exports are ignored.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -178,25 +179,56 @@ def fetch(
     """The local directory of hub model ``name``: from the Hugging Face cache, or downloaded
     (with huggingface_hub's progress bars) when ``local_files_only`` is False.
 
+    Only ``config.json`` and one weights file are fetched: safetensors, else
+    ``pytorch_model.bin`` when the hub has no safetensors. A downloaded file whose bytes
+    do not hash to what the hub announced is removed from the cache (CheckpointError).
     Raises whatever huggingface_hub raises when the files are neither cached nor reachable.
     """
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.utils import EntryNotFoundError
 
+    cache = str(cache_dir) if cache_dir else None
+
+    def get(filename: str) -> Path:
+        if local_files_only:  # a look in the cache folder only: no request at all (hf_hub_download makes some)
+            found = try_to_load_from_cache(name, filename, cache_dir=cache)
+            if not isinstance(found, str):
+                raise FileNotFoundError(f"{name}/{filename} is not in the Hugging Face cache")
+            return Path(found)
+        path = Path(hf_hub_download(name, filename, cache_dir=cache))
+        verify_download(path, f"{name}/{filename}")
+        return path
+
+    folder = get("config.json").parent
     last: Exception | None = None
     for weights in _WEIGHT_FILES:  # prefer safetensors: no pickle at all
         try:
-            d = snapshot_download(
-                repo_id=name,
-                allow_patterns=["config.json", weights],
-                cache_dir=str(cache_dir) if cache_dir else None,
-                local_files_only=local_files_only,
-            )
-        except Exception as e:  # not cached / offline / no such file: try the next format
+            get(weights)  # lands beside config.json: one snapshot folder per commit
+        except (EntryNotFoundError, FileNotFoundError) as e:  # not on the hub (or not cached): try the next format
             last = e
             continue
-        if (Path(d) / weights).is_file():
-            return Path(d)
+        return folder
     raise last if last is not None else FileNotFoundError(f"{name}: no weights found on the hub")
+
+
+def verify_download(path: Path, what: str) -> None:
+    """Check a file huggingface_hub just downloaded against its sha256 (the cache names a
+    large file's blob by it); remove a mismatch, so nothing corrupt is ever loaded."""
+    blob = path.resolve()
+    expected = blob.name
+    if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
+        return  # a small git-stored file: its name is a git object id, not a content hash
+    h = hashlib.sha256()
+    with open(blob, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if h.hexdigest() != expected:
+        blob.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"{what} downloaded from the Hugging Face hub is corrupt (sha256 {h.hexdigest()[:12]}..., "
+            f"expected {expected[:12]}...); it was removed from the cache: run again to download it again"
+        )
 
 
 def load_hf(

@@ -93,7 +93,10 @@ def _outside_literals(sql: str, fn) -> str:
 def _words(part: str) -> str:
     part = part.replace("%", "%%").replace("?", "%s")
     part = re.sub(r'(?<![\w"])user(?![\w"])', '"user"', part, flags=re.I)
-    return re.sub(r"\btemp\.", "pg_temp.", part, flags=re.I)
+    part = re.sub(r"\btemp\.", "pg_temp.", part, flags=re.I)
+    part = re.sub(r"\binstr\(", "strpos(", part, flags=re.I)
+    # SQLite's CAST to INTEGER truncates; PostgreSQL's rounds (a day bucket would move at noon).
+    return re.sub(r"\bCAST\(([^()]*)\s+AS\s+INTEGER\)", r"CAST(FLOOR(\1) AS BIGINT)", part, flags=re.I)
 
 
 def _types(part: str) -> str:

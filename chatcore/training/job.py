@@ -148,6 +148,7 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
     # models
     model, base_meta = load_model(spec.base)
     check_servable(model, spec.base)  # a base that cannot serve cannot give a candidate that can
+    lineage = inherit_lineage(data.lineage, base_meta)
     serving = copy.deepcopy(model) if spec.serving in (None, spec.base) else load_model(spec.serving)[0]
     serving.eval()
 
@@ -159,13 +160,15 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
     save(model, cand, base_model=spec.base, iteration=outcome.best_iter,
          train_loss=outcome.final_train_loss, val_loss=outcome.best_val_loss, data_hash=data.hash,
          data=data.summary(), training=asdict(train_cfg), stopped=outcome.stopped,
-         initial_val_loss=outcome.initial_val_loss, resumed_from=outcome.resumed_from)
+         initial_val_loss=outcome.initial_val_loss, resumed_from=outcome.resumed_from, lineage=lineage,
+         history=outcome.history)  # per-evaluation train/val losses: the dashboard's learning curves
 
     del model  # the gate judges the file just written, exactly what would serve
     general = None
     if gate_cfg.general_text:
         general = general_text_data(gate_cfg.general_text, tok)
-    verdict = judge_file(cand, serving, data.val, gate_cfg, general)
+    canaries = canary_data(gate_cfg.canaries, tok) if gate_cfg.canary_check else None
+    verdict = judge_file(cand, serving, data.val, gate_cfg, general, canaries)
     registry = Registry(models_dir, keep=gate_cfg.keep, keep_rejected=gate_cfg.keep_rejected)
     result = {
         "status": "promoted" if verdict.promoted else "rejected",
@@ -176,6 +179,8 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
         "training": {k: v for k, v in outcome.as_dict().items() if k != "history"},
         "history": outcome.history,
         "data": data.summary(),
+        "lineage": {"manifest": lineage["manifest"], "exchanges": len(lineage["exchange_ids"]),
+                    "users": len(lineage["users"]), "inherited_from": lineage.get("inherited_from")},
         "up_to_id": up_to_id,
         "seconds": round(time.time() - t0, 1),
     }
@@ -193,6 +198,34 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
         announce_registry_change(spec.store, cand.name)  # every instance swaps now, not at its next poll
     log.info("%s: %s", result["status"], verdict.reason)
     return result
+
+
+def inherit_lineage(lineage: dict[str, Any], base_meta: dict[str, Any]) -> dict[str, Any]:
+    """A candidate started from a fine-tune also carries that fine-tune's data: merge its manifest in."""
+    import hashlib
+
+    parent = (base_meta.get("provenance") or {}).get("lineage")
+    if not parent:
+        return lineage
+    ids = sorted(set(lineage["exchange_ids"]) | set(parent.get("exchange_ids", [])))
+    return {**lineage, "exchange_ids": ids,
+            "manifest": "sha256:" + hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest(),
+            "users": sorted(set(lineage["users"]) | set(parent.get("users", []))),
+            "file_rows": lineage["file_rows"] + parent.get("file_rows", 0),
+            "inherited_from": Path(str(base_meta.get("source", ""))).name or None}
+
+
+def canary_data(path: str | None, tok):
+    """The canary prompts as reply-token data: the operator's JSONL file, else the built-in set."""
+    from .data import TrainingExchange, load_jsonl, tokenize
+    from .gate import DEFAULT_CANARIES
+
+    if path:
+        rows, _ = load_jsonl(Path(path).expanduser())
+    else:
+        rows = [TrainingExchange(user=u, assistant=a, conversation=f"canary:{i}")
+                for i, (u, a) in enumerate(DEFAULT_CANARIES)]
+    return tokenize(rows, tok) if rows else None
 
 
 def general_text_data(path: str, tok):
