@@ -92,11 +92,6 @@ CORE_SCHEMA: Schema = {
         "max_batch": Field(int, 8, help="Conversations decoding together in one batch."),
         "prefix_cache_mb": Field((int, float), 256, help="Memory for reusable conversation states (0: off)."),
     },
-    "history": {
-        "url": Field(str, None, secret=True,
-                     help="Where the history lives: postgresql://user@host:port/db for several instances "
-                          "(password from PGPASSWORD or ~/.pgpass), or sqlite:///path (default: store.path)."),
-    },
     "store": {
         "path": Field(str, None, help="SQLite file (default: <data_dir>/history.db)."),
         "busy_timeout_s": Field((int, float), 30,
@@ -104,6 +99,9 @@ CORE_SCHEMA: Schema = {
                                      "holds the database locked: the chat is delayed, then fails with a clear error."),
     },
     "history": {
+        "url": Field(str, None, secret=True,
+                     help="Where the history lives: postgresql://user@host:port/db for several instances "
+                          "(password from PGPASSWORD or ~/.pgpass), or sqlite:///path (default: store.path)."),
         "retention_days": Field((int, float), None,
                                 help="Delete exchanges older than this, at start and daily (null: keep until /forget)."),
     },
