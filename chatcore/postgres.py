@@ -165,6 +165,9 @@ class Result:
     def fetchall(self) -> list[tuple]:
         return [] if self._consumed else [self._row(r) for r in self._cursor.fetchall()]
 
+    def __iter__(self):
+        return iter(self.fetchall())
+
     def fetchmany(self, size: int) -> list[tuple]:
         return [] if self._consumed else [self._row(r) for r in self._cursor.fetchmany(size)]
 

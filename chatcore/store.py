@@ -794,7 +794,7 @@ class Store:
         """
         if policy not in ("off", "opt_in", "opt_out"):
             raise ValueError(f"policy must be off, opt_in or opt_out, not {policy!r}")
-        new = {"off": "0", "opt_in": "COALESCE(e.consent = 'yes', 0)",
+        new = {"off": "0", "opt_in": "CASE WHEN e.consent = 'yes' THEN 1 ELSE 0 END",
                "opt_out": "COALESCE(e.consent, 'unset') != 'no'"}[policy]
         where = "c.adapter = ?"
         args: list[Any] = [adapter]
