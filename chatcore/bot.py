@@ -25,6 +25,7 @@ from .prompt import build_prompt
 from .registry import serving_checkpoint
 from .scopes import Scopes, adapter_dir
 from .serving import Generator
+from .store import is_postgres_url
 from .weights import RegistryWatch, load_engine, models_dir
 
 log = logging.getLogger("chatcore")
@@ -52,6 +53,7 @@ class Bot:
         self.adapters: list[Any] = []
         self._stopping = asyncio.Event()
         self.registry_watch = RegistryWatch(config)  # from now on, registry changes are followed
+        self._registry_listener: Any = None  # LISTENs for promotions announced by other instances
         self.metrics = Metrics(self)  # per bot: tests with many bots never share counters
         self.scopes = Scopes.from_config(config)  # communities: persona and adapter (chatcore/scopes.py)
 
@@ -74,7 +76,7 @@ class Bot:
             config = load_config(config, pm.schema())
         pm.disable(config["plugins"]["disabled"])
         check_config(config)  # an unacknowledged Discord/Slack training policy stops the bot before it starts
-        store = Store(config.store_path, timeout=config["store"]["busy_timeout_s"])  # first: a locked or read-only database fails before the model loads
+        store = Store(config.store_url, timeout=config["store"]["busy_timeout_s"])  # first: a locked or read-only database fails before the model loads
         if engine is None:
             try:
                 engine = load_engine(config)
@@ -310,8 +312,13 @@ class Bot:
         The new engine loads off the event loop and is swapped in whole: requests already running
         finish on the old one, none is dropped."""
         watch = self.registry_watch
+        nudged = self._listen_for_registry_changes()
         while True:
-            await asyncio.sleep(self.registry_poll_s)
+            try:  # a NOTIFY from another instance on the same PostgreSQL history cuts the wait short
+                await asyncio.wait_for(nudged.wait(), self.registry_poll_s)
+            except asyncio.TimeoutError:
+                pass
+            nudged.clear()
             if not await asyncio.to_thread(watch.changed):
                 continue
             try:
@@ -324,6 +331,19 @@ class Bot:
                 self.generator.swap(engine)
                 log.info("now serving %s (registry.json changed)", engine.model_id)
 
+    def _listen_for_registry_changes(self) -> asyncio.Event:
+        """An event set whenever an instance announces a promotion or rollback (PostgreSQL history only)."""
+        nudged = asyncio.Event()
+        url = self.config.store_url
+        if is_postgres_url(url):
+            from .postgres import REGISTRY_CHANNEL, Listener
+
+            loop = asyncio.get_running_loop()
+            if self._registry_listener is not None:
+                self._registry_listener.close()
+            self._registry_listener = Listener(url, REGISTRY_CHANNEL, lambda _: loop.call_soon_threadsafe(nudged.set))
+        return nudged
+
     async def close_adapters(self) -> None:
         for adapter in self.adapters:
             try:
@@ -332,6 +352,9 @@ class Bot:
                 log.exception("adapter %s did not stop cleanly", adapter.name)
 
     async def close(self) -> None:
+        if self._registry_listener is not None:
+            await asyncio.to_thread(self._registry_listener.close)
+            self._registry_listener = None
         await self.generator.close()
         await self.store.run(self.store.close)  # after the writes queued before it
 

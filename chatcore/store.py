@@ -1,8 +1,12 @@
-"""The SQLite history store: conversations, exchanges, feedback, opt-outs, fine-tune marks.
+"""The history store: conversations, exchanges, feedback, opt-outs, fine-tune marks.
 
-One file (WAL mode) shared by the bot and the trainer process, each with its own
-`Store`. The schema is versioned with ``PRAGMA user_version`` and an ordered list
-of migrations; a migration, once released, never changes: new needs get a new one.
+Two backends behind one `Store`: an SQLite file (WAL mode; the default) shared by the
+bot and the trainer process, each with its own `Store`, or a PostgreSQL database
+(``history.url: postgresql://...``) shared by any number of instances. The store's SQL
+and `MIGRATIONS` are written once, in the SQL both share; `chatcore.postgres` rewrites
+the few differences. The schema is versioned (SQLite: ``PRAGMA user_version``;
+PostgreSQL: the ``schema_version`` table) by an ordered list of migrations; a migration,
+once released, never changes: new needs get a new one, and it runs on both backends.
 
 Tables (schema 2):
 
@@ -37,7 +41,7 @@ process (an import, the trainer, an sqlite3 shell) delays the exchange, up to
 event loop. Failures of SQLite itself (locked past that bound, read-only, not a
 database, disk full) surface as `StoreError` with a clear message.
 
-Every write checks, before it starts and once committed, that the database file
+On SQLite, every write checks, before it starts and once committed, that the database file
 (and its ``-wal`` and ``-shm`` files) at the path is still the one that was opened:
 a file deleted or replaced while the bot runs would swallow every later write
 unseen (or overlay a restored backup with our WAL). The store then refuses every
@@ -50,6 +54,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -64,6 +69,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from .message import Message
 from .params import SamplingParams
@@ -169,6 +175,16 @@ MIGRATIONS: list[tuple[str, ...]] = [
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
+
+
+def _integer_key(table: str) -> str | None:
+    """The table's `INTEGER PRIMARY KEY` column (SQLite's rowid alias) as the migrations declare it, if any."""
+    for step in MIGRATIONS:
+        for statement in step:
+            if m := re.match(rf"\s*CREATE TABLE {table}\s*\((.*)", statement, re.S):
+                if k := re.search(r"(\w+)\s+INTEGER\s+PRIMARY\s+KEY", m[1], re.I):
+                    return k[1]
+    return None
 
 @dataclass(frozen=True)
 class Exchange:
@@ -285,15 +301,37 @@ def _writable(path: Path) -> bool:
     return os.access(path, os.W_OK)
 
 
+def is_postgres_url(target: str | os.PathLike | None) -> bool:
+    """Whether a history target names a PostgreSQL database rather than an SQLite file."""
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
+def without_password(url: str) -> tuple[str, str | None]:
+    """(the URL without its password, the password or None): a password travels in PGPASSWORD, never in a file."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url, None
+    credentials, host = parts.netloc.rsplit("@", 1)
+    return urlunsplit(parts._replace(netloc=f"{credentials.split(':', 1)[0]}@{host}")), unquote(parts.password)
+
+
+def sqlite_path(target: str) -> str:
+    """The file of an SQLite target: a path, or an ``sqlite:///relative`` / ``sqlite:////absolute`` URL."""
+    return target[len("sqlite:///"):] if target.startswith("sqlite:///") else target
+
+
 class Store:
-    """The history store on one SQLite file; open one per process."""
+    """The history store on one SQLite file or one PostgreSQL database; open one per process."""
 
     def __init__(self, path: str | os.PathLike, *, timeout: float = BUSY_TIMEOUT_S, read_only: bool = False):
         """Open (creating file and folders if needed), switch to WAL and migrate; `read_only` never writes.
 
+        `path`: an SQLite file, ``sqlite:///path``, or ``postgresql://user:password@host:port/database``.
         `timeout`: seconds a call waits for a database locked by another process before StoreError.
         """
-        self.path = str(path)
+        target = str(path)
+        self.backend = "postgresql" if is_postgres_url(target) else "sqlite"
+        self.path = sqlite_path(target)
         self.timeout = timeout
         self.read_only = read_only
         self._lock = threading.RLock()
@@ -303,9 +341,13 @@ class Store:
         self._thread: ThreadPoolExecutor | None = None  # the thread `run` calls the store on
         # Guards `_thread` only: `_lock` may be held for seconds by a call waiting on a busy database.
         self._thread_lock = threading.Lock()
+        self._errors: tuple[type[Exception], ...] = (sqlite3.Error,)
+        if self.backend == "postgresql":
+            self._open_postgresql(target)
+            return
         memory = self.path == ":memory:"
         if not memory:
-            self.path = str(Path(path).expanduser())
+            self.path = str(Path(self.path).expanduser())
             self._check_path(Path(self.path))
         try:
             if read_only and not memory:
@@ -336,6 +378,37 @@ class Store:
             raise
 
     # --- opening ----------------------------------------------------------------
+
+    def _open_postgresql(self, url: str) -> None:
+        from . import postgres
+
+        self.path = postgres.redact(url)  # the name in every message: never the password
+        self._errors = (sqlite3.Error, postgres.Error)
+        try:
+            self._db = postgres.connect(url, timeout=self.timeout, read_only=self.read_only)
+        except postgres.Error as err:
+            raise self._error(err) from None
+        try:
+            with self._translated():
+                self._migrate()
+        except BaseException:
+            self.close()
+            raise
+
+    def _version(self, db) -> int:
+        if self.backend == "sqlite":
+            return db.execute("PRAGMA user_version").fetchone()[0]
+        if db.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
+            return 0
+        return db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+
+    def _set_version(self, db, version: int) -> None:
+        if self.backend == "sqlite":
+            db.execute(f"PRAGMA user_version = {version}")
+            return
+        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        db.execute("DELETE FROM schema_version")
+        db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
 
     def _check_path(self, path: Path) -> None:
         # SQLite would open an unwritable file read-only without a word and fail on the
@@ -379,7 +452,7 @@ class Store:
 
     def _migrate(self) -> None:
         db = self._conn()
-        version = db.execute("PRAGMA user_version").fetchone()[0]
+        version = self._version(db)
         if version > SCHEMA_VERSION:
             raise StoreError(f"history database {self.path} has schema version {version}, newer than "
                              f"this chatcore knows ({SCHEMA_VERSION}): upgrade chatcore to open it")
@@ -390,12 +463,12 @@ class Store:
                              f"{SCHEMA_VERSION}); open it writable once to migrate it")
         with self._write() as db:
             # Re-read inside the write lock: another process may have migrated meanwhile.
-            version = db.execute("PRAGMA user_version").fetchone()[0]
+            version = self._version(db)
             for target in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in MIGRATIONS[target - 1]:
                     db.execute(statement)
             if version < SCHEMA_VERSION:
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                self._set_version(db, SCHEMA_VERSION)
 
     # --- plumbing -----------------------------------------------------------------
 
@@ -419,8 +492,20 @@ class Store:
             log.critical("%s", self._lost)
             raise StoreError(self._lost)
 
-    def _error(self, err: sqlite3.Error) -> StoreError:
+    def _error(self, err: Exception) -> StoreError:
         text = str(err)
+        if not isinstance(err, sqlite3.Error):
+            from . import postgres
+
+            kind = postgres.error_kind(err)
+            if kind == "locked":
+                return StoreError(f"history database {self.path} is locked by another process "
+                                  f"(gave up after {self.timeout:g} s): {text}")
+            if kind == "read-only":
+                return StoreError(f"history database {self.path} is read-only: {text}")
+            if kind == "connect":
+                return StoreError(f"cannot use history database {self.path}: {text}")
+            return StoreError(f"history database {self.path}: {text}")
         name = getattr(err, "sqlite_errorname", "")
         if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in text:
             return StoreError(f"history database {self.path} is locked by another process "
@@ -440,7 +525,7 @@ class Store:
         with self._lock:
             try:
                 yield self._conn()
-            except sqlite3.Error as err:
+            except self._errors as err:
                 raise self._error(err) from None
 
     @contextmanager
@@ -489,7 +574,7 @@ class Store:
     def schema_version(self) -> int:
         """The schema version of the open database."""
         with self._translated() as db:
-            return db.execute("PRAGMA user_version").fetchone()[0]
+            return self._version(db)
 
     # --- conversations ------------------------------------------------------------------
 
@@ -810,7 +895,7 @@ class Store:
         """
         if policy not in ("off", "opt_in", "opt_out"):
             raise ValueError(f"policy must be off, opt_in or opt_out, not {policy!r}")
-        new = {"off": "0", "opt_in": "COALESCE(e.consent = 'yes', 0)",
+        new = {"off": "0", "opt_in": "CASE WHEN e.consent = 'yes' THEN 1 ELSE 0 END",
                "opt_out": "COALESCE(e.consent, 'unset') != 'no'"}[policy]
         where = "c.adapter = ?"
         args: list[Any] = [adapter]
@@ -1020,14 +1105,17 @@ class Store:
         """Counts and dates for `chatcore history stats` and /status."""
         with self._translated() as db:
             exchanges, imported, first, last = db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(source = 'import'), 0), MIN(created_at), MAX(replied_at) "
+                "SELECT COUNT(*), COALESCE(SUM(CASE WHEN source = 'import' THEN 1 ELSE 0 END), 0), "
+                "MIN(created_at), MAX(replied_at) "
                 "FROM exchanges").fetchone()
             conversations, users = db.execute(
                 "SELECT COUNT(*), COUNT(DISTINCT adapter || ':' || user) FROM conversations").fetchone()
             opted_out = db.execute("SELECT COUNT(*) FROM opted_out").fetchone()[0]
             feedback = db.execute("SELECT COUNT(*) FROM feedback").fetchone()[0]
-        size = 0
-        if self.path != ":memory:":
+            size = 0
+            if self.backend == "postgresql":
+                size = db.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+        if self.backend == "sqlite" and self.path != ":memory:":
             size = sum(os.path.getsize(p) for p in (self.path, self.path + "-wal") if os.path.exists(p))
         return {
             "path": self.path,
@@ -1066,7 +1154,8 @@ class Store:
                                          "conversations WHERE started_at >= ? GROUP BY d", (since,)):
                 if day in rows:
                     rows[day]["conversations"] = count
-            for day, good, bad in db.execute("SELECT CAST(at / 86400 AS INTEGER) d, SUM(value > 0), SUM(value < 0) "
+            for day, good, bad in db.execute("SELECT CAST(at / 86400 AS INTEGER) d, SUM(CASE WHEN value > 0 THEN 1 ELSE 0 END), "
+                                             "SUM(CASE WHEN value < 0 THEN 1 ELSE 0 END) "
                                              "FROM feedback WHERE at >= ? GROUP BY d", (since,)):
                 if day in rows:
                     rows[day].update(good=good or 0, bad=bad or 0)
@@ -1101,3 +1190,84 @@ class Store:
             rows = db.execute("SELECT c.adapter, c.channel, COUNT(e.id) n FROM conversations c JOIN exchanges e "
                               "ON e.conversation_id = c.id GROUP BY c.adapter, c.channel ORDER BY n DESC").fetchall()
         return [{"adapter": a, "channel": ch, "exchanges": n} for a, ch, n in rows]
+
+    # --- moving a history between backends (`chatcore history migrate`) ----------------------------
+
+    def _columns(self, table: str) -> list[str]:
+        # PostgreSQL's emulated rowid (see chatcore.postgres) is an artefact of the backend, not data.
+        with self._translated() as db:
+            return [d[0] for d in db.execute(f"SELECT * FROM {table} LIMIT 0").description if d[0] != "rowid"]
+
+    def table_rows(self, table: str, *, batch: int = 1000) -> Iterator[tuple]:
+        """Every row of a schema table in insertion order (by id, else rowid), all columns but the rowid."""
+        columns = self._columns(table)
+        key = _integer_key(table) or "rowid"  # PostgreSQL gives only keyless tables its emulated rowid
+        select = f"SELECT {key}, {', '.join(columns)} FROM {table} WHERE {key} > ? ORDER BY {key} LIMIT ?"
+        last: Any = -1 << 63
+        while True:
+            with self._translated() as db:
+                rows = db.execute(select, (last, batch)).fetchall()
+            for row in rows:
+                yield row[1:]
+            if len(rows) < batch:
+                return
+            last = rows[-1][0]
+
+    def digest(self) -> tuple[dict[str, int], str]:
+        """(rows per table, SHA-256 of every row of every table): equal on both sides of a lossless copy."""
+        counts, sha = {}, hashlib.sha256()
+        for table in schema_tables():
+            sha.update(json.dumps([table, self._columns(table)]).encode())
+            counts[table] = 0
+            for row in self.table_rows(table):
+                sha.update(json.dumps(row, ensure_ascii=False, allow_nan=True).encode("utf-8", "surrogatepass"))
+                counts[table] += 1
+        return counts, sha.hexdigest()
+
+
+def schema_tables() -> list[str]:
+    """The tables the migrations create (and do not drop), parents before children."""
+    tables: list[str] = []
+    for statement in (s for migration in MIGRATIONS for s in migration):
+        if m := re.match(r"\s*CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?(\w+)", statement, re.I):
+            tables.append(m[1])
+        elif m := re.match(r"\s*DROP\s+TABLE\s+(?:IF\s+EXISTS\s+)?(\w+)", statement, re.I):
+            tables.remove(m[1])
+    return tables
+
+
+def copy_history(source: Store, target: Store) -> dict[str, int]:
+    """Copy every row of `source` into the empty `target`, ids kept, in one transaction; returns rows per table.
+
+    Stop the bots first: rows written to the source during the copy may be missed.
+    """
+    if source.schema_version != target.schema_version:
+        raise StoreError(f"{source.path} has schema version {source.schema_version}, {target.path} "
+                         f"{target.schema_version}: open the older one writable once to migrate it")
+    tables = schema_tables()
+    with target._translated() as db:
+        filled = {t: n for t in tables if (n := db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0])}
+    if filled:
+        raise StoreError(f"{target.path} is not empty ({', '.join(f'{n} {t}' for t, n in filled.items())}): "
+                         "refusing to mix two histories; migrate into a new database")
+    counts = {}
+    with target._write() as db:
+        for table in tables:
+            columns = source._columns(table)
+            insert = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+            counts[table] = 0
+            batch: list[tuple] = []
+            for row in source.table_rows(table):
+                batch.append(row)
+                if len(batch) >= IMPORT_BATCH:
+                    db.executemany(insert, batch)
+                    counts[table] += len(batch)
+                    batch = []
+            if batch:
+                db.executemany(insert, batch)
+                counts[table] += len(batch)
+            if target.backend == "postgresql" and "id" in columns:
+                # Rows came with their ids: move the identity past them, or the next insert collides.
+                db.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                           f"(SELECT COALESCE(MAX(id), 0) + 1 FROM {table}), false)")
+    return counts

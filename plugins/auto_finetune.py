@@ -107,7 +107,7 @@ class State:
         cfg = bot.config.get("plugins.auto_finetune") or {}
         self.cfg = cfg
         self.models_dir = Path(bot.config.data_dir) / "models"
-        self.scheduler = JobScheduler(self.models_dir, threads=cfg.get("threads"))
+        self.scheduler = JobScheduler(self.models_dir, threads=cfg.get("threads"), lock_url=bot.config.store_url)
         self.job: Job | None = None
         self.task: asyncio.Task | None = None
         self.last_attempt = 0.0

@@ -31,8 +31,8 @@ def msg(text="hi", adapter="stdin", channel="local", user="ana", **kw) -> Messag
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "history.db")
+def store(history_url):
+    s = Store(history_url)
     yield s
     s.close()
 
@@ -345,8 +345,8 @@ def test_forget_user(store):
     assert store.stats()["opted_out"] == 2
 
 
-def test_finetune_counter_persists_across_reopen(tmp_path):
-    path = tmp_path / "h.db"
+def test_finetune_counter_persists_across_reopen(history_url):
+    path = history_url
     with Store(path) as s:
         assert s.exchanges_since_finetune() == 0 and s.last_finetune() is None
         for i in range(3):
@@ -373,9 +373,9 @@ def test_exchanges_pages_through_everything(store):
     assert [e.id for e in store.exchanges(since_id=5, batch=2)] == [6, 7]
 
 
-def test_bot_and_trainer_write_concurrently(tmp_path):
+def test_bot_and_trainer_write_concurrently(history_url):
     # The bot's thread and a second Store on the same file (as the trainer process has) interleave safely.
-    path = tmp_path / "h.db"
+    path = history_url
     bot, trainer = Store(path), Store(path)
     errors = []
 

@@ -49,7 +49,7 @@ class JobSpec:
     models_dir: str
     base: str  # start weights: a checkpoint file, a Hugging Face dir, or a hub name such as "gpt2"
     serving: str | None = None  # what the candidate must beat (None: the same as base)
-    store: str | None = None  # SQLite history file
+    store: str | None = None  # the history: an SQLite file or a postgresql:// URL
     jsonl: list[str] = field(default_factory=list)  # extra seed-format chat_history.jsonl files
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
     guards: dict[str, Any] = field(default_factory=dict)  # GuardConfig fields
@@ -71,7 +71,7 @@ def spec_from_config(config: Any, base: str, serving: str | None = None, **overr
         return {k: v for k, v in (section.get(name) or {}).items() if v is not None and v != []}
 
     fields = dict(models_dir=str(Path(config.data_dir) / "models"), base=base, serving=serving,
-                  store=str(config.store_path), train=options("training"), guards=options("guards"),
+                  store=config.store_url, train=options("training"), guards=options("guards"),
                   gate=options("gate"), preference=options("preference"), val_fraction=float(section.get("val_fraction", 0.1)),
                   threads=section.get("threads"))
     fields.update(overrides)
@@ -118,6 +118,7 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
     from ..tokenizer import Tokenizer
     from .data import GuardConfig, build_dataset, from_store, load_jsonl
     from ..registry import Registry
+    from ..store import is_postgres_url
     from .gate import GateConfig, judge_file
     from .preference import preference_metrics
     from .train import Resume, TrainConfig, set_threads, train
@@ -235,6 +236,10 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
         if spec.scope is None:
             store.mark_finetune(checkpoint=cand.name, up_to_id=up_to_id)
         store.close()
+    if verdict.promoted and is_postgres_url(spec.store):
+        from ..postgres import announce_registry_change
+
+        announce_registry_change(spec.store, cand.name)  # every instance swaps now, not at its next poll
     log.info("%s: %s", result["status"], verdict.reason)
     return result
 
