@@ -5,6 +5,8 @@ Adapters see it only through `chatcore.adapter.BotSurface`."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import random
 import re
 import logging
 from contextlib import aclosing
@@ -138,15 +140,22 @@ class Bot:
         answer = await self._first_result("message_received", bot=self, message=message)
         if answer is DROP:
             return None
+        if isinstance(answer, Reply) and answer.exchange_id is not None:
+            return answer  # already generated and logged (e.g. /retry)
         if answer is not None:
             # A command may answer with a whole Reply (e.g. /mydata, which carries a file).
             reply = answer if isinstance(answer, Reply) else Reply(text=str(answer), message=message, from_model=False)
             await self._call("reply_ready", bot=self, message=message, reply=reply)
             return reply if reply.text else None
 
-        engine = self.generator.engine
         # Every store call runs on the store's thread: a locked database delays this chat, not the loop.
         history = await self.store.run(self.store.history, message, limit=self.config["bot"]["history_turns"])
+        return await self._generate(message, history, params, on_delta)
+
+    async def _generate(self, message: Message, history: list[tuple[str, str]], params: SamplingParams,
+                      on_delta: Callable[[str], Any] | None = None, retry_of: int | None = None) -> Reply | None:
+        """Prompt, generate, run the reply hooks and log a model reply to `message` after `history`."""
+        engine = self.generator.engine
         prompt = build_prompt(message.text, history, engine.count_tokens,
                               budget=engine.block_size - min(params.max_new_tokens, engine.block_size // 2))
         await self._call("prompt_built", bot=self, message=message, prompt=prompt)
@@ -170,6 +179,8 @@ class Bot:
         exchange = await self.store.run(self.store.log_exchange, message, reply.text, model_id=reply.model_id,
                                         params=params, policy=said.policy, consent=said.consent,
                                         trainable=said.trainable)
+        if retry_of is not None:
+            await self.store.run(self.store.link_retry, exchange.id, retry_of)
         reply.exchange_id = exchange.id
         await self._call("exchange_logged", bot=self, exchange=exchange)
         return reply
@@ -196,6 +207,42 @@ class Bot:
         if self.store.remove_feedback(exchange.id, user_key, 1 if value > 0 else -1):
             await self._call("feedback_received", bot=self, exchange=exchange, user=user_key, value=0)
         return True
+
+    async def retry(self, message: Message) -> Reply | None:
+        """Answer the last message of `message`'s conversation again with another seed (/retry); None: nothing to retry.
+
+        The new reply replaces the old one in the conversation's history; the two become a
+        preference pair once the user rates one of them or keeps the new one (see `Store.preference_pairs`).
+        """
+        last = await self.store.run(self.store.last_exchange, message)
+        if last is None:
+            return None
+        # the asker's own message, so who vouches for them (and where they said it) carries over to the retry
+        original = dataclasses.replace(message, text=last.user_text, id=None)
+        history = await self.store.run(self.store.context_before, last.id, limit=self.config["bot"]["history_turns"])
+        return await self._generate(original, history, self.retry_params(last.params), retry_of=last.id)
+
+    async def retry_reply(self, adapter: str, platform_message_id: str, user: str) -> Reply | None:
+        """🔁 on a reply: retry it if it is the last reply of the reacting user's own conversation, else None."""
+        exchange = await self.store.run(self.store.find_by_platform_message_id, adapter, str(platform_message_id))
+        if exchange is None or exchange.user != str(user):
+            return None
+        message = Message(text=exchange.user_text, adapter=adapter, channel=exchange.channel, user=exchange.user,
+                          workspace=exchange.workspace)
+        last = await self.store.run(self.store.last_exchange, message)
+        if last is None or last.id != exchange.id:
+            return None  # an older reply: the conversation has moved on since
+        return await self.retry(message)
+
+    def retry_params(self, stored: dict[str, Any]) -> SamplingParams:
+        """The sampler settings of a stored reply with a fresh seed (a greedy reply is resampled at 0.8)."""
+        known = {f.name for f in dataclasses.fields(SamplingParams)}
+        params = dataclasses.replace(self.params, **{k: (tuple(v) if k == "stop" else v)
+                                                     for k, v in stored.items() if k in known})
+        seed = random.randrange(2**31)
+        if params.seed is not None and seed == params.seed:
+            seed += 1
+        return dataclasses.replace(params, seed=seed, temperature=params.temperature or 0.8)
 
     async def rate(self, exchange: Any, user_key: str, value: int) -> None:
         value = 1 if value > 0 else -1

@@ -24,6 +24,7 @@ Config (``plugins.auto_finetune``)::
     training: {...}       # chatcore.training.options.TrainConfig (lr, max_iters, loss_on, ...)
     guards: {...}         # chatcore.training.options.GuardConfig (duplicates, min length, user share, ...)
     gate: {...}           # chatcore.training.options.GateConfig (min_improvement, general_text, keep, ...)
+    preference: {...}     # chatcore.training.options.PreferenceConfig (enabled, min_labels, beta, ...)
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from chatcore.lineage import contains_any, gate_reference
 from chatcore.plugin_manager import call_hook
 from chatcore.registry import Registry
 from chatcore.training.job import MIN_SENSIBLE, JobSpec, spec_from_config
-from chatcore.training.options import GateConfig, GuardConfig, TrainConfig
+from chatcore.training.options import GateConfig, GuardConfig, PreferenceConfig, TrainConfig
 from chatcore.training.scheduler import Job, JobBusy, JobScheduler
 
 log = logging.getLogger("chatcore.auto_finetune")
@@ -87,6 +88,7 @@ def register_config(register):
         "training": _schema_of(TrainConfig),
         "guards": _schema_of(GuardConfig),
         "gate": _schema_of(GateConfig),
+        "preference": _schema_of(PreferenceConfig),
     })
 
 

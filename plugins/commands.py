@@ -44,6 +44,7 @@ def register_commands(register):
     register("status", status, anonymous=True)
     register("good", good)
     register("bad", bad)
+    register("retry", retry)
 
 
 @hookimpl(tryfirst=True)
@@ -71,9 +72,9 @@ def message_received(bot, message):
     return _run(command, bot, message, args.strip())
 
 
-async def _run(command, bot, message, args: str) -> Any:
+async def _run(command, bot, message, args: str) -> str | Reply:
     answer = await await_me_maybe(command.handler(bot, message, args))
-    return answer if isinstance(answer, Reply) else str(answer)  # a Reply may carry files
+    return answer if isinstance(answer, Reply) else str(answer)  # a Reply may carry files, or be a logged /retry
 
 
 class RateLimiter:
@@ -164,3 +165,9 @@ async def _rate_last(bot, message, value: int) -> str:
         return "There is no reply of mine in this conversation to rate yet."
     await bot.rate(exchange, message.user_key, value)
     return "Thanks for the feedback."
+
+
+async def retry(bot, message, args):
+    """Answer my last reply again, differently (then rate one, or just carry on with the new one)."""
+    reply = await bot.retry(message)
+    return reply if reply is not None else "There is no reply of mine in this conversation to retry yet."

@@ -54,6 +54,8 @@ class JobSpec:
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
     guards: dict[str, Any] = field(default_factory=dict)  # GuardConfig fields
     gate: dict[str, Any] = field(default_factory=dict)  # GateConfig fields
+    preference: dict[str, Any] = field(default_factory=dict)  # options.PreferenceConfig fields
+    preference_jsonl: list[str] = field(default_factory=list)  # labels from files (preference.load_preference_jsonl)
     val_fraction: float = 0.1
     threads: int | None = None
     progress: bool = True
@@ -68,7 +70,7 @@ def spec_from_config(config: Any, base: str, serving: str | None = None, **overr
 
     fields = dict(models_dir=str(Path(config.data_dir) / "models"), base=base, serving=serving,
                   store=str(config.store_path), train=options("training"), guards=options("guards"),
-                  gate=options("gate"), val_fraction=float(section.get("val_fraction", 0.1)),
+                  gate=options("gate"), preference=options("preference"), val_fraction=float(section.get("val_fraction", 0.1)),
                   threads=section.get("threads"))
     fields.update(overrides)
     return JobSpec(**fields)
@@ -110,6 +112,7 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
     from .data import GuardConfig, build_dataset, from_store, load_jsonl
     from ..registry import Registry
     from .gate import GateConfig, judge_file
+    from .preference import preference_metrics
     from .train import Resume, TrainConfig, set_threads, train
 
     t0 = time.time()
@@ -153,6 +156,8 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
 
     resume = Resume(models_dir / RESUME_NAME, resume_key(spec, train_cfg, data.hash, model.config))
     outcome = train(model, data, train_cfg, progress=spec.progress, should_stop=should_stop, resume=resume)
+    prefs_train, prefs_held, pref_outcome = preference_stage(spec, store, guard_cfg, train_cfg.seed, model, tok,
+                                                             should_stop)
 
     # candidate: written atomically (temp name + rename inside checkpoint.save)
     cand = candidate_path(models_dir)
@@ -160,14 +165,19 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
          train_loss=outcome.final_train_loss, val_loss=outcome.best_val_loss, data_hash=data.hash,
          data=data.summary(), training=asdict(train_cfg), stopped=outcome.stopped,
          initial_val_loss=outcome.initial_val_loss, resumed_from=outcome.resumed_from, lineage=lineage,
-         history=outcome.history)  # per-evaluation train/val losses: the dashboard's learning curves
+         history=outcome.history,  # per-evaluation train/val losses: the dashboard's learning curves
+         curves=outcome.curves(),  # the same as {iter, train, val} lists, for plotting
+         preference=pref_outcome.as_dict() if pref_outcome else None)
 
     del model  # the gate judges the file just written, exactly what would serve
     general = None
     if gate_cfg.general_text:
         general = general_text_data(gate_cfg.general_text, tok)
     canaries = canary_data(gate_cfg.canaries, tok) if gate_cfg.canary_check else None
-    verdict = judge_file(cand, serving, data.val, gate_cfg, general, canaries)
+    pref_block = gate_cfg.eval_block_size
+    verdict = judge_file(cand, serving, data.val, gate_cfg, general, canaries,
+                         preferences=(lambda m: preference_metrics(m, tok, prefs_held, pref_block))
+                         if len(prefs_held) else None)
     registry = Registry(models_dir, keep=gate_cfg.keep, keep_rejected=gate_cfg.keep_rejected)
     result = {
         "status": "promoted" if verdict.promoted else "rejected",
@@ -177,6 +187,8 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
         "gate": verdict.as_dict(),
         "training": {k: v for k, v in outcome.as_dict().items() if k != "history"},
         "history": outcome.history,
+        "preference": {**(pref_outcome.as_dict() if pref_outcome else {"stopped": "disabled"}),
+                       "train_labels": prefs_train.summary(), "held_out_labels": prefs_held.summary()},
         "data": data.summary(),
         "lineage": {"manifest": lineage["manifest"], "exchanges": len(lineage["exchange_ids"]),
                     "users": len(lineage["users"]), "inherited_from": lineage.get("inherited_from")},
@@ -221,6 +233,27 @@ def canary_data(path: str | None, tok):
         rows = [TrainingExchange(user=u, assistant=a, conversation=f"canary:{i}")
                 for i, (u, a) in enumerate(DEFAULT_CANARIES)]
     return tokenize(rows, tok) if rows else None
+
+
+def preference_stage(spec: JobSpec, store: Any, guards: Any, seed: int, model: Any, tok: Any,
+                     should_stop: Callable[[], bool] | None):
+    """Labels (store votes and pairs, label files) split like the data; KTO/DPO when enabled and enough exist."""
+    from .options import PreferenceConfig
+    from .preference import Preferences, from_store_preferences, load_preference_jsonl, train_preferences
+
+    cfg = PreferenceConfig.from_dict(spec.preference)
+    prefs = from_store_preferences(store, guards) if store is not None else Preferences()
+    for path in spec.preference_jsonl:
+        more = load_preference_jsonl(path)
+        prefs.labelled += more.labelled
+        prefs.pairs += more.pairs
+    train_prefs, held = prefs.split(spec.val_fraction, seed)
+    outcome = None
+    if cfg.enabled:
+        outcome = train_preferences(model, tok, train_prefs, cfg, should_stop=should_stop)
+        log.info("preference stage: %s after %d step(s), KL to reference %.4f (labels %s)",
+                 outcome.stopped, outcome.steps, outcome.kl, outcome.labels)
+    return train_prefs, held, outcome
 
 
 def general_text_data(path: str, tok):

@@ -228,6 +228,12 @@ class TrainOutcome:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def curves(self) -> dict[str, list]:
+        """Loss curves per evaluation for the sidecar: {"iter", "train", "val"} (train is None at iteration 0)."""
+        return {"iter": [h["iter"] for h in self.history],
+                "train": [h.get("train_loss") for h in self.history],
+                "val": [h["val_loss"] for h in self.history]}
+
 
 class _Progress:
     """Progress with an ETA: a tqdm bar on a terminal, else a plain line every tenth of the run.
