@@ -236,8 +236,10 @@ def is_adapter(path: str | Path) -> bool:
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(_META_KEY)
-        return raw is not None and json.loads(raw).get("format") == FORMAT
-    except (SafetensorError, OSError, ValueError):
+        meta = json.loads(raw) if raw is not None else None
+        # any other JSON (a list, a string) is not ours: the checkpoint loader says what is wrong with it
+        return isinstance(meta, dict) and meta.get("format") == FORMAT
+    except (SafetensorError, OSError, ValueError, RecursionError):
         return False
 
 
