@@ -14,6 +14,7 @@ bot must then read messages that do not mention it).
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import re
 from typing import Any
@@ -117,6 +118,7 @@ class DiscordAdapter(Adapter):
             is_direct=is_dm,
             mentions_bot=mentioned,
             id=str(message.id),
+            workspace=None if is_dm else str(message.guild.id),
             raw=message,
         )
 
@@ -140,7 +142,9 @@ class DiscordAdapter(Adapter):
     async def deliver(self, message: discord.Message, reply: Reply) -> None:
         """Send `reply` in chunks that fit; the first one answers `message` in servers."""
         for i, chunk in enumerate(split_message(reply.text, MESSAGE_LIMIT)):
-            sent = await message.channel.send(chunk, reference=self._reference(message) if i == 0 else None)
+            files = [discord.File(io.BytesIO(f.data), filename=f.name) for f in reply.files] if i == 0 else []
+            sent = await message.channel.send(chunk, reference=self._reference(message) if i == 0 else None,
+                                              files=files or None)
             await self.bot.record_delivery(reply, str(sent.id))
 
     @staticmethod

@@ -225,7 +225,10 @@ class HttpAdapter(Adapter):
         conversation = _conversation(request) or _optional_str(body, "conversation")
         message = self._message(request, text, _optional_str(body, "user"), conversation)
         reply = await self.bot.handle(message)
-        return web.json_response({"response": reply.text if reply else ""})
+        body = {"response": reply.text if reply else ""}
+        if reply is not None and reply.files:  # /mydata: the file's JSON, inline
+            body["files"] = [{"name": f.name, "content": _file_content(f)} for f in reply.files]
+        return web.json_response(body)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await _json_object(request)
@@ -367,6 +370,12 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     except UnicodeEncodeError:  # "\ud800" escapes: no text can be stored or tokenized with them
         raise ApiError(400, "the request body contains invalid Unicode (a lone surrogate)") from None
     return body
+
+
+def _file_content(file: Any) -> Any:
+    """A JSON file as its object, anything else as text."""
+    text = file.data.decode("utf-8", errors="replace")
+    return json.loads(text) if file.mime == "application/json" else text
 
 
 def _host_name(host: str | None) -> str:

@@ -177,7 +177,8 @@ class SlackAdapter(Adapter):
             self._seen.popitem(last=False)
         return True
 
-    def to_message(self, event: dict[str, Any], *, mention: bool) -> tuple[Message, str | None] | None:
+    def to_message(self, event: dict[str, Any], *, mention: bool,
+                   team: str | None = None) -> tuple[Message, str | None] | None:
         """The core's view of a Slack event and the thread to answer in, or None to ignore it."""
         if event.get("bot_id") or event.get("subtype") not in ANSWERED_SUBTYPES:
             return None
@@ -202,6 +203,7 @@ class SlackAdapter(Adapter):
             is_direct=is_dm,
             mentions_bot=mention,
             id=f"{channel}:{event['ts']}",
+            workspace=event.get("team") or team,
             raw=event,
         )
         return message, thread
@@ -214,7 +216,7 @@ class SlackAdapter(Adapter):
 
     async def _answer(self, body: dict[str, Any], event: dict[str, Any], *, mention: bool) -> None:
         # Bolt has already acked: this runs after Slack got its answer.
-        translated = self.to_message(event, mention=mention)
+        translated = self.to_message(event, mention=mention, team=body.get("team_id"))
         if translated is None or not self._first_delivery(body):
             return
         message, thread = translated
@@ -243,6 +245,9 @@ class SlackAdapter(Adapter):
         for chunk in split_message(reply.text, self.config.get("max_chars", 3900)):
             posted = await self._post(channel, thread, chunk)
             await self.bot.record_delivery(reply, f"{posted['channel']}:{posted['ts']}")
+        for f in reply.files:
+            await self.client.files_upload_v2(channel=channel, thread_ts=thread, filename=f.name, content=f.data,
+                                              title=f.name)
 
     async def _post(self, channel: str, thread: str | None, text: str) -> Any:
         return await self.client.chat_postMessage(channel=channel, thread_ts=thread, text=escape(text),

@@ -11,6 +11,7 @@ import asyncio
 import getpass
 import sys
 import threading
+from pathlib import Path
 from typing import IO, Any
 
 from chatcore import Message, hookimpl
@@ -25,6 +26,7 @@ class StdinAdapter(Adapter):
         "user": Field(str, None, help="Your user id in the history (default: your login name)."),
         "operator_is_admin": Field(bool, True, help="Whoever types here may run admin commands."),
         "stream": Field(bool, True, help="Print replies token by token when interactive."),
+        "exports_dir": Field(str, ".", help="Where files a reply carries (/mydata) are written."),
     }
 
     def __init__(self, bot: BotSurface, config: dict[str, Any], *, stdin: IO[bytes] | None = None,
@@ -86,10 +88,20 @@ class StdinAdapter(Adapter):
                 self._write(refused.notice + "\n")
             return
         text_out = reply.text if reply else ""
+        for f in reply.files if reply else ():
+            text_out += f"\n{f.name} written to {self._save(f)}"
         if streaming and started and reply is not None and reply.from_model:
             self._write("\n")  # already streamed (a rewrite by a plugin shows in the history, not twice here)
         else:
             self._write(text_out + "\n")
+
+    def _save(self, file: Any) -> Path:
+        """A terminal cannot take an attachment: the file goes into `exports_dir`."""
+        folder = Path(self.config.get("exports_dir") or ".").expanduser()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / Path(file.name).name
+        path.write_bytes(file.data)
+        return path
 
     def _write(self, text: str) -> None:
         self.stdout.write(text)

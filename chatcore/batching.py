@@ -106,6 +106,7 @@ class BatchScheduler:
         self.died: BaseException | None = None  # what killed the worker thread, if anything did
         self.heartbeat = time.monotonic()  # when the worker last went round its loop (health checks)
         self.steps = 0  # decode steps run (for tests and benchmarks)
+        self.step_rows = 0  # conversations over all decode steps: step_rows / steps is the mean batch size
         self._thread = threading.Thread(target=self._run, name="chatcore-batch", daemon=True)
         self._thread.start()
 
@@ -247,6 +248,7 @@ class BatchScheduler:
             decoding = self._compact(decoding)
             logits = self._forward(decoding, [[r.pending] for r in decoding])
             self.steps += 1
+            self.step_rows += len(decoding)
             self._sampled(decoding, logits)
 
     def _compact(self, decoding: list[Request]) -> list[Request]:

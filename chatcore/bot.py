@@ -14,7 +14,9 @@ from typing import Any
 
 from .adapter import AdapterError
 from .config import Config, load_config
-from .message import DROP, Message, Reply
+from .consent import check_config, decide
+from .message import DROP, Busy, Message, Reply
+from .metrics import Metrics
 from .params import SamplingParams
 from .plugin_manager import Command, PluginManager, await_me_maybe, call_hook, make_plugin_manager
 from .prompt import build_prompt
@@ -46,6 +48,7 @@ class Bot:
         self.adapters: list[Any] = []
         self._stopping = asyncio.Event()
         self.registry_watch = RegistryWatch(config)  # from now on, registry changes are followed
+        self.metrics = Metrics(self)  # per bot: tests with many bots never share counters
 
     # --- building -------------------------------------------------------------
 
@@ -65,6 +68,7 @@ class Bot:
         if not isinstance(config, Config):
             config = load_config(config, pm.schema())
         pm.disable(config["plugins"]["disabled"])
+        check_config(config)  # an unacknowledged Discord/Slack training policy stops the bot before it starts
         store = Store(config.store_path, timeout=config["store"]["busy_timeout_s"])  # first: a locked or read-only database fails before the model loads
         if engine is None:
             try:
@@ -108,6 +112,22 @@ class Bot:
 
     async def handle(self, message: Message, on_delta: Callable[[str], Any] | None = None,
                      params: SamplingParams | None = None) -> Reply | None:
+        """Answer `message` (see `_answer`), counted and timed for /metrics."""
+        probe = self.metrics.request(message.adapter)
+        try:
+            reply = await self._answer(message, probe.wrap(on_delta), params)
+        except Busy:
+            probe.done("busy")
+            raise
+        except BaseException:
+            probe.done("error")
+            raise
+        outcome = "silent" if reply is None else "answered" if reply.from_model else "hook"
+        probe.done(outcome, reply, self.generator.engine.count_tokens)
+        return reply
+
+    async def _answer(self, message: Message, on_delta: Callable[[str], Any] | None = None,
+                      params: SamplingParams | None = None) -> Reply | None:
         """Answer `message`: hooks, history, model, store. None means nothing to send.
 
         `params` replaces the configured sampler settings for this message (per-request API settings).
@@ -119,7 +139,8 @@ class Bot:
         if answer is DROP:
             return None
         if answer is not None:
-            reply = Reply(text=str(answer), message=message, from_model=False)
+            # A command may answer with a whole Reply (e.g. /mydata, which carries a file).
+            reply = answer if isinstance(answer, Reply) else Reply(text=str(answer), message=message, from_model=False)
             await self._call("reply_ready", bot=self, message=message, reply=reply)
             return reply if reply.text else None
 
@@ -145,8 +166,10 @@ class Bot:
         await self._call("reply_ready", bot=self, message=message, reply=reply)
         if not reply.text:
             return None
+        said = await self.store.run(decide, self.config, self.store, message)  # provenance, fixed now
         exchange = await self.store.run(self.store.log_exchange, message, reply.text, model_id=reply.model_id,
-                                        params=params)
+                                        params=params, policy=said.policy, consent=said.consent,
+                                        trainable=said.trainable)
         reply.exchange_id = exchange.id
         await self._call("exchange_logged", bot=self, exchange=exchange)
         return reply

@@ -38,8 +38,7 @@ import os
 import pickle
 import threading
 import uuid
-import zipfile
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -49,6 +48,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .model import GPT, GPTConfig
+from .tokenizer import N_VOCAB  # the ids a serving model must cover, end-of-text included
 
 FORMAT = "chatcore-checkpoint/1"
 _META_KEY = "chatcore"
@@ -100,13 +100,20 @@ def save(
     meta_json = json.dumps(meta, indent=2, sort_keys=True)
     # the head is the embedding (tied): store it once, contiguous, on the CPU
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    _atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={_META_KEY: meta_json}))
-    _atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(meta_json + "\n", encoding="utf-8"))
+    # sidecar first: a weights file that exists always has its complete sidecar beside it
+    atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(meta_json + "\n", encoding="utf-8"))
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={_META_KEY: meta_json}))
     return path
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+def temp_name(path: Path) -> Path:
+    """The hidden temporary name `atomic_write` writes ``path`` under (``.NAME.<hex>.tmp``)."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then move it into place."""
+    tmp = temp_name(path)
     try:
         write(tmp)
         with open(tmp, "rb") as f:
@@ -169,16 +176,24 @@ def read_meta(path: str | Path) -> dict:
         raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
     if _META_KEY in header:
         try:
-            return json.loads(header[_META_KEY])
+            return _meta_mapping(json.loads(header[_META_KEY]), f"{path}: metadata")
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{path}: metadata is not valid JSON: {e}") from e
     side = sidecar_path(path)
     if side.is_file():
         try:
-            return json.loads(side.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, OSError) as e:
+            return _meta_mapping(json.loads(side.read_text(encoding="utf-8")), f"{side}: sidecar")
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
             raise CheckpointError(f"{side}: unreadable sidecar: {e}") from e
     raise CheckpointError(f"{path} has no chatcore metadata and no sidecar {side.name}: its config is unknown")
+
+
+def _meta_mapping(meta: Any, what: str) -> dict:
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{what} is a JSON {type(meta).__name__}, not an object")
+    if not isinstance(meta.get("provenance", {}), dict):
+        raise CheckpointError(f"{what}: provenance is not an object")
+    return meta
 
 
 def as_column_major(t: torch.Tensor) -> torch.Tensor:
@@ -304,7 +319,7 @@ def torch_load(path: Path) -> Any:
             f"refused to load {path}: it asks to run or build something other than tensors "
             f"and a GPTConfig, which could execute code ({str(e).splitlines()[-1] if str(e) else e})"
         ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, TypeError) as e:
+    except Exception as e:  # torch's parser meets untrusted bytes: IndexError, KeyError, struct.error, ...
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {e}") from e
 
 
@@ -427,22 +442,53 @@ def _skip_init():
 _INIT_LOCK = threading.Lock()
 
 
-def build_model(cfg: GPTConfig, state: dict[str, torch.Tensor], source: str = "state dict") -> GPT:
-    """A GPT with exactly these weights; any missing, extra or misshapen tensor is an error."""
+def expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight a model of ``cfg`` holds (``lm_head.weight`` left out: it is ``wte``), by name.
+
+    Read off a one-layer skeleton and repeated per layer, so a config declaring an
+    absurd size costs nothing to check."""
     with torch.device("meta"), _skip_init():
-        model = GPT(cfg)  # a skeleton: every tensor is replaced below
-    state = dict(state)
-    state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))
-    expected = model.state_dict()
+        one = GPT(replace(cfg, n_layer=1)).state_dict()
+    out: dict[str, tuple[int, ...]] = {}
+    for k, v in one.items():
+        if k == "lm_head.weight":
+            continue
+        if k.startswith("transformer.h.0."):
+            rest = k.removeprefix("transformer.h.0.")
+            out.update((f"transformer.h.{i}.{rest}", tuple(v.shape)) for i in range(cfg.n_layer))
+        else:
+            out[k] = tuple(v.shape)
+    return out
+
+
+def check_weights(cfg: GPTConfig, state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights that do not fit ``cfg`` (names, shapes, float dtype), before anything is built."""
+    layers = {k.split(".")[2] for k in state if k.startswith("transformer.h.")}
+    if len(layers) != cfg.n_layer:
+        raise CheckpointError(f"{source}: the config declares n_layer={cfg.n_layer} but the file holds "
+                              f"{len(layers)} layer(s) of weights")
+    expected = expected_shapes(cfg)
     missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    unexpected = sorted(set(state) - set(expected) - {"lm_head.weight"})
     if missing or unexpected:
         raise CheckpointError(
             f"{source}: weights do not match the config (missing: {missing[:5]}, unexpected: {unexpected[:5]})"
         )
-    for k, v in expected.items():
-        if state[k].shape != v.shape:
-            raise CheckpointError(f"{source}: {k} has shape {tuple(state[k].shape)}, config wants {tuple(v.shape)}")
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != shape:
+            raise CheckpointError(f"{source}: {k} has shape {tuple(state[k].shape)}, config wants {shape}")
+    for k, v in state.items():
+        if not v.is_floating_point():
+            raise CheckpointError(f"{source}: {k} holds {v.dtype} values; weights must be floating point")
+
+
+def build_model(cfg: GPTConfig, state: dict[str, torch.Tensor], source: str = "state dict") -> GPT:
+    """A GPT with exactly these weights; any missing, extra or misshapen tensor is an error."""
+    check_weights(cfg, state, source)  # first: the skeleton below costs time in proportion to the config
+    with torch.device("meta"), _skip_init():
+        model = GPT(cfg)  # a skeleton: every tensor is replaced below
+    state = dict(state)
+    state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))
     if state["lm_head.weight"] is not state["transformer.wte.weight"] and not torch.equal(
         state["lm_head.weight"], state["transformer.wte.weight"]
     ):
@@ -450,3 +496,32 @@ def build_model(cfg: GPTConfig, state: dict[str, torch.Tensor], source: str = "s
     model.load_state_dict(state, assign=True)
     model.transformer.wte.weight = model.lm_head.weight  # assign=True replaced the shared parameter
     return model
+
+
+# --- fit to serve ---------------------------------------------------------------------
+
+MIN_SERVING_BLOCK = 64  # room for a short prompt and a reply
+
+
+def check_servable(model: GPT, source: str, n_vocab: int = N_VOCAB) -> None:
+    """Refuse a model that cannot answer requests: every serving, promotion and swap path calls this.
+
+    The vocabulary must cover the tokenizer's ids, the context must hold a prompt and
+    a reply, and the weights must be floating point, finite and shaped as the config says.
+    """
+    cfg = model.config
+    if cfg.vocab_size < n_vocab:
+        raise CheckpointError(f"{source}: vocab_size {cfg.vocab_size} does not cover the tokenizer's "
+                              f"{n_vocab} token ids (end-of-text included): it cannot serve")
+    if cfg.block_size < MIN_SERVING_BLOCK:
+        raise CheckpointError(f"{source}: block_size {cfg.block_size} is too short to hold a prompt and a reply "
+                              f"(at least {MIN_SERVING_BLOCK}): it cannot serve")
+    shapes = expected_shapes(cfg)
+    for name, p in model.state_dict().items():
+        want = shapes.get(name, shapes["transformer.wte.weight"] if name == "lm_head.weight" else None)
+        if want is None or tuple(p.shape) != want:
+            raise CheckpointError(f"{source}: {name} does not fit its config {cfg}")
+        if not p.is_floating_point():
+            raise CheckpointError(f"{source}: {name} holds {p.dtype} values; weights must be floating point")
+        if not bool(torch.isfinite(p).all()):
+            raise CheckpointError(f"{source}: {name} holds NaN or infinite values: it cannot serve")

@@ -19,8 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, lineage
 from .config import ConfigError
+from .consent import check_config
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -82,10 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     history = sub.add_parser("history", help="export, import or count the conversation history", description="Work with the history store.")
     hsub = history.add_subparsers(title="history commands", metavar="ACTION", required=True)
-    p = hsub.add_parser("export", help="write chat_history.jsonl ({user, assistant} per line)", description="Export every exchange as JSONL.")
+    p = hsub.add_parser("export", help="write chat_history.jsonl ({user, assistant} per line)", description="Export every exchange as JSONL; with --user, everything stored about one user as JSON (what /mydata gives them).")
     config_arg(p)
     p.add_argument("-o", "--output", default="-", help="output file (default: stdout)")
+    p.add_argument("--user", help='one user\'s data as JSON, e.g. "discord:1234" (their user key)')
     p.set_defaults(run=cmd_history_export)
+    p = hsub.add_parser("relabel", help="apply a training policy to already stored exchanges (dry run by default)",
+                        description="Policy changes are never retroactive; this is the explicit way. It re-decides "
+                                    "whether matching exchanges may train the bot under --policy, from the consent "
+                                    "each user had when they said them, and says how many rows change.")
+    config_arg(p)
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--workspace", help="only this Discord guild / Slack workspace id")
+    p.add_argument("--channel", help="only this channel id")
+    p.add_argument("--policy", required=True, choices=("off", "opt_in", "opt_out"))
+    p.add_argument("--yes", action="store_true", help="apply the change (without it: only count)")
+    p.set_defaults(run=cmd_history_relabel)
     p = hsub.add_parser("import", help="read chat_history.jsonl into the store", description="Import a JSONL file in one transaction; bad lines are skipped and reported.")
     config_arg(p)
     p.add_argument("file", type=Path)
@@ -133,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, help="training time budget (default 4)")
     p.add_argument("--force", action="store_true", help="rebuild even if a starter model is cached")
     p.set_defaults(run=cmd_starter)
+    p = msub.add_parser("lineage", help="which models contain data of users since forgotten",
+                        description="For the serving model and each kept checkpoint: the exchanges and users it "
+                                    "was trained on, and whether any of them has since been forgotten or opted out.")
+    config_arg(p)
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(run=cmd_lineage)
     return parser
 
 
@@ -147,6 +166,7 @@ def load(config_path: Path | None):
     pm = make_plugin_manager()
     config = load_config(config_path, pm.schema())
     pm.disable(config["plugins"]["disabled"])
+    check_config(config)
     logging.getLogger("chatcore").setLevel(config["bot"]["log_level"])
     return pm, config
 
@@ -199,7 +219,14 @@ def _serve(bot: Any, adapters: list[str] | None) -> int:
 def cmd_history_export(args: argparse.Namespace) -> int:
     store = open_store(args.config, read_only=True)
     try:
-        if args.output == "-":
+        if args.user is not None:
+            data = json.dumps(store.user_data(args.user), indent=2, ensure_ascii=False) + "\n"
+            if args.output == "-":
+                sys.stdout.write(data)
+            else:
+                Path(args.output).write_text(data, encoding="utf-8")
+            count = len(json.loads(data)["exchanges"])
+        elif args.output == "-":
             count = store.export_jsonl(sys.stdout)
         else:
             count = store.export_jsonl(Path(args.output))
@@ -223,6 +250,27 @@ def cmd_history_import(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_history_relabel(args: argparse.Namespace) -> int:
+    from .config import PERMISSION_KEYS
+
+    _, config = load(args.config)
+    ack = PERMISSION_KEYS.get(args.adapter)
+    if ack and args.policy != "off" and not config.get(f"adapters.{args.adapter}.training.{ack}"):
+        raise Failure(f"{args.adapter}: training needs adapters.{args.adapter}.training.{ack}: true in the "
+                      "config (the platform's permission; see docs/privacy.md)")
+    store = open_store(args.config)
+    try:
+        counts = store.relabel(adapter=args.adapter, workspace=args.workspace, channel=args.channel,
+                               policy=args.policy, apply=args.yes)
+    finally:
+        store.close()
+    verb = "relabelled" if args.yes else "would relabel"
+    print(f"{verb} {counts['matched']} exchange(s) as {args.policy}: {counts['become_trainable']} "
+          f"become trainable, {counts['stop_trainable']} stop being trainable"
+          + ("" if args.yes else "; run again with --yes to apply"))
+    return EXIT_OK
+
+
 def cmd_history_stats(args: argparse.Namespace) -> int:
     store = open_store(args.config, read_only=True)
     try:
@@ -238,6 +286,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     _, config = load(args.file)
     enabled = [name for name, section in config["adapters"].items() if section.get("enabled")]
     print(f"{args.file}: OK (adapters enabled: {', '.join(enabled) or 'none'})")
+    for line in check_config(config):
+        print(line)
     print(yaml.safe_dump(config.redacted(), sort_keys=False), end="")
     return EXIT_OK
 
@@ -258,7 +308,7 @@ def finetune(config: Any, *, jsonl: list[Path] = (), use_store: bool = True, max
     """Run one fine-tune job in this process (holding the same lock as the bot's scheduler)."""
     from .registry import serving_checkpoint
     from .training.job import run_job, spec_from_config
-    from .training.scheduler import LOCK_NAME
+    from .training.scheduler import LOCK_NAME, clean_leftovers
     from .weights import models_dir as models_folder
     from .weights import resolve_model, starter_for
 
@@ -271,8 +321,14 @@ def finetune(config: Any, *, jsonl: list[Path] = (), use_store: bool = True, max
         raise Failure("the configured model has no checkpoint on disk to fine-tune from")
     models_dir = models_folder(config)
     promoted = serving_checkpoint(models_dir)
-    spec = spec_from_config(config, base, str(promoted) if promoted else base, progress=progress,
-                            jsonl=[str(f) for f in jsonl])
+    gone: set[str] = set()
+    if use_store:
+        from .store import Store
+
+        with Store(config.store_path) as store:
+            gone = set(store.excluded_users()) | set(store.forgotten())
+    serving = lineage.gate_reference(str(promoted) if promoted else None, base, gone)
+    spec = spec_from_config(config, base, serving, progress=progress, jsonl=[str(f) for f in jsonl])
     if not use_store:
         spec.store = None
     if max_iters:
@@ -285,6 +341,7 @@ def finetune(config: Any, *, jsonl: list[Path] = (), use_store: bool = True, max
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise Failure("a fine-tune job is already running (the bot's, or another chatcore finetune)") from None
+        clean_leftovers(models_dir)  # what crashed fine-tunes left behind
         return run_job(spec)
 
 
@@ -303,10 +360,30 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         print(f"{result['status']}: {Path(result['candidate']).name} - {g['reason']}")
         d = result["data"]
         print(f"data: {d['train_exchanges']} training / {d['val_exchanges']} validation exchanges; "
-              f"guards removed {sum(d['guards'].values())} ({', '.join(f'{k} {v}' for k, v in d['guards'].items() if v) or 'none'})")
+              f"guards removed {sum(d['guards'].values())} ({', '.join(f'{k} {v}' for k, v in d['guards'].items())})")
+        if g.get("candidate_canary_loss") is not None:
+            print(f"canaries: loss {g['candidate_canary_loss']:.4f} (serving {g['serving_canary_loss']:.4f})")
+        lin = result.get("lineage") or {}
+        if lin:
+            print(f"lineage: {lin['exchanges']} exchange(s) from {lin['users']} user(s), manifest {lin['manifest'][:19]}")
         if result["status"] == "promoted":
             print("A running bot serves it within seconds.")
     return 0
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from .store import Store
+    from .weights import models_dir
+
+    _, config = load(args.config)
+    with Store(config.store_path, read_only=config.store_path.exists()) as store:
+        excluded, forgotten = store.excluded_users(), store.forgotten()
+    rows = lineage.report(models_dir(config), excluded, forgotten)
+    print(json.dumps(rows, indent=2) if args.json else lineage.format_report(rows))
+    if not args.json and any(r["forgotten_users"] for r in rows):
+        print("\nA fine-tune from the base model without them replaces these "
+              "(plugins.auto_finetune.on_forget; or run `chatcore finetune`).")
+    return EXIT_OK
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
@@ -348,8 +425,7 @@ def cmd_starter(args: argparse.Namespace) -> int:
         cfg.minutes = args.minutes
     logging.getLogger("chatcore.training").setLevel(logging.INFO)
     try:
-        out = build_starter(path, corpus=args.corpus, cfg=cfg, threads=config.get("model.threads"),
-                            progress=sys.stderr.isatty())
+        out = build_starter(path, corpus=args.corpus, cfg=cfg, threads=config.get("model.threads"))
     except (RuntimeError, ValueError) as exc:
         raise Failure(str(exc)) from None
     print(f"starter model written to {out}")

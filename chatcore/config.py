@@ -98,11 +98,40 @@ CORE_SCHEMA: Schema = {
                                 help="How long a store call waits while another process (an import, the trainer) "
                                      "holds the database locked: the chat is delayed, then fails with a clear error."),
     },
+    "history": {
+        "retention_days": Field((int, float), None,
+                                help="Delete exchanges older than this, at start and daily (null: keep until /forget)."),
+    },
     "adapters": {},  # filled from the registered adapters
     "plugins": {
         "disabled": Field(list, [], help="Plugin names not to load (built-in or installed)."),
     },
 }
+
+# Training policy per adapter (docs/privacy.md): Discord's and Slack's terms forbid training on what their
+# APIs deliver without the platform's permission, so they start off and need an acknowledgement to turn on.
+DEFAULT_TRAINING_POLICY = {"stdin": "opt_out", "http": "opt_out", "discord": "off", "slack": "off"}
+PERMISSION_KEYS = {"discord": "i_have_discords_permission_to_train", "slack": "i_have_slacks_permission_to_train"}
+POLICY_HELP = "off | opt_in (only users who said /learn on) | opt_out (everyone but users who said /learn off)"
+
+
+def training_schema(adapter: str) -> Schema:
+    """The ``adapters.NAME.training`` section; checked further by `chatcore.consent.check_config`."""
+    schema: Schema = {
+        # (str, bool): YAML reads an unquoted `off` as false, which means off here too.
+        "policy": Field((str, bool), DEFAULT_TRAINING_POLICY.get(adapter, "off"), help=POLICY_HELP + (
+            " (HTTP: requests authenticated with api_key; anonymous ones are never trained on)"
+            if adapter == "http" else "")),
+        "workspaces": Field(dict, {}, help="Policy per Discord guild / Slack workspace id, e.g. {\"1234\": opt_in}."),
+        "channels": Field(dict, {}, help="Policy per channel id (a Slack thread follows its channel)."),
+    }
+    if adapter in PERMISSION_KEYS:
+        platform = adapter.capitalize()
+        schema[PERMISSION_KEYS[adapter]] = Field(bool, False, help=(
+            f"Set true only if {platform} has granted you permission to train models on its API data "
+            "(docs/privacy.md); without it every policy here must be off."))
+    return schema
+
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -162,7 +191,8 @@ def full_schema(adapters: Mapping[str, type] = {}, sections: Mapping[str, Schema
     """The core schema plus each adapter's and each registered section's."""
     schema: Schema = {k: dict(v) if isinstance(v, dict) else v for k, v in CORE_SCHEMA.items()}
     for name, cls in adapters.items():
-        schema["adapters"][name] = {"enabled": Field(bool, False), **getattr(cls, "config_schema", {})}
+        schema["adapters"][name] = {"enabled": Field(bool, False), **getattr(cls, "config_schema", {}),
+                                    "training": training_schema(name)}
     for dotted, section in sections.items():
         node = schema
         *parents, last = dotted.split(".")

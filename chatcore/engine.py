@@ -100,8 +100,10 @@ class Engine:
             torch.set_num_threads(int(threads))
         self.device = device if isinstance(device, torch.device) else pick_device(device)
         self.dtype = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype, self.device)
-        self.model = prepare_for_inference(model, self.device, self.dtype)
         self.tokenizer = tokenizer or Tokenizer()
+        # every engine (start-up, fallback, hot swap) is built here: no unservable weights get further
+        ckpt.check_servable(model, (meta or {}).get("source") or model_id, self.tokenizer.n_vocab)
+        self.model = prepare_for_inference(model, self.device, self.dtype)
         self.model_id = model_id
         self.meta = meta or {}
         self.block_size = model.config.block_size

@@ -14,12 +14,14 @@ exports are ignored.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import torch
 
-from .checkpoint import ColumnMajor, CheckpointError, Transform, as_column_major, build_model, load, read_safetensors, torch_load
+from .checkpoint import (ColumnMajor, CheckpointError, Transform, as_column_major, build_model, config_from_dict, load,
+                         read_safetensors, torch_load)
 from .model import GPT, GPTConfig
 
 GPT2_SIZES = {  # name: (n_layer, n_head, n_embd)
@@ -34,27 +36,33 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 def config_from_hf(cfg: dict, source: str = "config.json") -> GPTConfig:
     """GPTConfig from a Hugging Face GPT2Config dict; refuses variants this model does not compute."""
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{source}: a JSON {type(cfg).__name__}, not a GPT-2 config object")
     if cfg.get("model_type", "gpt2") != "gpt2":
         raise CheckpointError(f"{source}: model_type {cfg.get('model_type')!r} is not gpt2")
     act = cfg.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
         raise CheckpointError(f"{source}: activation {act!r} is not GPT-2's tanh GELU")
-    n_embd = cfg.get("n_embd", 768)
-    if cfg.get("n_inner") not in (None, 4 * n_embd):
-        raise CheckpointError(f"{source}: n_inner {cfg['n_inner']} is not 4 * n_embd")
-    if cfg.get("scale_attn_by_inverse_layer_idx") or cfg.get("scale_attn_weights") is False:
-        raise CheckpointError(f"{source}: non-standard attention scaling is not supported")
-    if abs(cfg.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
-        raise CheckpointError(f"{source}: layer_norm_epsilon {cfg['layer_norm_epsilon']} is not 1e-5")
-    return GPTConfig(
+    # every size is type-checked (a string or a list here is a clear error, not a TypeError later)
+    gpt = config_from_dict(dict(
         block_size=cfg.get("n_positions", cfg.get("n_ctx", 1024)),
         vocab_size=cfg.get("vocab_size", 50257),
         n_layer=cfg.get("n_layer", 12),
         n_head=cfg.get("n_head", 12),
-        n_embd=n_embd,
+        n_embd=cfg.get("n_embd", 768),
         dropout=0.0,
         bias=True,
-    )
+    ), source)
+    if cfg.get("n_inner") not in (None, 4 * gpt.n_embd):
+        raise CheckpointError(f"{source}: n_inner {cfg['n_inner']!r} is not 4 * n_embd")
+    if cfg.get("scale_attn_by_inverse_layer_idx") or cfg.get("scale_attn_weights") is False:
+        raise CheckpointError(f"{source}: non-standard attention scaling is not supported")
+    eps = cfg.get("layer_norm_epsilon", 1e-5)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or abs(eps - 1e-5) > 1e-12:
+        raise CheckpointError(f"{source}: layer_norm_epsilon {eps!r} is not 1e-5")
+    if cfg.get("tie_word_embeddings", True) not in (True, False):
+        raise CheckpointError(f"{source}: tie_word_embeddings {cfg['tie_word_embeddings']!r} is not a boolean")
+    return gpt
 
 
 def hf_name(k: str) -> str | None:
@@ -115,7 +123,7 @@ def load_hf_dir(
         raise CheckpointError(f"{path} has no config.json: not a Hugging Face model directory")
     try:
         hf_cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, OSError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         raise CheckpointError(f"{cfg_file}: {e}") from e
     cfg = config_from_hf(hf_cfg, str(cfg_file))
     weights = next((path / n for n in _WEIGHT_FILES if (path / n).is_file()), None)
@@ -140,7 +148,9 @@ def load_hf_dir(
         hf_state = torch_load(weights)
         if not isinstance(hf_state, dict) or not all(isinstance(v, torch.Tensor) for v in hf_state.values()):
             raise CheckpointError(f"{weights}: expected a state dict of tensors")
-    model = build_model(cfg, convert_hf_state_dict(hf_state, column_major), source=str(weights))
+    state = convert_hf_state_dict(hf_state, column_major)
+    check_head_tied(hf_cfg, hf_state.get("lm_head.weight"), state.get("transformer.wte.weight"), str(path))
+    model = build_model(cfg, state, source=str(weights))
     model.to(device)
     if dtype is not None:
         model.to(dtype)
@@ -154,6 +164,24 @@ def load_hf_dir(
     return model.eval(), meta
 
 
+def check_head_tied(hf_cfg: dict, head: torch.Tensor | None, wte: torch.Tensor | None, source: str) -> None:
+    """Refuse an export whose output head is not the token embedding.
+
+    chatcore's GPT ties them, as GPT-2 does: the native format stores one copy,
+    int8 quantisation, the decode layout and fine-tuning all rely on it. Loading
+    only the embedding would give silently wrong logits, so such a file is refused.
+    """
+    untied = hf_cfg.get("tie_word_embeddings", True) is False
+    if head is not None and wte is not None and head.shape == wte.shape and torch.equal(head, wte):
+        return  # an explicit copy of the tied head (older .bin exports)
+    if head is not None or untied:
+        raise CheckpointError(
+            f"{source}: its output head (lm_head) is not tied to the token embedding "
+            f"(tie_word_embeddings: {str(not untied).lower()}); chatcore's GPT-2 ties them, so it would "
+            "compute different logits. Re-export it with tie_word_embeddings: true."
+        )
+
+
 def fetch(
     name: str = "gpt2",
     cache_dir: str | Path | None = None,
@@ -162,25 +190,56 @@ def fetch(
     """The local directory of hub model ``name``: from the Hugging Face cache, or downloaded
     (with huggingface_hub's progress bars) when ``local_files_only`` is False.
 
+    Only ``config.json`` and one weights file are fetched: safetensors, else
+    ``pytorch_model.bin`` when the hub has no safetensors. A downloaded file whose bytes
+    do not hash to what the hub announced is removed from the cache (CheckpointError).
     Raises whatever huggingface_hub raises when the files are neither cached nor reachable.
     """
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.utils import EntryNotFoundError
 
+    cache = str(cache_dir) if cache_dir else None
+
+    def get(filename: str) -> Path:
+        if local_files_only:  # a look in the cache folder only: no request at all (hf_hub_download makes some)
+            found = try_to_load_from_cache(name, filename, cache_dir=cache)
+            if not isinstance(found, str):
+                raise FileNotFoundError(f"{name}/{filename} is not in the Hugging Face cache")
+            return Path(found)
+        path = Path(hf_hub_download(name, filename, cache_dir=cache))
+        verify_download(path, f"{name}/{filename}")
+        return path
+
+    folder = get("config.json").parent
     last: Exception | None = None
     for weights in _WEIGHT_FILES:  # prefer safetensors: no pickle at all
         try:
-            d = snapshot_download(
-                repo_id=name,
-                allow_patterns=["config.json", weights],
-                cache_dir=str(cache_dir) if cache_dir else None,
-                local_files_only=local_files_only,
-            )
-        except Exception as e:  # not cached / offline / no such file: try the next format
+            get(weights)  # lands beside config.json: one snapshot folder per commit
+        except (EntryNotFoundError, FileNotFoundError) as e:  # not on the hub (or not cached): try the next format
             last = e
             continue
-        if (Path(d) / weights).is_file():
-            return Path(d)
+        return folder
     raise last if last is not None else FileNotFoundError(f"{name}: no weights found on the hub")
+
+
+def verify_download(path: Path, what: str) -> None:
+    """Check a file huggingface_hub just downloaded against its sha256 (the cache names a
+    large file's blob by it); remove a mismatch, so nothing corrupt is ever loaded."""
+    blob = path.resolve()
+    expected = blob.name
+    if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
+        return  # a small git-stored file: its name is a git object id, not a content hash
+    h = hashlib.sha256()
+    with open(blob, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if h.hexdigest() != expected:
+        blob.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"{what} downloaded from the Hugging Face hub is corrupt (sha256 {h.hexdigest()[:12]}..., "
+            f"expected {expected[:12]}...); it was removed from the cache: run again to download it again"
+        )
 
 
 def load_hf(

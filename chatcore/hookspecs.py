@@ -62,6 +62,11 @@ def exchange_logged(bot, exchange):
 
 
 @hookspec
+def user_forgotten(bot, user_key, deleted):
+    """A user ran /forget: their rows are deleted; return a sentence to add to the answer, or None."""
+
+
+@hookspec
 def feedback_received(bot, exchange, user, value):
     """A user rated a reply: ``value`` is +1 (good), -1 (bad), or 0 (they withdrew their vote)."""
 

@@ -20,6 +20,7 @@ class Message:
     is_direct: bool = False  # a DM, or a one-to-one surface such as stdin
     mentions_bot: bool = False
     id: str | None = None  # the platform's message id, when it has one
+    workspace: str | None = None  # Discord guild / Slack team id: training policy and scopes follow it
     raw: Any = field(default=None, compare=False, repr=False)  # the platform event, for plugins
     # Who vouches for `user`. A chat platform does; an HTTP client without an API key names itself,
     # so its text is untrusted (for training too) and its `user` is free to rotate.
@@ -61,6 +62,16 @@ class Reply:
     exchange_id: int | None = None  # row id in the history store once logged
     model_id: str | None = None
     from_model: bool = True  # False when a command or plugin answered
+    files: tuple["File", ...] = ()  # attachments (e.g. /mydata); adapters deliver them as the platform allows
+
+
+@dataclass(frozen=True)
+class File:
+    """A file a reply carries: discord.File, Slack files_upload_v2, a path on stdin, inline JSON on HTTP."""
+
+    name: str
+    data: bytes = field(repr=False)
+    mime: str = "application/octet-stream"
 
 
 class _Drop:

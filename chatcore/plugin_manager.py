@@ -29,6 +29,8 @@ DEFAULT_PLUGINS: dict[str, str] = {
     "http": "chatcore.adapters.http",
     "commands": "chatcore.plugins.commands",
     "auto_finetune": "chatcore.plugins.auto_finetune",
+    "privacy": "chatcore.plugins.privacy",
+    "dashboard": "chatcore.plugins.dashboard",
 }
 
 # Which pip extra brings the library a built-in needs, for a useful error.

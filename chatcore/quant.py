@@ -35,6 +35,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from .checkpoint import CheckpointError
+
 
 def _quantized_engine() -> str:
     supported = torch.backends.quantized.supported_engines
@@ -137,6 +139,8 @@ class Int8Loader:
     def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.dim() != 2 or not name.startswith("transformer.h.") or not name.endswith(".weight"):
             return tensor  # embeddings, LayerNorms and biases stay as they are
+        if not bool(torch.isfinite(tensor).all()):  # the serving check can no longer see it once it is int8
+            raise CheckpointError(f"{name} holds NaN or infinite values: it cannot serve")
         self.quantized[name] = quantize_weight(tensor)
         return torch.zeros((), dtype=tensor.dtype).expand(tensor.shape)  # shape only; finish() replaces it
 

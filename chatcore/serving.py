@@ -99,6 +99,14 @@ class _Serial:
     def idle(self) -> bool:
         return not (self._pending or self._active)
 
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    @property
+    def active(self) -> int:
+        return self._active
+
     def health(self, stuck_after: float) -> str | None:
         """None when serving; else why not (a request has produced nothing for `stuck_after` s)."""
         if self._active and time.monotonic() - self.heartbeat > stuck_after:
@@ -142,6 +150,7 @@ class Generator:
         self._backend: Any = None
         self._retired: list[Any] = []  # backends of swapped-out engines, finishing their requests
         self._closed = False
+        self.busy = 0  # requests refused with Busy (for /metrics)
 
     @property
     def engine(self) -> Any:
@@ -176,7 +185,11 @@ class Generator:
         def sink(item: Any) -> None:  # called on the worker thread
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        handle = self.backend.submit(prompt, params, sink)  # Busy / ValueError surface here
+        try:
+            handle = self.backend.submit(prompt, params, sink)  # Busy / ValueError surface here
+        except Busy:
+            self.busy += 1
+            raise
         try:
             while (item := await queue.get()) is not DONE:
                 if isinstance(item, BaseException):
@@ -184,6 +197,20 @@ class Generator:
                 yield item
         finally:
             handle.cancel()
+
+    def stats(self) -> dict[str, int]:
+        """Queue and cache figures of the current engine's worker, for /metrics and the dashboard."""
+        backend = self._backend
+        out = {"waiting": 0, "running": 0, "busy": self.busy, "prefix_hits": 0, "prefix_misses": 0,
+               "decode_steps": 0, "decode_rows": 0}
+        if isinstance(backend, BatchScheduler):
+            out.update(waiting=backend.waiting, running=backend.running, decode_steps=backend.steps,
+                       decode_rows=backend.step_rows)
+            if backend.prefix_cache is not None:
+                out.update(prefix_hits=backend.prefix_cache.hits, prefix_misses=backend.prefix_cache.misses)
+        elif backend is not None:
+            out.update(waiting=backend.pending, running=backend.active)
+        return out
 
     async def generate(self, prompt: str, params: SamplingParams) -> str:
         return "".join([delta async for delta in self.stream(prompt, params)])

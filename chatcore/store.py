@@ -17,6 +17,12 @@ Tables (schema 2):
 - ``finetunes``: one row per fine-tune; ``up_to_id`` is the newest exchange it saw,
   so "exchanges since the last fine-tune" is a query, persisted by construction.
 
+Schema 3 (consent, see `chatcore.consent` and docs/privacy.md): each exchange
+also records its ``workspace`` (guild / team), the training ``policy`` and the
+user's ``consent`` when it was said, and whether it was ``trainable`` then;
+``consent`` holds each user's /learn answer, ``users`` when a user was first
+seen (the quarantine guard), ``forgotten`` who ran /forget and when (lineage).
+
 Every method is thread-safe (one connection behind a lock). Async code calls them
 through `Store.run`, on the store's own thread, so a database locked by another
 process (an import, the trainer, an sqlite3 shell) delays the exchange, up to
@@ -122,6 +128,28 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "CREATE TABLE opted_out (user_key TEXT PRIMARY KEY, at REAL NOT NULL)",
         "CREATE INDEX conversations_by_user ON conversations (adapter, user)",
     ),
+    # 3: consent and provenance (see chatcore.consent). Rows logged before it keep training only where
+    # the new defaults would allow it: never Discord or Slack, never anonymous HTTP.
+    (
+        "ALTER TABLE exchanges ADD COLUMN workspace TEXT",
+        "ALTER TABLE exchanges ADD COLUMN policy TEXT",  # off | opt_in | opt_out when said; NULL: not recorded
+        "ALTER TABLE exchanges ADD COLUMN consent TEXT",  # the user's /learn state when said: yes | no | unset
+        "ALTER TABLE exchanges ADD COLUMN trainable INTEGER NOT NULL DEFAULT 1",
+        """UPDATE exchanges SET trainable = 0 WHERE conversation_id IN (SELECT id FROM conversations
+            WHERE adapter IN ('discord', 'slack') OR (adapter = 'http' AND user = 'anonymous'))""",
+        "CREATE INDEX exchanges_by_created ON exchanges (created_at)",
+        """CREATE TABLE consent (
+            user_key TEXT PRIMARY KEY,
+            state TEXT NOT NULL CHECK (state IN ('yes', 'no')),
+            at REAL NOT NULL
+        )""",
+        # First sight of a user outlives retention, so an old member is never re-quarantined.
+        "CREATE TABLE users (user_key TEXT PRIMARY KEY, first_seen REAL NOT NULL)",
+        """INSERT OR IGNORE INTO users (user_key, first_seen)
+            SELECT adapter || ':' || user, MIN(started_at) FROM conversations GROUP BY adapter, user""",
+        # Who asked to be forgotten, and when: lineage flags checkpoints trained before that.
+        "CREATE TABLE forgotten (user_key TEXT PRIMARY KEY, at REAL NOT NULL)",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -144,6 +172,10 @@ class Exchange:
     feedback: int = 0  # sum of votes; 0 when none
     platform_message_id: str | None = None  # the first id the reply was delivered as
     source: str = "chat"  # "chat" or "import"
+    workspace: str | None = None  # guild / team id when said
+    policy: str | None = None  # the training policy when said (None: logged without provenance)
+    consent: str | None = None  # the user's /learn state when said: "yes", "no" or "unset"
+    trainable: bool = True  # whether policy and consent allowed training when it was said
 
     @property
     def user_key(self) -> str:
@@ -165,10 +197,13 @@ _EXCHANGE_SELECT = """
            COALESCE((SELECT SUM(f.value) FROM feedback f WHERE f.exchange_id = e.id), 0),
            (SELECT p.platform_message_id FROM platform_messages p
              WHERE p.exchange_id = e.id ORDER BY p.rowid LIMIT 1),
-           e.source
+           e.source, e.workspace, e.policy, e.consent, e.trainable = 1
     FROM exchanges e JOIN conversations c ON c.id = e.conversation_id
 """
 _NOT_OPTED_OUT = "(c.adapter || ':' || c.user) NOT IN (SELECT user_key FROM opted_out)"
+# Trainable when said, and the user has not since opted out, withdrawn consent or been forgotten.
+_TRAINABLE = (f"e.trainable = 1 AND {_NOT_OPTED_OUT} AND (c.adapter || ':' || c.user) NOT IN "
+              "(SELECT user_key FROM consent WHERE state = 'no')")
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
 
@@ -195,7 +230,7 @@ def _params_json(params: SamplingParams | dict | None) -> str:
 
 
 def _exchange(row: tuple) -> Exchange:
-    return Exchange(*row[:10], json.loads(row[10]), *row[11:])
+    return Exchange(*row[:10], json.loads(row[10]), *row[11:-1], bool(row[-1]))
 
 
 def _lines(f: IO, limit: int) -> Iterator[tuple[int, bytes | str | None]]:
@@ -497,8 +532,13 @@ class Store:
 
     def log_exchange(self, message: Message, reply_text: str, *, model_id: str | None,
                      params: SamplingParams | dict | None, created_at: float | None = None,
-                     replied_at: float | None = None) -> Exchange:
-        """Store a message and its reply in the sender's current conversation (starting one if needed)."""
+                     replied_at: float | None = None, policy: str | None = None, consent: str | None = None,
+                     trainable: bool = True) -> Exchange:
+        """Store a message and its reply in the sender's current conversation (starting one if needed).
+
+        `policy`, `consent` and `trainable` are the provenance `chatcore.consent.decide` gave when it was
+        said; the bot always passes them. Without them the row is the caller's own data (scripts, tests).
+        """
         if not isinstance(message.text, str) or not isinstance(reply_text, str):
             raise TypeError("message text and reply must be str")
         params_json = _params_json(params)
@@ -513,9 +553,11 @@ class Store:
                     (*key, created_at)).lastrowid
             exchange_id = db.execute(
                 "INSERT INTO exchanges (conversation_id, user_text, reply_text, created_at, replied_at, "
-                "model_id, params) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "model_id, params, workspace, policy, consent, trainable) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (conversation, _plain_text(message.text), _plain_text(reply_text), created_at, replied_at,
-                 model_id, params_json)).lastrowid
+                 model_id, params_json, message.workspace, policy, consent, int(bool(trainable)))).lastrowid
+            db.execute("INSERT OR IGNORE INTO users (user_key, first_seen) VALUES (?, ?)",
+                       (message.user_key, created_at))
             row = db.execute(_EXCHANGE_SELECT + " WHERE e.id = ?", (exchange_id,)).fetchone()
         return _exchange(row)
 
@@ -525,15 +567,20 @@ class Store:
             row = db.execute(_EXCHANGE_SELECT + " WHERE e.id = ?", (exchange_id,)).fetchone()
         return _exchange(row) if row else None
 
-    def exchanges(self, *, since_id: int = 0, include_opted_out: bool = False,
+    def exchanges(self, *, since_id: int = 0, include_opted_out: bool = False, user_key: str | None = None,
                   batch: int = 500) -> Iterator[Exchange]:
         """Every exchange with id > `since_id`, oldest first; opted-out users' are left out unless asked."""
         where = " WHERE e.id > ?" + ("" if include_opted_out else " AND " + _NOT_OPTED_OUT)
+        extra: tuple = ()
+        if user_key is not None:
+            where += " AND c.adapter || ':' || c.user = ?"
+            extra = (user_key,)
         last = since_id
         while True:
             # Fetched in pages so the lock is never held while the caller works on a row.
             with self._translated() as db:
-                rows = db.execute(_EXCHANGE_SELECT + where + " ORDER BY e.id LIMIT ?", (last, batch)).fetchall()
+                rows = db.execute(_EXCHANGE_SELECT + where + " ORDER BY e.id LIMIT ?",
+                                  (last, *extra, batch)).fetchall()
             for row in rows:
                 yield _exchange(row)
             if len(rows) < batch:
@@ -589,7 +636,10 @@ class Store:
                                  (user_key,)).rowcount
             db.execute(f"DELETE FROM conversations WHERE id IN ({conversations})", (user_key,))
             db.execute("DELETE FROM feedback WHERE user_key = ?", (user_key,))
+            db.execute("DELETE FROM users WHERE user_key = ?", (user_key,))
+            db.execute("DELETE FROM consent WHERE user_key = ?", (user_key,))
             db.execute("INSERT OR IGNORE INTO opted_out (user_key, at) VALUES (?, ?)", (user_key, time.time()))
+            db.execute("INSERT OR REPLACE INTO forgotten (user_key, at) VALUES (?, ?)", (user_key, time.time()))
         return deleted
 
     def opt_out(self, user_key: str) -> None:
@@ -602,6 +652,103 @@ class Store:
         with self._translated() as db:
             return db.execute("SELECT 1 FROM opted_out WHERE user_key = ?", (user_key,)).fetchone() is not None
 
+    # --- consent (see chatcore.consent) ---------------------------------------------------
+
+    def set_consent(self, user_key: str, state: str | None) -> None:
+        """Record a user's /learn answer: "yes", "no", or None to clear it; "yes" also lifts an opt-out."""
+        if state not in ("yes", "no", None):
+            raise ValueError(f'consent must be "yes", "no" or None, not {state!r}')
+        with self._write() as db:
+            if state is None:
+                db.execute("DELETE FROM consent WHERE user_key = ?", (user_key,))
+                return
+            db.execute("INSERT OR REPLACE INTO consent (user_key, state, at) VALUES (?, ?, ?)",
+                       (user_key, state, time.time()))
+            if state == "yes":  # an explicit new yes outweighs an older no (from /forget too)
+                db.execute("DELETE FROM opted_out WHERE user_key = ?", (user_key,))
+
+    def consent_state(self, user_key: str) -> str:
+        """The user's consent now: "no" (opted out, forgotten or /learn off), "yes" (/learn on) or "unset"."""
+        with self._translated() as db:
+            if db.execute("SELECT 1 FROM opted_out WHERE user_key = ?", (user_key,)).fetchone():
+                return "no"
+            row = db.execute("SELECT state FROM consent WHERE user_key = ?", (user_key,)).fetchone()
+        return row[0] if row else "unset"
+
+    def excluded_users(self) -> dict[str, float]:
+        """Users training must leave out now (forgotten or opted out, /learn off) and since when."""
+        with self._translated() as db:
+            rows = db.execute(
+                "SELECT user_key, MIN(at) FROM (SELECT user_key, at FROM opted_out UNION ALL "
+                "SELECT user_key, at FROM consent WHERE state = 'no') GROUP BY user_key").fetchall()
+        return dict(rows)
+
+    def forgotten(self) -> dict[str, float]:
+        """Users who ran /forget, and when (the last time): models trained before that hold data they took back."""
+        with self._translated() as db:
+            return dict(db.execute("SELECT user_key, at FROM forgotten").fetchall())
+
+    def first_seen(self) -> dict[str, float]:
+        """When each known user was first seen (survives retention; /forget removes it)."""
+        with self._translated() as db:
+            return dict(db.execute("SELECT user_key, first_seen FROM users").fetchall())
+
+    def user_data(self, user_key: str) -> dict[str, Any]:
+        """Everything stored about one user (what /mydata and `history export --user` hand out)."""
+        exchanges = [dataclasses.asdict(e) for e in self.exchanges(include_opted_out=True, user_key=user_key)]
+        with self._translated() as db:
+            votes = db.execute("SELECT exchange_id, value, at FROM feedback WHERE user_key = ? ORDER BY at",
+                               (user_key,)).fetchall()
+            consent = db.execute("SELECT state, at FROM consent WHERE user_key = ?", (user_key,)).fetchone()
+            opted_out = db.execute("SELECT at FROM opted_out WHERE user_key = ?", (user_key,)).fetchone()
+            first = db.execute("SELECT first_seen FROM users WHERE user_key = ?", (user_key,)).fetchone()
+        return {
+            "user": user_key,
+            "first_seen": first[0] if first else None,
+            "consent": {"state": consent[0], "at": consent[1]} if consent else None,
+            "opted_out_at": opted_out[0] if opted_out else None,
+            "exchanges": exchanges,
+            "votes": [{"exchange_id": e, "value": v, "at": at} for e, v, at in votes],
+        }
+
+    def relabel(self, *, adapter: str, policy: str, workspace: str | None = None, channel: str | None = None,
+                apply: bool = False) -> dict[str, int]:
+        """Re-decide `trainable` of matching rows under `policy`, from each row's recorded consent.
+
+        Returns {"matched", "become_trainable", "stop_trainable"}; changes nothing unless `apply`.
+        """
+        if policy not in ("off", "opt_in", "opt_out"):
+            raise ValueError(f"policy must be off, opt_in or opt_out, not {policy!r}")
+        new = {"off": "0", "opt_in": "COALESCE(e.consent = 'yes', 0)",
+               "opt_out": "COALESCE(e.consent, 'unset') != 'no'"}[policy]
+        where = "c.adapter = ?"
+        args: list[Any] = [adapter]
+        if workspace is not None:
+            where += " AND e.workspace = ?"
+            args.append(workspace)
+        if channel is not None:  # a Slack thread "C1/123.4" is in channel C1
+            where += " AND (c.channel = ? OR c.channel LIKE ? ESCAPE '\\')"
+            args += [channel, channel.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "/%"]
+        select = ("SELECT e.id, e.trainable, " + new + " FROM exchanges e "
+                  "JOIN conversations c ON c.id = e.conversation_id WHERE " + where)
+        with self._write() as db:
+            rows = db.execute(select, args).fetchall()
+            counts = {"matched": len(rows), "become_trainable": sum(1 for _, old, n in rows if n and not old),
+                      "stop_trainable": sum(1 for _, old, n in rows if old and not n)}
+            if apply:
+                db.executemany("UPDATE exchanges SET policy = ?, trainable = ? WHERE id = ?",
+                               [(policy, int(bool(n)), i) for i, _, n in rows])
+        return counts
+
+    def delete_older_than(self, cutoff: float) -> dict[str, int]:
+        """Retention: delete exchanges said before `cutoff` and conversations left empty; returns counts."""
+        with self._write() as db:
+            exchanges = db.execute("DELETE FROM exchanges WHERE created_at < ?", (cutoff,)).rowcount
+            conversations = db.execute(
+                "DELETE FROM conversations WHERE started_at < ? AND NOT EXISTS "
+                "(SELECT 1 FROM exchanges e WHERE e.conversation_id = conversations.id)", (cutoff,)).rowcount
+        return {"exchanges": exchanges, "conversations": conversations}
+
     # --- fine-tune counter -----------------------------------------------------------------
 
     def _finetune_mark(self, db: sqlite3.Connection) -> int:
@@ -609,11 +756,11 @@ class Store:
         return row[0] if row else 0
 
     def exchanges_since_finetune(self) -> int:
-        """Exchanges (of users not opted out) logged after the newest one the last fine-tune saw."""
+        """Trainable exchanges (see `trainable_ids`) logged after the newest one the last fine-tune saw."""
         with self._translated() as db:
             return db.execute(
                 "SELECT COUNT(*) FROM exchanges e JOIN conversations c ON c.id = e.conversation_id "
-                f"WHERE e.id > ? AND {_NOT_OPTED_OUT}", (self._finetune_mark(db),)).fetchone()[0]
+                f"WHERE e.id > ? AND {_TRAINABLE}", (self._finetune_mark(db),)).fetchone()[0]
 
     def mark_finetune(self, *, checkpoint: str | None = None, at: float | None = None,
                       up_to_id: int | None = None) -> None:
@@ -806,3 +953,60 @@ class Store:
             "last_at": last,
             "db_bytes": size,
         }
+
+    # --- dashboard queries ------------------------------------------------------------------
+
+    def daily_activity(self, days: int = 30, now: float | None = None) -> list[dict[str, Any]]:
+        """Per UTC day of the last `days`: exchanges, conversations started, active users, 👍 and 👎."""
+        now = time.time() if now is None else now
+        first_day = int(now // 86400) - days + 1
+        since = first_day * 86400.0
+        rows: dict[int, dict[str, Any]] = {
+            d: {"day": time.strftime("%Y-%m-%d", time.gmtime(d * 86400)), "exchanges": 0, "conversations": 0,
+                "active_users": 0, "good": 0, "bad": 0} for d in range(first_day, first_day + days)}
+        with self._translated() as db:
+            for day, exchanges, users in db.execute(
+                    "SELECT CAST(e.created_at / 86400 AS INTEGER) d, COUNT(*), COUNT(DISTINCT c.adapter || ':' || "
+                    "c.user) FROM exchanges e JOIN conversations c ON c.id = e.conversation_id "
+                    "WHERE e.created_at >= ? GROUP BY d", (since,)):
+                if day in rows:
+                    rows[day].update(exchanges=exchanges, active_users=users)
+            for day, count in db.execute("SELECT CAST(started_at / 86400 AS INTEGER) d, COUNT(*) FROM "
+                                         "conversations WHERE started_at >= ? GROUP BY d", (since,)):
+                if day in rows:
+                    rows[day]["conversations"] = count
+            for day, good, bad in db.execute("SELECT CAST(at / 86400 AS INTEGER) d, SUM(value > 0), SUM(value < 0) "
+                                             "FROM feedback WHERE at >= ? GROUP BY d", (since,)):
+                if day in rows:
+                    rows[day].update(good=good or 0, bad=bad or 0)
+        return [rows[d] for d in sorted(rows)]
+
+    def search_exchanges(self, text: str = "", *, adapter: str | None = None, channel: str | None = None,
+                         user_key: str | None = None, before_id: int | None = None,
+                         limit: int = 50) -> list[Exchange]:
+        """Newest first: exchanges whose user text or reply contains `text`, optionally of one adapter/channel/user."""
+        where, args = [], []
+        if text:
+            where.append("(instr(lower(e.user_text), ?) > 0 OR instr(lower(e.reply_text), ?) > 0)")
+            args += [text.lower(), text.lower()]
+        for column, value in (("c.adapter", adapter), ("c.channel", channel)):
+            if value:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if user_key:
+            where.append("c.adapter || ':' || c.user = ?")
+            args.append(user_key)
+        if before_id is not None:
+            where.append("e.id < ?")
+            args.append(before_id)
+        sql = _EXCHANGE_SELECT + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY e.id DESC LIMIT ?"
+        with self._translated() as db:
+            rows = db.execute(sql, (*args, max(1, min(int(limit), 500)))).fetchall()
+        return [_exchange(r) for r in rows]
+
+    def channels(self) -> list[dict[str, Any]]:
+        """Every adapter and channel with its exchange count, busiest first."""
+        with self._translated() as db:
+            rows = db.execute("SELECT c.adapter, c.channel, COUNT(e.id) n FROM conversations c JOIN exchanges e "
+                              "ON e.conversation_id = c.id GROUP BY c.adapter, c.channel ORDER BY n DESC").fetchall()
+        return [{"adapter": a, "channel": ch, "exchanges": n} for a, ch, n in rows]

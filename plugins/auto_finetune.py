@@ -39,15 +39,14 @@ from typing import Any
 
 from chatcore import hookimpl
 from chatcore.config import Field
+from chatcore.lineage import contains_any, gate_reference
 from chatcore.plugin_manager import call_hook
 from chatcore.registry import Registry
-from chatcore.training.job import JobSpec, spec_from_config
+from chatcore.training.job import MIN_SENSIBLE, JobSpec, spec_from_config
 from chatcore.training.options import GateConfig, GuardConfig, TrainConfig
 from chatcore.training.scheduler import Job, JobBusy, JobScheduler
 
 log = logging.getLogger("chatcore.auto_finetune")
-
-MIN_SENSIBLE = 10  # the seed's warning threshold
 
 
 def _schema_of(cls: type) -> dict[str, Field]:
@@ -82,6 +81,9 @@ def register_config(register):
                             help="Start weights: the configured model (forgotten users leave the model too) "
                                  "or the model serving now."),
         "val_fraction": Field((int, float), 0.1, help="Share of conversations held out for the gate."),
+        "on_forget": Field(str, "retrain_next", choices=("retrain_next", "retrain_now"),
+                           help="When /forget hits a user the serving model was trained on: retrain_next (the "
+                                "next fine-tune starts from the base without them) or retrain_now (start one now)."),
         "training": _schema_of(TrainConfig),
         "guards": _schema_of(GuardConfig),
         "gate": _schema_of(GateConfig),
@@ -126,7 +128,14 @@ class State:
             base = serving
             if not base:
                 raise RuntimeError("the serving model has no checkpoint on disk to fine-tune from")
-        return spec_from_config(bot.config, base, serving, progress=False)
+        gone = set(bot.store.excluded_users()) | set(bot.store.forgotten())
+        if base == serving and contains_any(Path(base), gone):
+            # Fine-tuning the serving model would carry forgotten users' data on: start from the base.
+            log.info("the serving model holds data of users since forgotten: fine-tuning from the base")
+            base = base_checkpoint(bot.config)
+            if not base:
+                raise RuntimeError("the configured model has no checkpoint on disk to fine-tune from")
+        return spec_from_config(bot.config, base, gate_reference(serving, base, gone), progress=False)
 
 
 _states: "weakref.WeakKeyDictionary[Any, State]" = weakref.WeakKeyDictionary()
@@ -145,6 +154,12 @@ def _source(engine: Any) -> str | None:
 
 
 # --- lifecycle -----------------------------------------------------------------------
+
+
+@hookimpl
+async def startup(bot):
+    """Remove what crashed fine-tunes left behind (temporary files, orphan candidates)."""
+    await asyncio.to_thread(state_of(bot).scheduler.clean)
 
 
 @hookimpl
@@ -174,6 +189,23 @@ async def exchange_logged(bot, exchange):
     except Exception as exc:  # never let learning break answering
         st.last_attempt = time.time()
         log.warning("fine-tune not started: %s", exc)
+
+
+@hookimpl
+async def user_forgotten(bot, user_key, deleted):
+    """retrain_now: a serving model trained on this user is replaced by a fine-tune without them, now."""
+    st = state_of(bot)
+    serving = _source(bot.engine)
+    if not contains_any(Path(serving) if serving else None, {user_key}):
+        return None
+    if st.cfg.get("on_forget", "retrain_next") != "retrain_now":
+        return "The current model learned from you; the next fine-tune starts from the base without you."
+    try:
+        await start_job(bot)
+    except Exception as exc:  # Busy, not enough data: the next fine-tune still leaves them out
+        log.warning("retrain after /forget not started: %s", exc)
+        return "The current model learned from you; the next fine-tune starts from the base without you."
+    return "The current model learned from you: I started a fine-tune without you now."
 
 
 async def start_job(bot: Any) -> Job:

@@ -21,7 +21,8 @@ from typing import Any
 from chatcore import DROP, hookimpl
 from chatcore.plugin_manager import await_me_maybe
 from chatcore.config import Field
-from chatcore.message import RateLimited
+from chatcore.consent import describe
+from chatcore.message import RateLimited, Reply
 
 
 @hookimpl
@@ -70,8 +71,9 @@ def message_received(bot, message):
     return _run(command, bot, message, args.strip())
 
 
-async def _run(command, bot, message, args: str) -> str:
-    return str(await await_me_maybe(command.handler(bot, message, args)))
+async def _run(command, bot, message, args: str) -> Any:
+    answer = await await_me_maybe(command.handler(bot, message, args))
+    return answer if isinstance(answer, Reply) else str(answer)  # a Reply may carry files
 
 
 class RateLimiter:
@@ -128,14 +130,22 @@ async def reset(bot, message, args):
 async def forget(bot, message, args):
     """Delete everything I stored from you, and never train on your messages."""
     deleted = await bot.store.run(bot.store.forget_user, message.user_key)
-    return f"Done: I deleted {deleted} stored message(s) of yours and won't learn from you."
+    extra = []
+    for result in bot.pm.hook.user_forgotten(bot=bot, user_key=message.user_key, deleted=deleted):
+        note = await await_me_maybe(result)
+        if note:
+            extra.append(str(note))
+    return " ".join([f"Done: I deleted {deleted} stored message(s) of yours and won't learn from you.", *extra])
 
 
 async def status(bot, message, args):
     """Show which model is serving and what I have learned so far."""
     stats = await bot.store.run(bot.store.stats)
+    days = bot.config.get("history.retention_days")
+    kept = f"I keep history for {days:g} days." if days else "I keep history until you /forget it."
     return (f"{bot.name} on model {bot.engine.model_id}: {stats['exchanges']} exchanges stored, "
-            f"{stats['since_finetune']} new since the last fine-tune.")
+            f"{stats['since_finetune']} new since the last fine-tune. {kept} "
+            f"{await bot.store.run(describe, bot, message)}")
 
 
 async def good(bot, message, args):

@@ -20,13 +20,14 @@ PACKAGES = {"chatcore": "chatcore", "adapters": "chatcore.adapters", "plugins": 
 LAYERS: list[tuple[str, list[str]]] = [  # bottom-up
     ("contract", ["chatcore", "chatcore.message", "chatcore.params", "chatcore.text", "chatcore.config",
                   "chatcore.hookspecs", "chatcore.plugin_manager", "chatcore.adapter", "chatcore.prompt",
-                  "chatcore.store", "chatcore.registry"]),
+                  "chatcore.store", "chatcore.registry", "chatcore.consent"]),
     ("model", ["chatcore.model", "chatcore.tokenizer", "chatcore.sampling", "chatcore.quant",
                "chatcore.prefix_cache", "chatcore.checkpoint", "chatcore.hf", "chatcore.reply_text",
                "chatcore.engine", "chatcore.batching"]),
-    ("learning", ["chatcore.training", "chatcore.training.*"]),
-    ("runtime", ["chatcore.weights", "chatcore.serving", "chatcore.bot", "chatcore.testing"]),
-    ("edges", ["chatcore.adapters", "chatcore.adapters.*", "chatcore.plugins", "chatcore.plugins.*"]),
+    ("learning", ["chatcore.training", "chatcore.training.*", "chatcore.lineage"]),
+    ("runtime", ["chatcore.weights", "chatcore.serving", "chatcore.metrics", "chatcore.bot", "chatcore.testing"]),
+    ("edges", ["chatcore.adapters", "chatcore.adapters.*", "chatcore.plugins", "chatcore.plugins.*",
+               "chatcore.dashboard", "chatcore.dashboard.*"]),
     ("command", ["chatcore.cli", "chatcore.training.cli"]),
 ]
 

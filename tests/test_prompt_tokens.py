@@ -50,7 +50,9 @@ class TiktokenEngine(ScriptedEngine):
 @pytest.mark.parametrize("max_new_tokens", [14, 20, 27, 33])
 def test_prompts_through_the_bot_fit_the_engine(tmp_path, count, max_new_tokens):
     engine = TiktokenEngine(["item 3 is a fine thing."], block_size=128)
-    bot = make_bot(tmp_path, engine=engine, config={"generation": {"max_new_tokens": max_new_tokens}})
+    bot = make_bot(tmp_path, engine=engine, config={"generation": {"max_new_tokens": max_new_tokens},
+                                                   # 30 turns from one user: above the default rate limit
+                                                   "plugins": {"commands": {"rate_limit": {"messages": 100}}}})
     try:
         async def chat():
             for i in range(30):

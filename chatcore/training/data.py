@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import re
+import time
 import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -49,6 +50,9 @@ class TrainingExchange:
     user_id: str | None = None  # None: anonymous (seed files); never capped or forgotten
     bad: bool = False  # a user marked the reply bad
     id: int | None = None  # store row id, when it came from the store
+    created_at: float | None = None  # unix time it was said (per-day cap); None: unknown, never capped
+    trainable: bool = True  # consent: trainable when said and the user has not since withdrawn
+    first_seen: float | None = None  # when its user was first seen (quarantine); None: unknown
 
 
 @dataclass
@@ -100,13 +104,19 @@ def from_store(store: Any, since_id: int = 0) -> list[TrainingExchange]:
 
     Forgotten users' rows are gone from the store and opted-out users' are left out
     by `Store.exchanges`; a reply whose votes sum below zero counts as marked bad.
+    `trainable` is the decision stored when it was said (chatcore.consent), and False
+    for a user who has since said /learn off: the ``no_consent`` guard drops those.
     """
+    excluded = store.excluded_users()
+    first_seen = store.first_seen()
     return [
         TrainingExchange(user=e.user_text, assistant=e.reply_text,
                  # An imported chat_history.jsonl lands as one conversation, but its lines are
                  # independent exchanges (the seed format has no boundaries): one document each.
                  conversation=f"import:{e.id}" if e.source == "import" else f"store:{e.conversation_id}",
-                 user_id=None if e.source == "import" else e.user_key, bad=e.feedback < 0, id=e.id)
+                 user_id=None if e.source == "import" else e.user_key, bad=e.feedback < 0, id=e.id,
+                 created_at=e.created_at, trainable=e.trainable and e.user_key not in excluded,
+                 first_seen=None if e.source == "import" else first_seen.get(e.user_key))
         for e in store.exchanges(since_id=since_id)
     ]
 
@@ -135,18 +145,42 @@ def _near_key(text: str) -> str:
     return _NEAR.sub(" ", text).strip()
 
 
-def apply_guards(exchanges: Sequence[TrainingExchange], cfg: GuardConfig | None = None) -> tuple[list[TrainingExchange], GuardReport]:
-    """Filter `exchanges` (order kept); the report counts what each guard removed."""
+def apply_guards(exchanges: Sequence[TrainingExchange], cfg: GuardConfig | None = None,
+                 now: float | None = None) -> tuple[list[TrainingExchange], GuardReport]:
+    """Filter `exchanges` (order kept); the report counts what each guard removed. `now` dates the quarantine."""
     cfg = cfg or GuardConfig()
-    report = GuardReport(removed={"excluded_user": 0, "bad": 0, "too_short": 0,
+    report = GuardReport(removed={"no_consent": 0, "excluded_user": 0, "bad": 0, "too_short": 0,
+                                  "quarantine": 0, "brigade": 0, "user_daily_cap": 0,
                                   "exact_duplicate": 0, "near_duplicate": 0, "user_share": 0})
     out: list[TrainingExchange] = []
     seen_exact: set[tuple[str, str]] = set()
     seen_near: set[tuple[str, str]] = set()
+    brigades = _brigades(exchanges, cfg.brigade_min_users)
+    brigade_seen: set[str] = set()
+    per_day: Counter[tuple[str, int]] = Counter()
+    now = time.time() if now is None else now
     for ex in exchanges:
+        if not ex.trainable:  # consent is not a guard one can switch off
+            report.add("no_consent", 1)
+            continue
         if ex.user_id is not None and ex.user_id in cfg.excluded_users:
             report.add("excluded_user", 1)
             continue
+        if cfg.quarantine_days and ex.first_seen is not None and now - ex.first_seen < cfg.quarantine_days * 86400:
+            report.add("quarantine", 1)
+            continue
+        key = _near_key(ex.user)
+        if key in brigades:
+            if key in brigade_seen:
+                report.add("brigade", 1)
+                continue
+            brigade_seen.add(key)
+        if cfg.max_per_user_per_day is not None and ex.user_id is not None and ex.created_at is not None:
+            day = (ex.user_id, int(ex.created_at // 86400))
+            if per_day[day] >= cfg.max_per_user_per_day:
+                report.add("user_daily_cap", 1)
+                continue
+            per_day[day] += 1
         if cfg.drop_bad and ex.bad:
             report.add("bad", 1)
             continue
@@ -171,6 +205,17 @@ def apply_guards(exchanges: Sequence[TrainingExchange], cfg: GuardConfig | None 
         report.add("user_share", capped)
     report.kept = len(out)
     return out, report
+
+
+def _brigades(exchanges: Sequence[TrainingExchange], min_users: int | None) -> set[str]:
+    """Near-identical user texts (case, punctuation, spacing folded) sent by at least `min_users` users."""
+    if not min_users or min_users < 2:
+        return set()
+    senders: dict[str, set[str]] = defaultdict(set)
+    for ex in exchanges:
+        if ex.user_id is not None:
+            senders[_near_key(ex.user)].add(ex.user_id)
+    return {key for key, users in senders.items() if len(users) >= min_users and key}
 
 
 def _cap_user_share(exchanges: list[TrainingExchange], share: float) -> tuple[list[TrainingExchange], int]:
@@ -373,6 +418,7 @@ class Dataset:
     guard_report: GuardReport
     bad_lines: list[BadLine]
     hash: str
+    lineage: dict[str, Any] = field(default_factory=dict)  # see `lineage_manifest`
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -393,5 +439,23 @@ def build_dataset(exchanges: Sequence[TrainingExchange], tok: TokenizerLike, *, 
         # Validation is always scored on reply tokens: that is what serving is judged on.
         train=tokenize(train, tok, loss_on), val=tokenize(val, tok, "assistant"),
         train_exchanges=len(train), val_exchanges=len(val), guard_report=report,
-        bad_lines=list(bad_lines or []), hash=data_hash(kept),
+        bad_lines=list(bad_lines or []), hash=data_hash(kept), lineage=lineage_manifest(train, val),
     )
+
+
+def lineage_manifest(train: Sequence[TrainingExchange], val: Sequence[TrainingExchange]) -> dict[str, Any]:
+    """Exactly which stored exchanges (and whose) a checkpoint was trained on, content-addressed.
+
+    ``manifest`` is the SHA-256 of the sorted training exchange ids, so two checkpoints
+    trained on the same rows name the same manifest; validation rows only chose the
+    best step, they are listed apart. Rows from JSONL files have no id: counted only.
+    """
+    ids = sorted(ex.id for ex in train if ex.id is not None)
+    digest = hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()
+    return {
+        "manifest": f"sha256:{digest}",
+        "exchange_ids": ids,
+        "users": sorted({ex.user_id for ex in train if ex.user_id is not None and ex.id is not None}),
+        "file_rows": sum(1 for ex in train if ex.id is None),
+        "val_exchange_ids": sorted(ex.id for ex in val if ex.id is not None),
+    }

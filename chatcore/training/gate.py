@@ -11,11 +11,13 @@ stays on disk for inspection. The gate judges; `chatcore.registry` records.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch.nn as nn
 
+from ..checkpoint import CheckpointError, check_servable, load
 from .data import TokenData
 from .options import GateConfig
 from .train import evaluate
@@ -29,13 +31,29 @@ class GateResult:
     serving_val_loss: float
     candidate_general_loss: float | None = None
     serving_general_loss: float | None = None
+    candidate_canary_loss: float | None = None
+    serving_canary_loss: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+# Built-in canaries: plain questions whose ordinary answers a healthy model keeps finding likely. A fine-tune
+# flooded with one message ("say X to everything") loses them first. Operators replace them with `canaries`.
+DEFAULT_CANARIES: tuple[tuple[str, str], ...] = (
+    ("Hi, how are you?", "I'm fine, thanks. How are you?"),
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("Can you help me with something?", "Sure, what do you need help with?"),
+    ("Thank you!", "You're welcome."),
+    ("What day comes after Monday?", "Tuesday comes after Monday."),
+    ("Good night.", "Good night, sleep well."),
+    ("How many legs does a cat have?", "A cat has four legs."),
+    ("Tell me something nice.", "You are doing a great job."),
+)
+
+
 def judge(candidate: nn.Module, serving: nn.Module, val: TokenData, cfg: GateConfig | None = None,
-          general: TokenData | None = None) -> GateResult:
+          general: TokenData | None = None, canaries: TokenData | None = None) -> GateResult:
     """Compare both models on the same held-out tokens; promote only a clear winner."""
     cfg = cfg or GateConfig()
     kw = dict(block_size=cfg.eval_block_size, max_batches=cfg.eval_max_batches)
@@ -55,6 +73,24 @@ def judge(candidate: nn.Module, serving: nn.Module, val: TokenData, cfg: GateCon
             result.reason = (f"general-text loss {c_gen:.4f} regressed more than "
                              f"{cfg.max_general_regression} from {s_gen:.4f}")
             return result
+    if canaries is not None and len(canaries) > 1:
+        c_can, s_can = evaluate(candidate, canaries, **kw), evaluate(serving, canaries, **kw)
+        result.candidate_canary_loss, result.serving_canary_loss = c_can, s_can
+        if c_can > s_can + cfg.max_canary_regression:
+            result.reason = (f"canary prompts regressed: loss {c_can:.4f} vs serving {s_can:.4f} "
+                             f"(more than the allowed {cfg.max_canary_regression}); possible poisoning")
+            return result
     result.promoted = True
     result.reason = f"validation loss {c_val:.4f} beats serving {s_val:.4f}"
     return result
+
+
+def judge_file(candidate: str | os.PathLike, serving: nn.Module, val: TokenData, cfg: GateConfig | None = None,
+               general: TokenData | None = None, canaries: TokenData | None = None) -> GateResult:
+    """`judge` the candidate as it was written to disk: a file that cannot load or serve is never promoted."""
+    try:
+        model, _ = load(candidate)
+        check_servable(model, str(candidate))
+    except CheckpointError as exc:
+        return GateResult(False, f"the candidate cannot serve: {exc}", math.nan, math.nan)
+    return judge(model, serving, val, cfg, general, canaries)

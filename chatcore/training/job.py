@@ -15,7 +15,11 @@ fine-tune in the store so the exchange counter restarts.
 
 The result (a JSON-able dict, also ``result.json`` in the job folder) has
 ``status`` = ``promoted`` | ``rejected`` | ``failed`` | ``cancelled``, the metrics and
-the data report. A cancelled or failed job writes no candidate and changes nothing.
+the data report. A cancelled or failed job writes no candidate and changes nothing
+but its resume state: each evaluation is saved to ``<models>/.finetune-resume.pt``
+(hidden, never a candidate), and the next job with the same data, options and
+start weights continues from there; it is removed once the registry has the
+candidate. Fewer than `MIN_SENSIBLE` exchanges: a warning, and training goes on.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("chatcore.training")
+
+MIN_SENSIBLE = 10  # exchanges: fine-tuning on fewer mostly overfits (the seed's warning threshold)
+RESUME_NAME = ".finetune-resume.pt"  # in the models folder: the last evaluation of an unfinished job
 
 
 @dataclass
@@ -76,6 +83,17 @@ def load_model(spec: str):
     return load_hf(spec, local_files_only=True)
 
 
+def resume_key(spec: JobSpec, train_cfg: Any, data_hash: str, model_config: Any) -> str:
+    """What a resume state must match: the data, the options and the start weights."""
+    import hashlib
+
+    base = Path(spec.base).expanduser()
+    st = base.stat() if base.is_file() else None
+    parts = dict(data=data_hash, val_fraction=spec.val_fraction, train=asdict(train_cfg), base=spec.base,
+                 base_file=[st.st_size, st.st_mtime_ns] if st else None, model=asdict(model_config))
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def candidate_path(models_dir: Path) -> Path:
     stamp = time.strftime("%Y%m%d_%H%M%S")
     path = models_dir / f"finetuned_{stamp}.safetensors"
@@ -87,12 +105,12 @@ def candidate_path(models_dir: Path) -> Path:
 
 
 def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
-    from ..checkpoint import save
+    from ..checkpoint import check_servable, save
     from ..tokenizer import Tokenizer
     from .data import GuardConfig, build_dataset, from_store, load_jsonl
     from ..registry import Registry
-    from .gate import GateConfig, judge
-    from .train import TrainConfig, set_threads, train
+    from .gate import GateConfig, judge_file
+    from .train import Resume, TrainConfig, set_threads, train
 
     t0 = time.time()
     set_threads(spec.threads)
@@ -122,25 +140,34 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
     if data.train_exchanges == 0 or data.val_exchanges == 0:
         raise ValueError(f"not enough data to fine-tune: {data.train_exchanges} training and "
                          f"{data.val_exchanges} validation exchange(s) after the guards ({data.guard_report})")
+    if data.train_exchanges + data.val_exchanges < MIN_SENSIBLE:
+        log.warning("fine-tuning on %d exchange(s), fewer than %d: the model will mostly overfit them; "
+                    "training anyway", data.train_exchanges + data.val_exchanges, MIN_SENSIBLE)
 
     # models
     model, base_meta = load_model(spec.base)
+    check_servable(model, spec.base)  # a base that cannot serve cannot give a candidate that can
+    lineage = inherit_lineage(data.lineage, base_meta)
     serving = copy.deepcopy(model) if spec.serving in (None, spec.base) else load_model(spec.serving)[0]
     serving.eval()
 
-    outcome = train(model, data, train_cfg, progress=spec.progress, should_stop=should_stop)
+    resume = Resume(models_dir / RESUME_NAME, resume_key(spec, train_cfg, data.hash, model.config))
+    outcome = train(model, data, train_cfg, progress=spec.progress, should_stop=should_stop, resume=resume)
 
     # candidate: written atomically (temp name + rename inside checkpoint.save)
     cand = candidate_path(models_dir)
     save(model, cand, base_model=spec.base, iteration=outcome.best_iter,
          train_loss=outcome.final_train_loss, val_loss=outcome.best_val_loss, data_hash=data.hash,
          data=data.summary(), training=asdict(train_cfg), stopped=outcome.stopped,
-         initial_val_loss=outcome.initial_val_loss)
+         initial_val_loss=outcome.initial_val_loss, resumed_from=outcome.resumed_from, lineage=lineage,
+         history=outcome.history)  # per-evaluation train/val losses: the dashboard's learning curves
 
+    del model  # the gate judges the file just written, exactly what would serve
     general = None
     if gate_cfg.general_text:
         general = general_text_data(gate_cfg.general_text, tok)
-    verdict = judge(model, serving, data.val, gate_cfg, general)
+    canaries = canary_data(gate_cfg.canaries, tok) if gate_cfg.canary_check else None
+    verdict = judge_file(cand, serving, data.val, gate_cfg, general, canaries)
     registry = Registry(models_dir, keep=gate_cfg.keep, keep_rejected=gate_cfg.keep_rejected)
     result = {
         "status": "promoted" if verdict.promoted else "rejected",
@@ -151,6 +178,8 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
         "training": {k: v for k, v in outcome.as_dict().items() if k != "history"},
         "history": outcome.history,
         "data": data.summary(),
+        "lineage": {"manifest": lineage["manifest"], "exchanges": len(lineage["exchange_ids"]),
+                    "users": len(lineage["users"]), "inherited_from": lineage.get("inherited_from")},
         "up_to_id": up_to_id,
         "seconds": round(time.time() - t0, 1),
     }
@@ -158,11 +187,40 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
         registry.promote(cand, metrics=result["gate"])
     else:
         registry.reject(cand, metrics=result["gate"])
+    resume.clear()  # complete: the registry knows the candidate (until then, an orphan is cleaned and this resumes)
     if store is not None:
         store.mark_finetune(checkpoint=cand.name, up_to_id=up_to_id)
         store.close()
     log.info("%s: %s", result["status"], verdict.reason)
     return result
+
+
+def inherit_lineage(lineage: dict[str, Any], base_meta: dict[str, Any]) -> dict[str, Any]:
+    """A candidate started from a fine-tune also carries that fine-tune's data: merge its manifest in."""
+    import hashlib
+
+    parent = (base_meta.get("provenance") or {}).get("lineage")
+    if not parent:
+        return lineage
+    ids = sorted(set(lineage["exchange_ids"]) | set(parent.get("exchange_ids", [])))
+    return {**lineage, "exchange_ids": ids,
+            "manifest": "sha256:" + hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest(),
+            "users": sorted(set(lineage["users"]) | set(parent.get("users", []))),
+            "file_rows": lineage["file_rows"] + parent.get("file_rows", 0),
+            "inherited_from": Path(str(base_meta.get("source", ""))).name or None}
+
+
+def canary_data(path: str | None, tok):
+    """The canary prompts as reply-token data: the operator's JSONL file, else the built-in set."""
+    from .data import TrainingExchange, load_jsonl, tokenize
+    from .gate import DEFAULT_CANARIES
+
+    if path:
+        rows, _ = load_jsonl(Path(path).expanduser())
+    else:
+        rows = [TrainingExchange(user=u, assistant=a, conversation=f"canary:{i}")
+                for i, (u, a) in enumerate(DEFAULT_CANARIES)]
+    return tokenize(rows, tok) if rows else None
 
 
 def general_text_data(path: str, tok):

@@ -30,6 +30,10 @@ class TrainConfig:
     loss_on: str = "assistant"  # or "all" (the seed's whole-text loss)
     fused: bool | None = None  # None: fused AdamW where this torch has it
     head_on_targets_only: bool = True  # skip the output head where nothing is trained on
+    # Wall-clock budget in seconds (None: none). Training, evaluations included, stops
+    # within it whatever the machine's load, and the cosine runs over the budget's time
+    # instead of over max_iters (which then only caps the iterations).
+    max_seconds: float | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "TrainConfig":
@@ -52,6 +56,8 @@ class TrainConfig:
             raise ValueError("training.min_lr must lie between 0 and learning_rate")
         if not 0 <= self.dropout < 1:
             raise ValueError("training.dropout must lie in [0, 1)")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ValueError("training.max_seconds must be positive")
 
 
 @dataclass
@@ -65,6 +71,10 @@ class GuardConfig:
     max_user_share: float | None = 0.5  # of the kept exchanges, when at least two users contributed
     drop_bad: bool = True
     excluded_users: frozenset[str] = field(default_factory=frozenset)  # forgotten / opted out
+    # Poisoning and brigading defences (docs/privacy.md):
+    max_per_user_per_day: int | None = 50  # trainable exchanges one user adds per UTC day; the rest wait out
+    quarantine_days: float = 0.0  # users first seen less than this long ago do not train yet
+    brigade_min_users: int | None = 3  # this many users sending near-identical text: it counts once
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "GuardConfig":
@@ -87,6 +97,9 @@ class GateConfig:
     keep_rejected: int = 3
     eval_block_size: int = 128
     eval_max_batches: int | None = None
+    canary_check: bool = True  # judge the canary prompts (a poisoned candidate forgets how to answer them)
+    canaries: str | None = None  # operator's canary file (seed-format JSONL); None: the built-in set
+    max_canary_regression: float = 0.25  # allowed reply-token loss increase on the canaries
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "GateConfig":

@@ -12,8 +12,11 @@
 - Nothing half-written is ever visible: the worker writes a candidate under a
   hidden temporary name and renames it into place when complete
   (`chatcore.checkpoint.save`); the serving model changes only through
-  `chatcore.registry.Registry` after the gate. Temp files of dead workers are removed when
-  the next job starts.
+  `chatcore.registry.Registry` after the gate. What dead workers left (temp files,
+  orphan candidates the registry never recorded) is removed when the next job
+  starts, when the bot starts and by ``chatcore finetune`` (`clean_leftovers`).
+- Resumable: a killed or cancelled job continues from its last evaluation
+  (``<models>/.finetune-resume.pt``, see `chatcore.training.train.Resume`).
 
 The worker is ``python -m chatcore.training.job SPEC.json`` (see `job.py`); each
 job has a folder ``<models>/jobs/<id>/`` with ``spec.json``, ``log.txt`` and,
@@ -35,7 +38,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .job import JobSpec
+from .job import RESUME_NAME, JobSpec
 
 LOCK_NAME = ".finetune.lock"
 
@@ -171,13 +174,53 @@ class JobScheduler:
         self.current = Job(job_id, folder, proc)
         return self.current
 
+    def clean(self) -> bool:
+        """`clean_leftovers` now, unless a job runs (then it is not a leftover); True if cleaned."""
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            try:
+                clean_leftovers(self.models_dir)
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+        return True
+
     def _clean_leftovers(self) -> None:
-        """Temp folders of workers that died mid-write, and old job folders. Called holding the lock."""
-        for p in self.models_dir.glob(".finetuned_*.tmp"):  # checkpoint.save's temp names
-            p.unlink(missing_ok=True)
+        """Leftovers of dead workers, and old job folders. Called holding the lock."""
+        clean_leftovers(self.models_dir)
         jobs = sorted((self.models_dir / "jobs").glob("*")) if (self.models_dir / "jobs").is_dir() else []
         for old in jobs[: max(0, len(jobs) - self.keep_jobs + 1)]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_leftovers(models_dir: Path) -> list[str]:
+    """Remove what crashed fine-tunes left in ``models_dir``; the names removed. Call it holding the job lock.
+
+    That is: temporary files of interrupted writes, and orphan candidates (a
+    ``finetuned_*`` weights file or sidecar that the registry never recorded: the
+    job died between writing it and the gate's verdict). A candidate is only a
+    complete pair that the registry knows. With an unreadable registry no
+    candidate is touched. The resume checkpoint is kept: it is how a job resumes.
+    """
+    from ..registry import CANDIDATE_PREFIX, Registry, RegistryError
+
+    removed = []
+    for p in [*models_dir.glob(f".{CANDIDATE_PREFIX}*.tmp"), *models_dir.glob(f".{RESUME_NAME}.*.tmp")]:
+        p.unlink(missing_ok=True)  # checkpoint.atomic_write's temporary names
+        removed.append(p.name)
+    try:
+        history = Registry(models_dir).history()
+    except RegistryError:  # unreadable or garbage: touch no candidate
+        return removed
+    known = {e["name"] for e in history["promoted"] + history["rejected"]} | {history["serving"]}
+    for p in [*models_dir.glob(f"{CANDIDATE_PREFIX}*.safetensors"), *models_dir.glob(f"{CANDIDATE_PREFIX}*.json")]:
+        if p.with_suffix(".safetensors").name not in known:
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+    return removed
 
 
 def _lock_owner(path: Path) -> str:

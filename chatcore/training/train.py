@@ -22,9 +22,11 @@ import copy
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,12 +44,16 @@ class Cancelled(Exception):
     """Training was asked to stop; nothing was written."""
 
 
-def get_lr(it: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to `min_lr` at `max_iters` (nanoGPT's schedule)."""
+def get_lr(it: int, cfg: TrainConfig, done: float | None = None) -> float:
+    """Linear warm-up, then cosine decay to `min_lr` at `max_iters` (nanoGPT's schedule).
+
+    With a time budget, ``done`` is the fraction of it spent since the warm-up ended:
+    the cosine then follows the clock, so a slow machine decays on time too."""
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    span = max(1, cfg.max_iters - cfg.warmup_iters)
-    ratio = min(1.0, (it - cfg.warmup_iters) / span)
+    if done is None:
+        done = (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
+    ratio = min(1.0, max(0.0, done))
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
@@ -169,6 +175,43 @@ def _fused_available() -> bool:
         return False
 
 
+class Resume:
+    """A training run's last evaluation on disk (model, optimizer, step, RNG), so a killed or
+    cancelled job continues from there instead of from the start.
+
+    ``key`` names the run (data hash, options, start weights): a saved state with
+    another key is never used. The file is written atomically and read with
+    ``torch.load(weights_only=True)``; its owner removes it once the run is complete.
+    """
+
+    def __init__(self, path: str | os.PathLike, key: str) -> None:
+        self.path = Path(path)
+        self.key = key
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state of this run, or None (none, unreadable, or another run's)."""
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(str(self.path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch's parser on a damaged file raises many types
+            log.warning("ignoring unreadable resume state %s: %s", self.path, exc)
+            return None
+        if not isinstance(state, dict) or state.get("key") != self.key:
+            log.info("ignoring resume state %s: it is from other data or options; starting fresh", self.path)
+            return None
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        from ..checkpoint import atomic_write
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, lambda tmp: torch.save({**state, "key": self.key}, str(tmp)))
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 @dataclass
 class TrainOutcome:
     initial_val_loss: float
@@ -176,18 +219,52 @@ class TrainOutcome:
     best_iter: int
     iters: int
     final_train_loss: float
-    stopped: str  # "max_iters" or "early_stop"
+    stopped: str  # "max_iters", "early_stop" or "time_budget"
     seconds: float
     tokens_per_s: float
     history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int | None = None  # the iteration a resumed run continued from
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+class _Progress:
+    """Progress with an ETA: a tqdm bar on a terminal, else a plain line every tenth of the run.
+
+    With a time budget the bar counts seconds (so its ETA is the budget's end), else iterations."""
+
+    def __init__(self, cfg: TrainConfig, enabled: bool):
+        self.cfg, self.enabled = cfg, enabled
+        self.total = cfg.max_seconds if cfg.max_seconds is not None else cfg.max_iters
+        self.tty = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=round(self.total), unit="s" if cfg.max_seconds is not None else "it",
+                        desc="train", leave=False, disable=not self.tty)
+        self.next_line = 0.1
+
+    def update(self, it: int, elapsed: float, loss: float, lr: float) -> None:
+        done = (elapsed if self.cfg.max_seconds is not None else it) / self.total
+        if self.tty:
+            self.bar.n = min(round(self.total), round(done * self.total))
+            self.bar.set_postfix(it=it, loss=f"{loss:.3f}", lr=f"{lr:.1e}")  # refreshes
+        elif self.enabled and done >= self.next_line:
+            self.next_line = math.floor(done * 10 + 1) / 10
+            eta = elapsed / done * (1 - done) if done > 0 else float("nan")
+            print(f"train: {min(done, 1):.0%} (iteration {it}, loss {loss:.3f}, about {eta:.0f} s left)",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, progress: bool = True,
-          should_stop: Callable[[], bool] | None = None, vocab: OutputVocab | None = None) -> TrainOutcome:
-    """Fine-tune `model` in place; on return it holds the weights of its best evaluation."""
+          should_stop: Callable[[], bool] | None = None, vocab: OutputVocab | None = None,
+          resume: Resume | None = None) -> TrainOutcome:
+    """Fine-tune `model` in place; on return it holds the weights of its best evaluation.
+
+    With `resume`, every evaluation is saved there, and a saved state of the same run
+    is continued from (same batches, dropout masks and optimizer state as if never stopped)."""
+    t0 = time.perf_counter()  # the budget covers the set-up too (a first fused AdamW takes seconds)
     cfg.validate()
     if len(data.train) < 2:
         raise ValueError("no training data left after the guards")
@@ -203,23 +280,46 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, progress: bool =
         return evaluate(model, data.val, batch_size=max(cfg.batch_size, 8), block_size=block,
                         max_batches=cfg.eval_max_batches, vocab=vocab)
 
-    initial = val()
-    best, best_iter, bad_evals = initial, 0, 0
-    best_state = copy.deepcopy(model.state_dict()) if not math.isnan(initial) else None
-    history = [{"iter": 0, "val_loss": initial}]
+    saved = resume.load() if resume is not None else None
+    e0 = time.perf_counter()
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng"])
+        gen.set_state(saved["gen"])
+        start, initial, history = saved["iter"], saved["initial"], saved["history"]
+        best, best_iter, bad_evals = saved["best"], saved["best_iter"], saved["bad_evals"]
+        best_state = copy.deepcopy(model.state_dict()) if saved["best_state"] is None else saved["best_state"]
+        train_loss, ema = saved["train_loss"], saved["ema"]
+        log.info("fine-tune: resumed from iteration %d (val loss %.4f, best %.4f at %d)",
+                 start, history[-1]["val_loss"], best, best_iter)
+    else:
+        start, initial = 0, val()
+        best, best_iter, bad_evals = initial, 0, 0
+        best_state = copy.deepcopy(model.state_dict()) if not math.isnan(initial) else None
+        history = [{"iter": 0, "val_loss": initial}]
+        train_loss, ema = float("nan"), None
+    eval_cost = time.perf_counter() - e0  # the final evaluation must fit in the budget too
     log.info("fine-tune: %d train / %d val tokens, initial val loss %.4f",
              len(data.train), len(data.val), initial)
-    stopped = "max_iters"
-    train_loss = float("nan")
-    ema = None
+    stopped, it = "max_iters", start
+    finished = bad_evals >= cfg.patience  # it had stopped early, then died before its candidate was written
+    if finished:
+        stopped = "early_stop"
     tokens = 0
-    t0 = time.perf_counter()
-    bar = tqdm(range(1, cfg.max_iters + 1), desc="fine-tune", unit="it", disable=not progress, leave=False)
-    it = 0
-    for it in bar:
+    budget = cfg.max_seconds
+    bar = _Progress(cfg, progress)
+    warm_end = None  # when the warm-up ended: the cosine spans the rest of the budget
+    while it < cfg.max_iters and not finished:
+        it += 1
         if should_stop is not None and should_stop():
             raise Cancelled(f"cancelled at iteration {it}")
-        lr = get_lr(it - 1, cfg)
+        elapsed = time.perf_counter() - t0
+        done = None
+        if budget is not None and it > cfg.warmup_iters:
+            warm_end = elapsed if warm_end is None else warm_end
+            done = (elapsed - warm_end) / max(1e-9, budget - eval_cost - warm_end)
+        lr = get_lr(it - 1, cfg, done)
         for g in opt.param_groups:
             g["lr"] = lr
         x, y = get_batch(data.train, cfg.batch_size, block, gen)
@@ -238,10 +338,18 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, progress: bool =
         tokens += x.numel()
         train_loss = loss.item()
         ema = train_loss if ema is None else 0.9 * ema + 0.1 * train_loss
-        bar.set_postfix(loss=f"{ema:.3f}", lr=f"{lr:.1e}")
-        if it % cfg.eval_interval == 0 or it == cfg.max_iters:
+        now = time.perf_counter()
+        step_cost, elapsed = now - t0 - elapsed, now - t0
+        # stop when another step and the final evaluation would not fit (costs as last measured)
+        out_of_time = budget is not None and elapsed + step_cost + eval_cost >= budget
+        if out_of_time:
+            stopped = "time_budget"
+        bar.update(it, elapsed, ema, lr)
+        if it % cfg.eval_interval == 0 or it == cfg.max_iters or out_of_time:
+            e0 = time.perf_counter()
             v = val()
-            history.append({"iter": it, "train_loss": ema, "val_loss": v})
+            eval_cost = time.perf_counter() - e0
+            history.append({"iter": it, "train_loss": ema, "val_loss": v, "lr": lr})
             improved = v < best - cfg.min_delta
             log.info("iter %d: train loss %.4f, val loss %.4f%s", it, ema, v, " (best)" if improved else "")
             if improved:
@@ -249,11 +357,19 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, progress: bool =
                 best_state = copy.deepcopy(model.state_dict())
             else:
                 bad_evals += 1
-                if bad_evals >= cfg.patience:
-                    stopped = "early_stop"
-                    log.info("early stop at iter %d: no improvement >= %g in %d evaluations",
-                             it, cfg.min_delta, cfg.patience)
-                    break
+            if resume is not None:  # the best weights are stored only when they are not the current ones
+                resume.save(dict(iter=it, model=model.state_dict(), optimizer=opt.state_dict(),
+                                 rng=torch.get_rng_state(), gen=gen.get_state(), initial=initial,
+                                 history=history, best=best, best_iter=best_iter, bad_evals=bad_evals,
+                                 best_state=None if best_iter == it else best_state,
+                                 train_loss=train_loss, ema=ema))
+            if bad_evals >= cfg.patience and not out_of_time:
+                stopped = "early_stop"
+                log.info("early stop at iter %d: no improvement >= %g in %d evaluations",
+                         it, cfg.min_delta, cfg.patience)
+                break
+        if out_of_time:
+            break
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -262,7 +378,8 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, progress: bool =
     seconds = time.perf_counter() - t0
     return TrainOutcome(initial_val_loss=initial, best_val_loss=best, best_iter=best_iter, iters=it,
                         final_train_loss=train_loss, stopped=stopped, seconds=seconds,
-                        tokens_per_s=tokens / seconds if seconds > 0 else 0.0, history=history)
+                        tokens_per_s=tokens / seconds if seconds > 0 else 0.0, history=history,
+                        resumed_from=start if saved is not None else None)
 
 
 def set_threads(threads: int | None) -> None:

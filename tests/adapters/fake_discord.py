@@ -155,8 +155,15 @@ class FakeDiscord:
 
     async def _rest(self, request: web.Request) -> web.Response:
         path = "/" + request.match_info["tail"]
-        body = await request.read()
-        call = Call(request.method, path, json.loads(body) if body else None, dict(request.headers))
+        if request.content_type == "multipart/form-data":  # a message with attachments
+            form = await request.post()
+            payload = json.loads(form.get("payload_json") or "{}")
+            payload["uploaded"] = [{"filename": v.filename, "data": v.file.read()}
+                                   for v in form.values() if hasattr(v, "filename")]
+            call = Call(request.method, path, payload, dict(request.headers))
+        else:
+            body = await request.read()
+            call = Call(request.method, path, json.loads(body) if body else None, dict(request.headers))
         self.calls.append(call)
         if request.headers.get("Authorization") != f"Bot {self.token}":
             return _json({"message": "401: Unauthorized", "code": 0}, status=401)

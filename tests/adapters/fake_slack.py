@@ -44,6 +44,7 @@ class FakeSlack:
         self.calls: list[Call] = []
         self.unhandled: list[Call] = []
         self.acks: dict[str, float] = {}  # envelope id -> when the app acked it
+        self.files: dict[str, dict[str, Any]] = {}  # file id -> filename, data, channel, thread_ts (files_upload_v2)
         self.socket_connected = asyncio.Event()
         self._ws: web.WebSocketResponse | None = None
         self._ts = itertools.count(1)
@@ -55,6 +56,7 @@ class FakeSlack:
         app = web.Application()
         app.router.add_post("/api/{method}", self._api)
         app.router.add_get("/socket", self._socket)
+        app.router.add_post("/upload/{file_id}", self._upload)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -184,8 +186,23 @@ class FakeSlack:
             return web.json_response({"ok": True, "channel": params["channel"], "ts": ts, "message": {
                 "type": "message", "text": params.get("text", ""), "user": self.bot_user_id,
                 "bot_id": self.bot_id, "ts": ts}})
+        if method == "files.getUploadURLExternal":  # files_upload_v2, step 1 of 3
+            file_id = f"F{next(self._ids):08d}"
+            self.files[file_id] = {"filename": params.get("filename"), "data": None}
+            return web.json_response({"ok": True, "upload_url": f"{self.url}/upload/{file_id}", "file_id": file_id})
+        if method == "files.completeUploadExternal":  # step 3: share the uploaded files in a channel
+            listed = params.get("files")
+            listed = json.loads(listed) if isinstance(listed, str) else listed
+            for f in listed:
+                self.files[f["id"]].update(channel=params.get("channel_id"), thread_ts=params.get("thread_ts"))
+            return web.json_response({"ok": True, "files": [{"id": f["id"], "title": f.get("title")} for f in listed]})
         self.unhandled.append(call)
         return web.json_response({"ok": False, "error": "unknown_method"})
+
+    async def _upload(self, request: web.Request) -> web.Response:
+        """Step 2 of files_upload_v2: the bytes, posted to the URL step 1 issued."""
+        self.files[request.match_info["file_id"]]["data"] = await request.read()
+        return web.Response(text="OK - 1")
 
     async def _socket(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(autoping=True)

@@ -64,7 +64,8 @@ async def test_counter_triggers_at_n_survives_restart_and_promotion_swaps(tmp_pa
     def msg(text: str, user: str):
         from chatcore.message import Message
 
-        return Message(text=text, adapter="test", channel="c", user=user, is_direct=True)
+        # stdin trains by default (opt_out); an adapter with no training policy ("test") never does.
+        return Message(text=text, adapter="stdin", channel="c", user=user, is_direct=True)
 
     bot = make_bot(tmp_path, engine=scripted(), config=config)
     await bot.handle(msg("hello there", "alice"))
