@@ -68,7 +68,7 @@ def finetune(checkpoint: str | Path, train: list[list[int]], steps: int, out: Pa
         loss.backward()
         opt.step()
     base = (meta.get("provenance") or {}).get("base_model") or Path(checkpoint).stem
-    return ckpt.save(model.eval(), out, base_model=base, iteration=steps, train_loss=float(loss))
+    return ckpt.save(model.eval(), out, base_model=base, iteration=steps, train_loss=loss.item())
 
 
 def main() -> None:
