@@ -1,8 +1,9 @@
 """Discord adapter (discord.py): DMs, mentions, and optionally whole channels.
 
 Thin by design: a Discord message becomes a `Message`, the reply goes back in
-chunks of at most 2000 characters with every mention disabled, and 👍/👎
-reactions on a reply become feedback (removing the reaction withdraws it). The conversation is the channel (a
+chunks of at most 2000 characters with every mention disabled, 👍/👎
+reactions on a reply become feedback (removing the reaction withdraws it), and 🔁 on one's
+last reply asks for another answer. The conversation is the channel (a
 thread is its own channel) plus the user. Reconnects are discord.py's job.
 
 Intents: the default ones (guilds, messages, reactions). Discord delivers the
@@ -32,6 +33,7 @@ log = logging.getLogger("chatcore.discord")
 MESSAGE_LIMIT = 2000
 # Reactions that rate a reply; skin tones and the emoji variation selector are ignored.
 FEEDBACK = {"\N{THUMBS UP SIGN}": 1, "\N{THUMBS DOWN SIGN}": -1}
+RETRY = "\N{CLOCKWISE RIGHTWARDS AND LEFTWARDS OPEN CIRCLE ARROWS}"  # 🔁: answer that again (/retry)
 _EMOJI_MODIFIERS = re.compile("[\U0001F3FB-\U0001F3FF\uFE0F]")
 _ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 
@@ -119,6 +121,7 @@ class DiscordAdapter(Adapter):
             mentions_bot=mentioned,
             id=str(message.id),
             workspace=None if is_dm else str(message.guild.id),
+            parent=None if getattr(channel, "parent_id", None) is None else str(channel.parent_id),
             raw=message,
         )
 
@@ -159,11 +162,29 @@ class DiscordAdapter(Adapter):
         author = getattr(payload, "message_author_id", None)  # sent by Discord since 2024 (discord.py 2.4)
         if author is not None and author != me.id:
             return
-        value = FEEDBACK.get(_EMOJI_MODIFIERS.sub("", payload.emoji.name or ""))
+        emoji = _EMOJI_MODIFIERS.sub("", payload.emoji.name or "")
+        if emoji == RETRY:
+            if not removed:
+                await self.retry(payload)
+            return
+        value = FEEDBACK.get(emoji)
         if value is not None and removed:
             await self.bot.withdraw_feedback(self.name, str(payload.message_id), str(payload.user_id), value)
         elif value is not None:
             await self.bot.feedback(self.name, str(payload.message_id), str(payload.user_id), value)
+
+    async def retry(self, payload: discord.RawReactionActionEvent) -> None:
+        """🔁 on the last reply of the reacting user's conversation: the core answers again; send it there."""
+        channel = self.client.get_partial_messageable(payload.channel_id)
+        try:
+            reply = await self.bot.retry_reply(self.name, str(payload.message_id), str(payload.user_id))
+        except Busy:
+            await channel.send(BUSY_REPLY)
+            return
+        if reply is not None:
+            for chunk in split_message(reply.text, MESSAGE_LIMIT):
+                sent = await channel.send(chunk)
+                await self.bot.record_delivery(reply, str(sent.id))
 
 
 @hookimpl

@@ -12,6 +12,7 @@ Replies go in the thread of the message (a thread is its own conversation;
 a top-level DM is answered in the DM itself), split to ~4000 characters,
 with `&`, `<` and `>` escaped so generated text can never form a mention such
 as ``<!channel>``. 👍/👎 reactions on a reply become feedback; removing one withdraws it.
+🔁 (``:repeat:``) on one's last reply asks for another answer.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from chatcore.text import split_message
 log = logging.getLogger("chatcore.slack")
 
 FEEDBACK = {"+1": 1, "thumbsup": 1, "-1": -1, "thumbsdown": -1}
+RETRY = "repeat"  # 🔁: answer that again (/retry)
 ANSWERED_SUBTYPES = (None, "thread_broadcast", "file_share")
 SEEN_EVENTS = 10_000  # event ids remembered for de-duplication (Slack retries within minutes)
 
@@ -204,6 +206,7 @@ class SlackAdapter(Adapter):
             mentions_bot=mention,
             id=f"{channel}:{event['ts']}",
             workspace=event.get("team") or team,
+            parent=channel if thread else None,
             raw=event,
         )
         return message, thread
@@ -260,13 +263,29 @@ class SlackAdapter(Adapter):
             return
         if event.get("item_user") and event["item_user"] != self.bot_user_id:
             return
-        value = FEEDBACK.get((event.get("reaction") or "").split("::", 1)[0])
+        name = (event.get("reaction") or "").split("::", 1)[0]
+        if name == RETRY and event.get("type") == "reaction_added" and self._first_delivery(body):
+            await self._retry(item["channel"], item["ts"], event["user"])
+            return
+        value = FEEDBACK.get(name)
         if value is None or not self._first_delivery(body):
             return
         if event.get("type") == "reaction_removed":
             await self.bot.withdraw_feedback(self.name, f"{item['channel']}:{item['ts']}", event["user"], value)
         else:
             await self.bot.feedback(self.name, f"{item['channel']}:{item['ts']}", event["user"], value)
+
+    async def _retry(self, channel: str, ts: str, user: str) -> None:
+        """🔁 on the last reply of the reacting user's conversation: the core answers again, in the same thread."""
+        try:
+            reply = await self.bot.retry_reply(self.name, f"{channel}:{ts}", user)
+        except Busy:
+            reply = None
+            await self._post(channel, None, BUSY_REPLY)
+        if reply is not None:
+            # The conversation's channel is "C…/thread_ts" for a thread, the bare channel for a DM.
+            _, _, thread = reply.message.channel.partition("/")
+            await self.deliver(channel, thread or None, reply)
 
 
 @hookimpl

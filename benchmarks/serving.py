@@ -16,6 +16,9 @@ GPT-2 124M shapes with random weights (the same in every contestant), 2 torch th
    reusing the conversation's cached state vs re-running the whole history.
 3. Single-stream decode tokens/s (32-token prompt, 150 new tokens, greedy):
    chatcore int8 vs chatcore fp32 vs transformers fp32.
+5. Many LoRA adapters in one batch (issue 12): the same 8 conversations over 1,
+   2 and 8 different adapters (rank 8 on c_attn, c_proj, c_fc, mlp c_proj; one
+   per scope) vs no adapter: aggregate tokens/s; target 8 adapters >= 80% of none.
 4. int8 quality: perplexity and greedy (top-1) next-token agreement vs fp32 on
    held-out sample conversations. Random weights say nothing about quality, so
    this uses a small model trained here on the other conversations (or a real
@@ -121,16 +124,35 @@ class Sink:
             self.first = now
 
 
+def make_adapters(model, n: int, folder: Path) -> list[Path]:
+    """`n` random rank-8 adapters on every projection of `model` (what a scope's fine-tune writes)."""
+    from chatcore import lora
+
+    paths = []
+    for i in range(n):
+        m = copy.deepcopy(model)
+        cfg = lora.LoRAConfig(rank=8, alpha=16)
+        lora.apply_lora(m, cfg)
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for _, layer in lora.lora_layers(m):
+                layer.lora_B.normal_(0.0, 0.02, generator=g)
+        paths.append(lora.save_adapter(m, folder / f"adapter_{i}.safetensors", cfg, base_model="bench"))
+    return paths
+
+
 # --- 1. aggregate throughput ------------------------------------------------------------
 
 
-def batched(engine, prompts: list[str], new_tokens: int, stagger: float) -> dict:
+def batched(engine, prompts: list[str], new_tokens: int, stagger: float, adapters: list | None = None) -> dict:
     from chatcore.batching import BatchScheduler
     from chatcore.sampling import SamplingParams
 
     sched = BatchScheduler(engine, max_batch=len(prompts))
     try:
         _warm(sched)
+        for i, path in enumerate(adapters or []):  # loaded before the clock starts (lazy loading is timed apart)
+            _warm(sched, (f"scope{i}", str(path)))
         steps0 = sched.steps
         t0 = time.perf_counter()
         requests, sinks = [], []
@@ -139,7 +161,8 @@ def batched(engine, prompts: list[str], new_tokens: int, stagger: float) -> dict
             sink = Sink()
             params = SamplingParams(temperature=TEMPERATURE, top_k=TOP_K, max_new_tokens=new_tokens,
                                     stop_at_newline=False, seed=SEED + i)
-            requests.append(sched.submit(prompt, params, sink))
+            adapter = (f"scope{i % len(adapters)}", str(adapters[i % len(adapters)])) if adapters else None
+            requests.append(sched.submit(prompt, params, sink, adapter=adapter))
             sinks.append(sink)
         for s in sinks:
             s.done.wait()
@@ -233,11 +256,11 @@ def ct2_static(model_dir: str, kind: str, tokenizer, prompts: list[str], new_tok
     return dict(tokens=tokens, seconds=seconds, tok_s=tokens / seconds, ttft_p50_s=first[0] - t0 if first else None)
 
 
-def _warm(sched) -> None:
+def _warm(sched, adapter=None) -> None:
     from chatcore.sampling import SamplingParams
 
     sink = Sink()
-    sched.submit("Human: hi\nAssistant:", SamplingParams(max_new_tokens=4, stop_at_newline=False), sink)
+    sched.submit("Human: hi\nAssistant:", SamplingParams(max_new_tokens=4, stop_at_newline=False), sink, adapter=adapter)
     sink.done.wait()
 
 
@@ -406,7 +429,7 @@ def main() -> None:
     ap.add_argument("--stagger", type=float, default=0.25, help="seconds between arrivals")
     ap.add_argument("--history", type=int, default=512, help="follow-up test: history tokens")
     ap.add_argument("--checkpoint", help="int8 quality on this checkpoint instead of a model trained here")
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: batch,followup,decode,quality")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: batch,followup,decode,quality,adapters")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -421,7 +444,7 @@ def main() -> None:
     model = build_model()
     fp32 = make_engine(model)
     int8 = make_engine(model, int8=True)
-    hf = hf_model(model)
+    hf = hf_model(model) if not {"batch", "decode"} <= skip else None
     prompts = [render_prompt(c["user"]) for c in conversations()[:n_conv]]
     out: list[dict] = []
     started = time.perf_counter()
@@ -461,6 +484,14 @@ def main() -> None:
         emit("decode", "transformers fp32", **decode_transformers(hf, ids, new_tokens))
     if "quality" not in skip:
         emit("quality", "int8 vs fp32", **int8_quality(args.checkpoint, 100 if args.quick else 200))
+    if "adapters" not in skip:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = make_adapters(model, 8, Path(tmp))
+            for n in (0, 1, 2, 8):  # interleave-free but back to back; compare as ratios
+                emit("adapters", f"{n} adapters" if n else "no adapter",
+                     **batched(fp32, prompts, new_tokens, args.stagger, paths[:n] if n else None))
     ratios = _ratios(out, n_conv)
     if args.json:
         for r in ratios:
@@ -495,6 +526,12 @@ def _ratios(out: list[dict], n_conv: int) -> list[dict]:
         ratios.append(dict(ratio="int8 decode / transformers fp32", value=round(i8["decode_tok_s"] / tf1["decode_tok_s"], 3), target=3.0))
     if f32 and i8:
         ratios.append(dict(ratio="int8 decode / chatcore fp32", value=round(i8["decode_tok_s"] / f32["decode_tok_s"], 3)))
+    none = _find(out, "adapters", "no adapter")
+    for n in (1, 2, 8):
+        r = _find(out, "adapters", f"{n} adapters")
+        if r and none:
+            ratios.append(dict(ratio=f"{n} LoRA adapters / no adapter (batch tok/s)", value=round(r["tok_s"] / none["tok_s"], 3),
+                               **({"target": 0.8} if n == 8 else {})))
     return ratios
 
 
@@ -526,6 +563,12 @@ def _table(out, ratios, n_conv, new_tokens, args) -> None:
               f"greedy next-token agreement {q['top1_agreement'] * 100:.1f}% "
               f"(tolerance: |ppl change| <= {PPL_TOLERANCE * 100:.0f}%, agreement >= {MIN_AGREEMENT * 100:.0f}%: "
               f"{'within' if q['within_tolerance'] else 'OUTSIDE'})")
+    rows = [r for r in out if r["section"] == "adapters"]
+    if rows:
+        print(f"\n5. {n_conv} conversations x {new_tokens} new tokens over LoRA adapters (one per scope, rank 8)")
+        print(f"   {'adapters':<42} {'tokens':>6} {'seconds':>8} {'tok/s':>7}")
+        for r in rows:
+            print(f"   {r['name']:<42} {r['tokens']:>6} {r['seconds']:>8.1f} {r['tok_s']:>7.1f}")
     if ratios:
         print("\nratios")
         for r in ratios:

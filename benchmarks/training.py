@@ -7,7 +7,16 @@ for every variant). Variants:
   ``torch.optim.AdamW`` (no fused kernel);
 - ``fused``: chatcore's loop with the whole-text loss (``loss_on: all``): fused AdamW;
 - ``chatcore``: chatcore's default (``loss_on: assistant``): fused AdamW, and the
-  output head computed only where a reply token is the target.
+  output head computed only where a reply token is the target (full fine-tuning);
+- ``lora``: the same loop with ``training.method: lora`` (rank 8, alpha 16, on
+  c_attn, c_proj, c_fc and the MLP's c_proj; chatcore/lora.py): the base is frozen.
+
+LoRA's targets (issue 12): tokens/s >= 2x ``chatcore`` and peak RSS <= 50% of it.
+``--quality`` adds held-out reply-token loss: a small base (4 layers, 128 wide)
+is pre-trained briefly on the whole text of half of the sample conversations,
+then fine-tuned fully and with LoRA, the same steps, on the other half; the
+loss is on that half's held-out conversations (how much of full fine-tuning's
+gain LoRA gets).
 
 Timing: all variants in one process, their steps interleaved (alternating order),
 medians reported, so drift on a shared machine hits all of them alike. Peak
@@ -31,8 +40,9 @@ from pathlib import Path
 from _common import peak_rss_mb  # benchmarks/ is on sys.path when a script runs
 
 SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sample_conversations.jsonl"
-VARIANTS = ("seed", "fused", "chatcore")
+VARIANTS = ("seed", "fused", "chatcore", "lora")
 TARGET = 1.3
+LORA_SPEED, LORA_MEMORY = 2.0, 0.5  # vs full fine-tuning (``chatcore``)
 
 
 def build(variant: str, tiny: bool, steps: int):
@@ -42,24 +52,27 @@ def build(variant: str, tiny: bool, steps: int):
     from chatcore.model import GPT, GPTConfig
     from chatcore.tokenizer import Tokenizer
     from chatcore.training.data import get_batch, load_jsonl, tokenize
+    from chatcore.lora import LoRAConfig, apply_lora
     from chatcore.training.train import TrainConfig, loss_sum, make_optimizer
 
     torch.manual_seed(0)
     shape = dict(n_layer=2, n_head=2, n_embd=64) if tiny else dict(n_layer=12, n_head=12, n_embd=768)
     model = GPT(GPTConfig(block_size=1024, dropout=0.1, **shape)).train()
     exchanges, _ = load_jsonl(SAMPLE)
-    loss_on = "assistant" if variant == "chatcore" else "all"
+    if variant == "lora":
+        apply_lora(model, LoRAConfig(rank=8, alpha=16))
+    loss_on = "assistant" if variant in ("chatcore", "lora") else "all"
     data = tokenize(exchanges, Tokenizer(), loss_on)
     gen = torch.Generator().manual_seed(0)
     batches = [get_batch(data, 2, 128, gen) for _ in range(steps + 1)]
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
     if variant == "seed":
         opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
     else:
         opt = make_optimizer(model, TrainConfig(fused=True))
 
     def step(x, y) -> None:
-        if variant == "chatcore":
+        if variant in ("chatcore", "lora"):
             s, n = loss_sum(model, x, y)
             loss = s / n
         else:
@@ -113,12 +126,51 @@ def run_child(variant: str, args: argparse.Namespace) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def quality(args: argparse.Namespace) -> dict[str, float]:
+    """Held-out reply-token loss: a small base, then full fine-tuning vs LoRA on other conversations."""
+    import copy
+
+    import torch
+
+    from chatcore.lora import LoRAConfig, apply_lora
+    from chatcore.model import GPT, GPTConfig
+    from chatcore.tokenizer import Tokenizer
+    from chatcore.training.data import build_dataset, group_conversations, load_jsonl
+    from chatcore.training.train import TrainConfig, evaluate, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tok = Tokenizer()
+    convs = group_conversations(load_jsonl(SAMPLE)[0])
+    pre = [e for c in convs[0::2] for e in c]
+    tune = [e for c in convs[1::2] for e in c]
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0))
+    common = dict(batch_size=8, block_size=128, warmup_iters=10, eval_interval=10**6, patience=10**6)
+    train(base, build_dataset(pre, tok, loss_on="all"),
+          TrainConfig(max_iters=args.quality_pretrain, learning_rate=2e-3, min_lr=2e-4, **common), progress=False)
+    data = build_dataset(tune, tok)
+    steps = {**common, "max_iters": args.quality, "eval_interval": max(1, args.quality // 5)}
+    full = copy.deepcopy(base)
+    train(full, data, TrainConfig(learning_rate=1e-3, min_lr=1e-4, **steps), progress=False)
+    adapted = copy.deepcopy(base)
+    apply_lora(adapted, LoRAConfig(rank=8, alpha=16))
+    train(adapted, data, TrainConfig(learning_rate=5e-3, min_lr=5e-4, **steps), progress=False)
+    out = {name: evaluate(m, data.val, block_size=128) for name, m in (("base", base), ("full", full), ("lora", adapted))}
+    out["lora_share_of_full_gain"] = (out["base"] - out["lora"]) / max(1e-9, out["base"] - out["full"])
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per variant and round")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--tiny", action="store_true", help="a 2-layer model, to check the script quickly")
     p.add_argument("--json", action="store_true", help="one JSON object per measurement")
+    p.add_argument("--quality", type=int, default=0, metavar="STEPS",
+                   help="also fine-tune a small base fully and with LoRA for STEPS steps: held-out loss")
+    p.add_argument("--quality-pretrain", type=int, default=150, metavar="STEPS", help=argparse.SUPPRESS)
+    p.add_argument("--quality-only", action="store_true", help="only the held-out loss comparison (--quality STEPS)")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -127,6 +179,13 @@ def main() -> int:
 
     import torch
 
+    if args.quality_only:
+        held_out = quality(args)
+        print(json.dumps({"held_out_reply_loss": held_out, "steps": args.quality}) if args.json else
+              f"held-out reply-token loss after {args.quality} steps from a small base: base "
+              f"{held_out['base']:.3f}, full {held_out['full']:.3f}, LoRA {held_out['lora']:.3f} "
+              f"(LoRA gets {held_out['lora_share_of_full_gain']:.0%} of full fine-tuning's gain)")
+        return 0
     memory = {v: run_child(v, args)["peak_rss_mb"] for v in VARIANTS}
     times = timed(args)
     seed_s = statistics.median(times["seed"])
@@ -138,9 +197,16 @@ def main() -> int:
                      "step_times": [round(t, 3) for t in times[v]],
                      "threads": args.threads or torch.get_num_threads(),
                      "shape": "tiny" if args.tiny else "gpt2-124M", "batch": "2x128"})
+    by = {row["variant"]: row for row in rows}
+    lora_speed = by["lora"]["tokens_per_s"] / by["chatcore"]["tokens_per_s"]
+    lora_memory = by["lora"]["peak_rss_mb"] / by["chatcore"]["peak_rss_mb"]
+    by["lora"].update(tokens_per_s_vs_full=lora_speed, peak_rss_vs_full=lora_memory)
+    held_out = quality(args) if args.quality else None
     if args.json:
         for row in rows:
             print(json.dumps(row))
+        if held_out:
+            print(json.dumps({"held_out_reply_loss": held_out, "steps": args.quality}))
         return 0
     print(f"training step, {rows[0]['shape']}, batch 2x128, median of {args.steps} interleaved steps, "
           f"{rows[0]['threads']} thread(s); peak RSS of each variant alone")
@@ -148,8 +214,15 @@ def main() -> int:
     for row in rows:
         print(f"{row['variant']:<10} {row['s_per_step']:>8.3f} {row['tokens_per_s']:>9.1f} "
               f"{row['peak_rss_mb']:>12.0f} {row['speedup_vs_seed']:>7.2f}x")
-    best = rows[-1]["speedup_vs_seed"]
+    best = by["chatcore"]["speedup_vs_seed"]
     print(f"target >= {TARGET}x: {'met' if best >= TARGET else 'NOT met'} ({best:.2f}x)")
+    print(f"LoRA vs full fine-tuning: tokens/s {lora_speed:.2f}x (target >= {LORA_SPEED}x: "
+          f"{'met' if lora_speed >= LORA_SPEED else 'NOT met'}), peak RSS {lora_memory:.0%} "
+          f"(target <= {LORA_MEMORY:.0%}: {'met' if lora_memory <= LORA_MEMORY else 'NOT met'})")
+    if held_out:
+        print(f"held-out reply-token loss after {args.quality} steps from a small base: base "
+              f"{held_out['base']:.3f}, full {held_out['full']:.3f}, LoRA {held_out['lora']:.3f} "
+              f"(LoRA gets {held_out['lora_share_of_full_gain']:.0%} of full fine-tuning's gain)")
     return 0
 
 

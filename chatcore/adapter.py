@@ -53,6 +53,9 @@ class BotSurface(Protocol):
     async def withdraw_feedback(self, adapter: str, platform_message_id: str, user: str, value: int) -> bool:
         """A user removed a reaction worth `value` (+1/-1); their vote goes if it still is that one."""
 
+    async def retry_reply(self, adapter: str, platform_message_id: str, user: str) -> Reply | None:
+        """🔁 on a reply: answer again if it is the last reply of the reacting user's own conversation, else None."""
+
     @property
     def public_model_id(self) -> str:
         """The serving model's id without file system paths: what outsiders (/health, /v1/models) see."""

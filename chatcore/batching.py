@@ -31,12 +31,14 @@ import logging
 import threading
 import time
 from collections import deque
+from contextlib import nullcontext
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .lora import AdapterPool, route
 from .message import Busy
 from .prefix_cache import PrefixCache
 from .reply_text import ReplyText, prompt_window, slide_window, turn_marker_ids
@@ -44,6 +46,8 @@ from .sampling import SamplingParams, make_generator, sample, validate
 
 log = logging.getLogger("chatcore.batching")
 
+
+log = logging.getLogger("chatcore")
 
 Sink = Callable[[Any], None]  # receives text deltas (str), then DONE, or an exception
 DONE = object()
@@ -57,7 +61,9 @@ class Request:
     params: SamplingParams
     sink: Sink
     cancelled: threading.Event = field(default_factory=threading.Event)
+    adapter: tuple[str | None, str] | None = None  # (slot, LoRA adapter file) added to this row only
     # set by the scheduler
+    adapter_key: Any = None  # the adapter's key in the pool once attached
     row: int = -1
     todo: list[int] = field(default_factory=list)  # tokens still to run through the model
     fed: list[int] = field(default_factory=list)  # tokens in this request's cache row, in order
@@ -84,6 +90,7 @@ class BatchScheduler:
         max_queue: int = 64,
         prefill_chunk: int = 128,
         prefix_cache: PrefixCache | None = None,
+        adapter_budget_mb: float = 64,
     ) -> None:
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1, max_queue >= 0")
@@ -95,6 +102,9 @@ class BatchScheduler:
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.prefix_cache = prefix_cache
         self.cache = self.model.new_cache(max_batch, max_len=self.block_size)
+        # per-row LoRA adapters (chatcore.lora): loaded on first use, their prefixes flushed when they go
+        self.adapters = AdapterPool(self.model, int(adapter_budget_mb * 2**20),
+                                    on_unload=lambda key: prefix_cache and prefix_cache.clear(namespace=key))
         self._exempt = turn_marker_ids(self.tokenizer)
         self._vocab = self.tokenizer.n_vocab
         self._free = list(range(max_batch))
@@ -112,10 +122,14 @@ class BatchScheduler:
 
     # --- called from any thread ---------------------------------------------------
 
-    def submit(self, prompt: str, params: SamplingParams, sink: Sink) -> Request:
-        """Queue a request; its text goes to `sink`. Raises Busy past `max_queue` waiting."""
+    def submit(self, prompt: str, params: SamplingParams, sink: Sink,
+               adapter: tuple[str | None, str] | None = None) -> Request:
+        """Queue a request; its text goes to `sink`. Raises Busy past `max_queue` waiting.
+
+        `adapter` = (slot, file): this request's rows add that LoRA adapter (a slot is a scope:
+        a new file in the same slot replaces the old version once its requests are done)."""
         validate(params)
-        request = Request(prompt, params, sink)
+        request = Request(prompt, params, sink, adapter=adapter)
         with self._cond:
             if self.died is not None:
                 raise RuntimeError("the model worker stopped; restart the bot")
@@ -222,8 +236,13 @@ class BatchScheduler:
         r.text = ReplyText(self.tokenizer, r.params)
         self.cache.reset(r.row)
         r.todo = list(r.context)
+        if r.adapter is not None:
+            try:
+                r.adapter_key = self.adapters.acquire(r.adapter[1], slot=r.adapter[0])
+            except Exception as exc:  # a damaged or mismatched adapter: this request serves on the base
+                log.warning("LoRA adapter %s is unusable (%s); serving this request without it", r.adapter[1], exc)
         if self.prefix_cache is not None:
-            hit = self.prefix_cache.lookup(r.todo, max_length=len(r.todo) - 1)
+            hit = self.prefix_cache.lookup(r.todo, max_length=len(r.todo) - 1, namespace=r.adapter_key)
             if hit is not None:
                 self.cache.restore(r.row, hit.k, hit.v)
                 r.fed, r.todo, r.reused = r.todo[: hit.length], r.todo[hit.length :], hit.length
@@ -284,9 +303,14 @@ class BatchScheduler:
         idx = torch.zeros(len(tokens), T, dtype=torch.long)
         for i, t in enumerate(tokens):
             idx[i, : len(t)] = torch.tensor(t)
-        logits = self.model.forward_cached(
-            idx.to(self.device), self.cache, rows=[r.row for r in requests], n_new=[len(t) for t in tokens]
-        )
+        groups: dict[Any, list[int]] = {}
+        for i, r in enumerate(requests):
+            if r.adapter_key is not None:
+                groups.setdefault(r.adapter_key, []).append(i)
+        with route(self.model, list(groups.items())) if groups else nullcontext():  # base matmuls once; each group adds its own update
+            logits = self.model.forward_cached(
+                idx.to(self.device), self.cache, rows=[r.row for r in requests], n_new=[len(t) for t in tokens]
+            )
         for r, t in zip(requests, tokens):
             r.fed.extend(t)
             r.pending = None
@@ -342,8 +366,11 @@ class BatchScheduler:
                 _send(r, rest)
         if self.prefix_cache is not None and r.fed and error is None and len(r.fed) == self.cache.length(r.row):
             # what this row ran is valid for any prompt that starts with the same tokens
-            self.prefix_cache.store(r.fed, *self.cache.snapshot(r.row))
+            self.prefix_cache.store(r.fed, *self.cache.snapshot(r.row), namespace=r.adapter_key)
         self.cache.reset(r.row)
+        if r.adapter_key is not None:
+            self.adapters.release(r.adapter_key)
+            r.adapter_key = None
         with self._cond:
             self._running.remove(r)
             self._free.append(r.row)

@@ -5,6 +5,8 @@ Adapters see it only through `chatcore.adapter.BotSurface`."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import random
 import re
 import logging
 from contextlib import aclosing
@@ -20,8 +22,11 @@ from .metrics import Metrics
 from .params import SamplingParams
 from .plugin_manager import Command, PluginManager, await_me_maybe, call_hook, make_plugin_manager
 from .prompt import build_prompt
+from .registry import serving_checkpoint
+from .scopes import Scopes, adapter_dir
 from .serving import Generator
-from .weights import RegistryWatch, load_engine
+from .store import is_postgres_url
+from .weights import RegistryWatch, load_engine, models_dir
 
 log = logging.getLogger("chatcore")
 
@@ -48,7 +53,9 @@ class Bot:
         self.adapters: list[Any] = []
         self._stopping = asyncio.Event()
         self.registry_watch = RegistryWatch(config)  # from now on, registry changes are followed
+        self._registry_listener: Any = None  # LISTENs for promotions announced by other instances
         self.metrics = Metrics(self)  # per bot: tests with many bots never share counters
+        self.scopes = Scopes.from_config(config)  # communities: persona and adapter (chatcore/scopes.py)
 
     # --- building -------------------------------------------------------------
 
@@ -69,7 +76,7 @@ class Bot:
             config = load_config(config, pm.schema())
         pm.disable(config["plugins"]["disabled"])
         check_config(config)  # an unacknowledged Discord/Slack training policy stops the bot before it starts
-        store = Store(config.store_path, timeout=config["store"]["busy_timeout_s"])  # first: a locked or read-only database fails before the model loads
+        store = Store(config.store_url, timeout=config["store"]["busy_timeout_s"])  # first: a locked or read-only database fails before the model loads
         if engine is None:
             try:
                 engine = load_engine(config)
@@ -138,22 +145,32 @@ class Bot:
         answer = await self._first_result("message_received", bot=self, message=message)
         if answer is DROP:
             return None
+        if isinstance(answer, Reply) and answer.exchange_id is not None:
+            return answer  # already generated and logged (e.g. /retry)
         if answer is not None:
             # A command may answer with a whole Reply (e.g. /mydata, which carries a file).
             reply = answer if isinstance(answer, Reply) else Reply(text=str(answer), message=message, from_model=False)
             await self._call("reply_ready", bot=self, message=message, reply=reply)
             return reply if reply.text else None
 
-        engine = self.generator.engine
         # Every store call runs on the store's thread: a locked database delays this chat, not the loop.
         history = await self.store.run(self.store.history, message, limit=self.config["bot"]["history_turns"])
+        return await self._generate(message, history, params, on_delta)
+
+    async def _generate(self, message: Message, history: list[tuple[str, str]], params: SamplingParams,
+                      on_delta: Callable[[str], Any] | None = None, retry_of: int | None = None) -> Reply | None:
+        """Prompt, generate, run the reply hooks and log a model reply to `message` after `history`."""
+        engine = self.generator.engine
+        scope = self.scopes.resolve(message)
+        self.scopes.note(message, scope)  # its exchanges train that scope's adapter
         prompt = build_prompt(message.text, history, engine.count_tokens,
-                              budget=engine.block_size - min(params.max_new_tokens, engine.block_size // 2))
+                              budget=engine.block_size - min(params.max_new_tokens, engine.block_size // 2),
+                              persona=self.scopes.persona(scope))
         await self._call("prompt_built", bot=self, message=message, prompt=prompt)
 
         parts: list[str] = []
         # aclosing: when on_delta raises (the client went away), the engine stops now, not at garbage collection.
-        async with aclosing(self.generator.stream(prompt.text, params)) as stream:
+        async with aclosing(self.generator.stream(prompt.text, params, self.scope_adapter(scope))) as stream:
             async for delta in stream:
                 if not parts:
                     delta = delta.lstrip()  # the prompt ends at "Assistant:"; the reply's first space is format
@@ -170,9 +187,18 @@ class Bot:
         exchange = await self.store.run(self.store.log_exchange, message, reply.text, model_id=reply.model_id,
                                         params=params, policy=said.policy, consent=said.consent,
                                         trainable=said.trainable)
+        if retry_of is not None:
+            await self.store.run(self.store.link_retry, exchange.id, retry_of)
         reply.exchange_id = exchange.id
         await self._call("exchange_logged", bot=self, exchange=exchange)
         return reply
+
+    def scope_adapter(self, scope: Any) -> tuple[str, str] | None:
+        """(scope name, adapter file) when `scope` has a promoted adapter of its own (a thread: its channel's)."""
+        if scope is None:
+            return None
+        promoted = serving_checkpoint(adapter_dir(models_dir(self.config), scope))
+        return None if promoted is None else (scope.name, str(promoted))
 
     async def record_delivery(self, reply: Reply, platform_message_id: str) -> None:
         """Remember which platform message carried `reply`, so reactions to it count as feedback."""
@@ -196,6 +222,42 @@ class Bot:
         if self.store.remove_feedback(exchange.id, user_key, 1 if value > 0 else -1):
             await self._call("feedback_received", bot=self, exchange=exchange, user=user_key, value=0)
         return True
+
+    async def retry(self, message: Message) -> Reply | None:
+        """Answer the last message of `message`'s conversation again with another seed (/retry); None: nothing to retry.
+
+        The new reply replaces the old one in the conversation's history; the two become a
+        preference pair once the user rates one of them or keeps the new one (see `Store.preference_pairs`).
+        """
+        last = await self.store.run(self.store.last_exchange, message)
+        if last is None:
+            return None
+        # the asker's own message, so who vouches for them (and where they said it) carries over to the retry
+        original = dataclasses.replace(message, text=last.user_text, id=None)
+        history = await self.store.run(self.store.context_before, last.id, limit=self.config["bot"]["history_turns"])
+        return await self._generate(original, history, self.retry_params(last.params), retry_of=last.id)
+
+    async def retry_reply(self, adapter: str, platform_message_id: str, user: str) -> Reply | None:
+        """🔁 on a reply: retry it if it is the last reply of the reacting user's own conversation, else None."""
+        exchange = await self.store.run(self.store.find_by_platform_message_id, adapter, str(platform_message_id))
+        if exchange is None or exchange.user != str(user):
+            return None
+        message = Message(text=exchange.user_text, adapter=adapter, channel=exchange.channel, user=exchange.user,
+                          workspace=exchange.workspace)
+        last = await self.store.run(self.store.last_exchange, message)
+        if last is None or last.id != exchange.id:
+            return None  # an older reply: the conversation has moved on since
+        return await self.retry(message)
+
+    def retry_params(self, stored: dict[str, Any]) -> SamplingParams:
+        """The sampler settings of a stored reply with a fresh seed (a greedy reply is resampled at 0.8)."""
+        known = {f.name for f in dataclasses.fields(SamplingParams)}
+        params = dataclasses.replace(self.params, **{k: (tuple(v) if k == "stop" else v)
+                                                     for k, v in stored.items() if k in known})
+        seed = random.randrange(2**31)
+        if params.seed is not None and seed == params.seed:
+            seed += 1
+        return dataclasses.replace(params, seed=seed, temperature=params.temperature or 0.8)
 
     async def rate(self, exchange: Any, user_key: str, value: int) -> None:
         value = 1 if value > 0 else -1
@@ -250,8 +312,13 @@ class Bot:
         The new engine loads off the event loop and is swapped in whole: requests already running
         finish on the old one, none is dropped."""
         watch = self.registry_watch
+        nudged = self._listen_for_registry_changes()
         while True:
-            await asyncio.sleep(self.registry_poll_s)
+            try:  # a NOTIFY from another instance on the same PostgreSQL history cuts the wait short
+                await asyncio.wait_for(nudged.wait(), self.registry_poll_s)
+            except asyncio.TimeoutError:
+                pass
+            nudged.clear()
             if not await asyncio.to_thread(watch.changed):
                 continue
             try:
@@ -264,6 +331,19 @@ class Bot:
                 self.generator.swap(engine)
                 log.info("now serving %s (registry.json changed)", engine.model_id)
 
+    def _listen_for_registry_changes(self) -> asyncio.Event:
+        """An event set whenever an instance announces a promotion or rollback (PostgreSQL history only)."""
+        nudged = asyncio.Event()
+        url = self.config.store_url
+        if is_postgres_url(url):
+            from .postgres import REGISTRY_CHANNEL, Listener
+
+            loop = asyncio.get_running_loop()
+            if self._registry_listener is not None:
+                self._registry_listener.close()
+            self._registry_listener = Listener(url, REGISTRY_CHANNEL, lambda _: loop.call_soon_threadsafe(nudged.set))
+        return nudged
+
     async def close_adapters(self) -> None:
         for adapter in self.adapters:
             try:
@@ -272,6 +352,9 @@ class Bot:
                 log.exception("adapter %s did not stop cleanly", adapter.name)
 
     async def close(self) -> None:
+        if self._registry_listener is not None:
+            await asyncio.to_thread(self._registry_listener.close)
+            self._registry_listener = None
         await self.generator.close()
         await self.store.run(self.store.close)  # after the writes queued before it
 

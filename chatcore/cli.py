@@ -106,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = hsub.add_parser("stats", help="print counts as JSON", description="Print history statistics as JSON.")
     config_arg(p)
     p.set_defaults(run=cmd_history_stats)
+    p = hsub.add_parser("migrate", help="copy the whole history to another database (e.g. SQLite to PostgreSQL)",
+                        description="Copy every row to an empty database, ids kept, in one transaction; "
+                                    "prints rows per table and a content hash of both sides. Stop the bots first.")
+    config_arg(p)
+    p.add_argument("--from", dest="source", metavar="URL",
+                   help="sqlite:///path, a file path or postgresql://... (default: the config's history)")
+    p.add_argument("--to", dest="target", metavar="URL", required=True,
+                   help="postgresql://user@host:port/db or sqlite:///path; must hold no history yet")
+    p.set_defaults(run=cmd_history_migrate)
 
     cfg = sub.add_parser("config", help="check a config file", description="Work with config files.")
     csub = cfg.add_subparsers(title="config commands", metavar="ACTION", required=True)
@@ -175,7 +184,7 @@ def open_store(config_path: Path | None, *, read_only: bool = False):
     from .store import Store
 
     _, config = load(config_path)
-    return Store(config.store_path, read_only=read_only, timeout=config["store"]["busy_timeout_s"])
+    return Store(config.store_url, read_only=read_only, timeout=config["store"]["busy_timeout_s"])
 
 
 def build_bot(config_path: Path | None):
@@ -280,6 +289,31 @@ def cmd_history_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_history_migrate(args: argparse.Namespace) -> int:
+    from .store import Store, copy_history
+
+    _, config = load(args.config)
+    timeout = config["store"]["busy_timeout_s"]
+    source = Store(args.source or config.store_url, read_only=True, timeout=timeout)
+    try:
+        target = Store(args.target, timeout=timeout)
+        try:
+            copy_history(source, target)
+            (before, source_hash), (after, target_hash) = source.digest(), target.digest()
+        finally:
+            target.close()
+    finally:
+        source.close()
+    for table, count in before.items():
+        print(f"{table}: {count} -> {after.get(table)}")
+    print(f"content sha256: {source_hash} ({source.path})")
+    print(f"content sha256: {target_hash} ({target.path})")
+    if (before, source_hash) != (after, target_hash):
+        raise Failure("the copy differs from the source: do not switch the bots to it")
+    print(f"migrated losslessly: {before.get('exchanges', 0)} exchange(s)")
+    return EXIT_OK
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     import yaml
 
@@ -325,7 +359,7 @@ def finetune(config: Any, *, jsonl: list[Path] = (), use_store: bool = True, max
     if use_store:
         from .store import Store
 
-        with Store(config.store_path) as store:
+        with Store(config.store_url, timeout=config["store"]["busy_timeout_s"]) as store:
             gone = set(store.excluded_users()) | set(store.forgotten())
     serving = lineage.gate_reference(str(promoted) if promoted else None, base, gone)
     spec = spec_from_config(config, base, serving, progress=progress, jsonl=[str(f) for f in jsonl])
@@ -376,7 +410,9 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     from .weights import models_dir
 
     _, config = load(args.config)
-    with Store(config.store_path, read_only=config.store_path.exists()) as store:
+    # read-only where it exists: a lineage report never creates or migrates a history
+    read_only = config.get("history.url") is None and config.store_path.exists()
+    with Store(config.store_url, read_only=read_only, timeout=config["store"]["busy_timeout_s"]) as store:
         excluded, forgotten = store.excluded_users(), store.forgotten()
     rows = lineage.report(models_dir(config), excluded, forgotten)
     print(json.dumps(rows, indent=2) if args.json else lineage.format_report(rows))
@@ -397,6 +433,12 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         serving = registry.rollback()
     except LookupError as exc:  # nothing to roll back
         raise Failure(str(exc)) from None
+    from .store import is_postgres_url
+
+    if is_postgres_url(config.store_url):
+        from .postgres import announce_registry_change
+
+        announce_registry_change(config.store_url, "rollback")
     print(f"now serving {serving.name if serving else 'the configured base model'} "
           "(a running bot switches within seconds)")
     return 0

@@ -99,9 +99,14 @@ CORE_SCHEMA: Schema = {
                                      "holds the database locked: the chat is delayed, then fails with a clear error."),
     },
     "history": {
+        "url": Field(str, None, secret=True,
+                     help="Where the history lives: postgresql://user@host:port/db for several instances "
+                          "(password from PGPASSWORD or ~/.pgpass), or sqlite:///path (default: store.path)."),
         "retention_days": Field((int, float), None,
                                 help="Delete exchanges older than this, at start and daily (null: keep until /forget)."),
     },
+    "scopes": Field(list, [], help="Communities (a workspace or a channel; threads follow their channel), "
+                                   "each with an optional persona and its own adapter: see chatcore/scopes.py."),
     "adapters": {},  # filled from the registered adapters
     "plugins": {
         "disabled": Field(list, [], help="Plugin names not to load (built-in or installed)."),
@@ -168,6 +173,11 @@ class Config(Mapping):
     def store_path(self) -> Path:
         path = self.get("store.path")
         return Path(os.path.expanduser(path)) if path else self.data_dir / "history.db"
+
+    @property
+    def store_url(self) -> str:
+        """What `Store` opens: ``history.url`` when set, else the SQLite file `store_path`."""
+        return self.get("history.url") or str(self.store_path)
 
     def redacted(self) -> dict[str, Any]:
         """The config with every secret replaced by ``***``: the only form fit to print or log."""

@@ -21,6 +21,7 @@ class Message:
     mentions_bot: bool = False
     id: str | None = None  # the platform's message id, when it has one
     workspace: str | None = None  # Discord guild / Slack team id: training policy and scopes follow it
+    parent: str | None = None  # a thread's parent channel: the thread shares its scope (chatcore.scopes)
     raw: Any = field(default=None, compare=False, repr=False)  # the platform event, for plugins
     # Who vouches for `user`. A chat platform does; an HTTP client without an API key names itself,
     # so its text is untrusted (for training too) and its `user` is free to rotate.

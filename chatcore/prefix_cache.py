@@ -20,6 +20,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -38,6 +39,7 @@ class _Entry:
     tokens: torch.Tensor  # [n] int64
     k: torch.Tensor  # [n_layer, n_head, n, head_dim]
     v: torch.Tensor
+    namespace: Any = None  # e.g. the LoRA adapter the state was computed with: reused only with it
 
     @property
     def nbytes(self) -> int:
@@ -70,7 +72,7 @@ class PrefixCache:
     def nbytes(self) -> int:
         return self._nbytes
 
-    def lookup(self, tokens: Sequence[int], max_length: int | None = None) -> PrefixHit | None:
+    def lookup(self, tokens: Sequence[int], max_length: int | None = None, namespace: Any = None) -> PrefixHit | None:
         """The cached state sharing the longest prefix with `tokens` (at most `max_length` of it).
 
         The returned tensors are views of the entry: copy them (``KVCache.restore``
@@ -81,6 +83,8 @@ class PrefixCache:
         with self._lock:
             best_id, best_len = None, 0
             for entry_id, entry in self._entries.items():
+                if entry.namespace != namespace:
+                    continue
                 n = _shared(entry.tokens, query, limit)
                 if n > best_len:
                     best_id, best_len = entry_id, n
@@ -92,7 +96,7 @@ class PrefixCache:
             self.hits += 1
             return PrefixHit(best_len, entry.k[:, :, :best_len], entry.v[:, :, :best_len])
 
-    def store(self, tokens: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> bool:
+    def store(self, tokens: Sequence[int], k: torch.Tensor, v: torch.Tensor, namespace: Any = None) -> bool:
         """Keep the state of `tokens` (k, v: ``[n_layer, n_head, len(tokens), head_dim]``, owned copies).
 
         Returns False when the state alone is over the budget (it is not kept).
@@ -100,11 +104,13 @@ class PrefixCache:
         ids = torch.as_tensor(list(tokens), dtype=torch.long)
         if k.shape != v.shape or k.dim() != 4 or k.size(2) != len(ids):
             raise ValueError(f"k/v of shape {tuple(k.shape)} do not hold {len(ids)} tokens")
-        entry = _Entry(ids, k, v)
+        entry = _Entry(ids, k, v, namespace)
         if entry.nbytes > self.budget_bytes or len(ids) == 0:
             return False
         with self._lock:
             for entry_id, old in list(self._entries.items()):
+                if old.namespace != namespace:
+                    continue
                 shared = _shared(old.tokens, ids, len(ids))
                 if shared >= len(old.tokens) - self.supersede_tail and 2 * shared >= len(old.tokens):
                     self._drop(entry_id)
@@ -115,10 +121,15 @@ class PrefixCache:
             self._nbytes += entry.nbytes
         return True
 
-    def clear(self) -> None:
+    def clear(self, namespace: Any = None) -> None:
+        """Drop every state, or (given a namespace) only the states computed in it."""
         with self._lock:
-            self._entries.clear()
-            self._nbytes = 0
+            if namespace is None:
+                self._entries.clear()
+                self._nbytes = 0
+                return
+            for entry_id in [i for i, e in self._entries.items() if e.namespace == namespace]:
+                self._drop(entry_id)
 
     def _drop(self, entry_id: int) -> None:
         self._nbytes -= self._entries.pop(entry_id).nbytes

@@ -54,6 +54,12 @@ def render_prompt(message: str) -> str:
     return f"{HUMAN} {clean(message)}\n{ASSISTANT}"
 
 
+def render_persona(persona: str | None) -> str:
+    """A scope's persona: one plain line and a turn separator (it can never open a turn of its own)."""
+    text = clean(persona or "")
+    return f"{text}{TURN_SEPARATOR}" if text else ""
+
+
 def render_exchange(user: str, assistant: str) -> str:
     """One finished exchange, as trained on and as earlier turns in a prompt."""
     return f"{HUMAN} {clean(user)}\n{ASSISTANT} {clean(assistant)}{TURN_SEPARATOR}"
@@ -64,12 +70,21 @@ def build_prompt(
     history: Sequence[tuple[str, str]],
     count_tokens: Callable[[str], int],
     budget: int,
+    persona: str | None = None,
 ) -> Prompt:
     """Render `message` after as many of the newest `history` turns as fit in `budget` tokens.
 
     `history` is oldest first. When the message alone is over budget, its end is
-    kept (the question usually comes last) and no history is included.
+    kept (the question usually comes last) and no history is included. A scope's
+    `persona` (chatcore.scopes) opens the prompt, cleaned like user text, when it fits.
     """
+    head = render_persona(persona)
+    if head:
+        reserve = count_tokens(head + HUMAN) - count_tokens(HUMAN)  # as it tokenizes before the first turn
+        if reserve + count_tokens(render_prompt(message)) <= budget:
+            prompt = build_prompt(message, history, count_tokens, budget - reserve)
+            if count_tokens(head + prompt.text) <= budget:
+                return Prompt(text=head + prompt.text, turns=prompt.turns)
     text = render_prompt(message)
     if count_tokens(text) > budget:
         return Prompt(text=_truncate_front(message, count_tokens, budget), turns=[])

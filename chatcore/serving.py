@@ -65,7 +65,7 @@ class _Serial:
         self.heartbeat = time.monotonic()  # when the running request last produced text
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatcore-model")
 
-    def submit(self, prompt: str, params: SamplingParams, sink: Sink) -> _Handle:
+    def submit(self, prompt: str, params: SamplingParams, sink: Sink, adapter: Any = None) -> _Handle:
         handle = _Handle()
         with self._lock:
             # as before batching: the running request counts too (max_queue 0 refuses everything)
@@ -175,8 +175,12 @@ class Generator:
         """Serve `engine` from the next request on."""
         self._engine = engine
 
-    async def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[str]:
-        """Yield the reply's text as it is generated; stopping early cancels the work."""
+    async def stream(self, prompt: str, params: SamplingParams,
+                     adapter: tuple[str | None, str] | None = None) -> AsyncIterator[str]:
+        """Yield the reply's text as it is generated; stopping early cancels the work.
+
+        `adapter` = (scope, LoRA adapter file) adds that adapter to this request (batched
+        engines only: `chatcore.batching`); an engine served one at a time ignores it."""
         if self._closed:
             raise RuntimeError("the generator is closed")
         loop = asyncio.get_running_loop()
@@ -186,7 +190,7 @@ class Generator:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
         try:
-            handle = self.backend.submit(prompt, params, sink)  # Busy / ValueError surface here
+            handle = self.backend.submit(prompt, params, sink, adapter=adapter)  # Busy / ValueError surface here
         except Busy:
             self.busy += 1
             raise
@@ -212,8 +216,9 @@ class Generator:
             out.update(waiting=backend.pending, running=backend.active)
         return out
 
-    async def generate(self, prompt: str, params: SamplingParams) -> str:
-        return "".join([delta async for delta in self.stream(prompt, params)])
+    async def generate(self, prompt: str, params: SamplingParams,
+                       adapter: tuple[str | None, str] | None = None) -> str:
+        return "".join([delta async for delta in self.stream(prompt, params, adapter)])
 
     async def close(self) -> None:
         """Stop serving: running and waiting requests are cancelled (their streams end)."""

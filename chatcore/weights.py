@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from . import hf
+from . import hf, lora
 from .checkpoint import CheckpointError, ColumnMajor, Transform
 from .engine import Engine, decode_column_major, pick_device, pick_dtype
 from .model import GPT
@@ -127,6 +127,8 @@ def resolve_model(cfg: dict, starter: Starter | None = None,
                 "Point it at a .safetensors checkpoint, a .pt file or a Hugging Face GPT-2 directory, "
                 "or remove it to use GPT-2."
             )
+        if lora.is_adapter(path):
+            return adapter_on_base(path, cfg, starter, column_major)
         model, meta = hf.load_any(path, column_major=column_major, transform=transform)
         return model, meta, model_id(path, meta)
 
@@ -164,6 +166,21 @@ def resolve_model(cfg: dict, starter: Starter | None = None,
         + (", or build the offline starter model" if starter is not None else "")
         + "."
     )
+
+
+def adapter_on_base(path: Path, cfg: dict, starter: Starter | None = None,
+                    column_major: ColumnMajor | None = None) -> tuple[GPT, dict, str]:
+    """A LoRA adapter file serves as its base (named in its provenance) with the adapter merged in."""
+    adapter = lora.load_adapter(path)
+    base = adapter.base_model
+    if base and Path(os.path.expanduser(base)).exists():
+        base_cfg = {**cfg, "checkpoint": base}
+    else:  # a hub name (or a base that moved): the configured base steps
+        base_cfg = {**cfg, "checkpoint": None, "base": base or cfg.get("base")}
+    model, meta, _ = resolve_model(base_cfg, starter, column_major)
+    lora.merge_adapter(model, adapter)
+    meta = {**meta, "source": str(path), "provenance": adapter.meta.get("provenance"), "base_source": meta.get("source")}
+    return model, meta, model_id(path, adapter.meta)
 
 
 def base_checkpoint(config: Any) -> str | None:

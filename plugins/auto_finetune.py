@@ -24,12 +24,14 @@ Config (``plugins.auto_finetune``)::
     training: {...}       # chatcore.training.options.TrainConfig (lr, max_iters, loss_on, ...)
     guards: {...}         # chatcore.training.options.GuardConfig (duplicates, min length, user share, ...)
     gate: {...}           # chatcore.training.options.GateConfig (min_improvement, general_text, keep, ...)
+    preference: {...}     # chatcore.training.options.PreferenceConfig (enabled, min_labels, beta, ...)
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
 import typing
@@ -43,7 +45,7 @@ from chatcore.lineage import contains_any, gate_reference
 from chatcore.plugin_manager import call_hook
 from chatcore.registry import Registry
 from chatcore.training.job import MIN_SENSIBLE, JobSpec, spec_from_config
-from chatcore.training.options import GateConfig, GuardConfig, TrainConfig
+from chatcore.training.options import GateConfig, GuardConfig, PreferenceConfig, TrainConfig
 from chatcore.training.scheduler import Job, JobBusy, JobScheduler
 
 log = logging.getLogger("chatcore.auto_finetune")
@@ -55,8 +57,10 @@ def _schema_of(cls: type) -> dict[str, Field]:
     out: dict[str, Field] = {}
     for f in dataclasses.fields(cls):
         args = set(typing.get_args(hints[f.name])) - {type(None)} or {hints[f.name]}
-        if bool in args:
-            typ: Any = bool
+        if typing.get_origin(hints[f.name]) is dict:  # e.g. training.lora: a mapping of its own options
+            typ: Any = dict
+        elif bool in args:
+            typ = bool
         elif float in args:
             typ = (int, float)
         elif int in args:
@@ -87,6 +91,7 @@ def register_config(register):
         "training": _schema_of(TrainConfig),
         "guards": _schema_of(GuardConfig),
         "gate": _schema_of(GateConfig),
+        "preference": _schema_of(PreferenceConfig),
     })
 
 
@@ -102,7 +107,7 @@ class State:
         cfg = bot.config.get("plugins.auto_finetune") or {}
         self.cfg = cfg
         self.models_dir = Path(bot.config.data_dir) / "models"
-        self.scheduler = JobScheduler(self.models_dir, threads=cfg.get("threads"))
+        self.scheduler = JobScheduler(self.models_dir, threads=cfg.get("threads"), lock_url=bot.config.store_url)
         self.job: Job | None = None
         self.task: asyncio.Task | None = None
         self.last_attempt = 0.0
@@ -136,6 +141,40 @@ class State:
             if not base:
                 raise RuntimeError("the configured model has no checkpoint on disk to fine-tune from")
         return spec_from_config(bot.config, base, gate_reference(serving, base, gone), progress=False)
+
+    def scope_spec(self, bot: Any, scope: Any) -> JobSpec:
+        """A scope's own LoRA adapter: trained on its conversations from the configured base, gated
+        on its held-out ones against what serves there now (its adapter, or the base)."""
+        from chatcore.registry import serving_checkpoint
+        from chatcore.scopes import adapter_dir
+        from chatcore.weights import base_checkpoint
+
+        # An adapter serves on the weights it was trained on (lora.check_base): the configured base, or
+        # with start_from: serving the bot-wide model that serves now.
+        base = base_checkpoint(bot.config) if self.cfg.get("start_from", "base") == "base" else _source(bot.engine)
+        if not base:
+            raise RuntimeError("the model has no checkpoint on disk to fine-tune from")
+        folder = adapter_dir(self.models_dir, scope)
+        serving = serving_checkpoint(folder)
+        spec = spec_from_config(bot.config, base, str(serving) if serving else None, progress=False,
+                                models_dir=str(folder), scope=scope.name,
+                                scope_channels=bot.scopes.channels(scope))
+        spec.train = {**spec.train, "method": "lora"}
+        return spec
+
+
+def scope_exchanges_since_finetune(bot: Any, scope: Any) -> int:
+    """Exchanges of `scope`'s channels logged after the newest one its last fine-tune saw."""
+    from chatcore.scopes import adapter_dir
+
+    mark = Path(adapter_dir(state_of(bot).models_dir, scope)) / "last_finetune.json"
+    try:
+        since = int(json.loads(mark.read_text(encoding="utf-8")).get("up_to_id", 0))
+    except (OSError, ValueError, AttributeError):
+        since = 0
+    keys = set(bot.scopes.channels(scope))
+    return sum(1 for e in bot.store.exchanges(since_id=since)
+               if f"{e.adapter}:{e.channel}" in keys and e.trainable)  # consented, as the bot-wide count
 
 
 _states: "weakref.WeakKeyDictionary[Any, State]" = weakref.WeakKeyDictionary()
@@ -175,6 +214,18 @@ async def exchange_logged(bot, exchange):
     st = state_of(bot)
     if not st.cfg.get("enabled", True) or st.running:
         return
+    scopes = getattr(bot, "scopes", None)
+    scope = scopes.scope_of(exchange.adapter, exchange.channel) if scopes is not None else None
+    if scope is not None and scope.finetune:  # counted per scope: its own adapter
+        if await bot.store.run(scope_exchanges_since_finetune, bot, scope) >= st.cfg.get("every", 50):
+            try:
+                await start_job(bot, scope)
+            except JobBusy as exc:
+                log.info("fine-tune of scope %s not started: %s", scope.name, exc)
+            except Exception as exc:  # never let learning break answering
+                st.last_attempt = time.time()
+                log.warning("fine-tune of scope %s not started: %s", scope.name, exc)
+        return
     if await bot.store.run(bot.store.exchanges_since_finetune) < st.cfg.get("every", 50):
         return
     cooldown = float(st.cfg.get("cooldown_minutes", 60)) * 60
@@ -208,13 +259,15 @@ async def user_forgotten(bot, user_key, deleted):
     return "The current model learned from you: I started a fine-tune without you now."
 
 
-async def start_job(bot: Any) -> Job:
-    """Start a fine-tune job now; its result is handled in the background. Raises JobBusy."""
+async def start_job(bot: Any, scope: Any = None) -> Job:
+    """Start a fine-tune job now (the bot-wide model, or a scope's adapter); its result is handled
+    in the background. Raises JobBusy."""
     st = state_of(bot)
     if st.running:
         raise JobBusy("a fine-tune job is already running")
     st.last_attempt = time.time()
-    spec = await asyncio.to_thread(st.spec, bot)  # may look in the Hugging Face cache: off the event loop
+    # may look in the Hugging Face cache: off the event loop
+    spec = await asyncio.to_thread(st.spec, bot) if scope is None else await asyncio.to_thread(st.scope_spec, bot, scope)
     st.job = st.scheduler.start(spec)
     log.info("fine-tune job %s started (pid %d)", st.job.id, st.job.pid)
     await _fire(bot, "finetune_started", bot=bot, job=st.job)
@@ -232,7 +285,11 @@ async def finish(bot: Any, job: Any, result: dict[str, Any]) -> None:
     """Act on a job's result: hooks, and the hot swap on promotion."""
     await _fire(bot, "finetune_finished", bot=bot, job=job, result=result)
     status = result.get("status")
-    if status == "promoted":
+    if status == "promoted" and result.get("scope"):
+        # the scope's next request loads the new adapter (chatcore.batching); nothing to swap
+        log.info("scope %s now serves adapter %s", result["scope"], result.get("candidate"))
+        await _fire(bot, "finetune_promoted", bot=bot, result=result)
+    elif status == "promoted":
         try:
             engine = await asyncio.to_thread(engine_for, bot, Path(result["candidate"]))
         except Exception as exc:  # the old model keeps serving

@@ -44,6 +44,8 @@ def register_commands(register):
     register("status", status, anonymous=True)
     register("good", good)
     register("bad", bad)
+    register("retry", retry)
+    register("persona", persona)
 
 
 @hookimpl(tryfirst=True)
@@ -71,9 +73,9 @@ def message_received(bot, message):
     return _run(command, bot, message, args.strip())
 
 
-async def _run(command, bot, message, args: str) -> Any:
+async def _run(command, bot, message, args: str) -> str | Reply:
     answer = await await_me_maybe(command.handler(bot, message, args))
-    return answer if isinstance(answer, Reply) else str(answer)  # a Reply may carry files
+    return answer if isinstance(answer, Reply) else str(answer)  # a Reply may carry files, or be a logged /retry
 
 
 class RateLimiter:
@@ -164,3 +166,31 @@ async def _rate_last(bot, message, value: int) -> str:
         return "There is no reply of mine in this conversation to rate yet."
     await bot.rate(exchange, message.user_key, value)
     return "Thanks for the feedback."
+
+
+async def retry(bot, message, args):
+    """Answer my last reply again, differently (then rate one, or just carry on with the new one)."""
+    reply = await bot.retry(message)
+    return reply if reply is not None else "There is no reply of mine in this conversation to retry yet."
+
+
+async def persona(bot, message, args):
+    """Show this channel's persona (admins: /persona set TEXT, /persona clear)."""
+    scopes = bot.scopes
+    scope = scopes.resolve(message)
+    if scope is None:
+        return "This channel is in no scope, so it has no persona (see scopes: in the config)."
+    verb, _, text = args.partition(" ")
+    if verb in ("set", "clear"):
+        if not bot.is_admin(message):
+            return "Only admins can change the persona."
+        if verb == "set" and not text.strip():
+            return "Usage: /persona set TEXT"
+        try:
+            scopes.set_persona(scope, text.strip() if verb == "set" else None)
+        except ValueError as exc:
+            return str(exc)
+    elif verb:
+        return "Usage: /persona, /persona set TEXT, /persona clear"
+    current = scopes.persona(scope)
+    return f"Persona of {scope.name}: {current}" if current else f"{scope.name} has no persona."

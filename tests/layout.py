@@ -20,10 +20,10 @@ PACKAGES = {"chatcore": "chatcore", "adapters": "chatcore.adapters", "plugins": 
 LAYERS: list[tuple[str, list[str]]] = [  # bottom-up
     ("contract", ["chatcore", "chatcore.message", "chatcore.params", "chatcore.text", "chatcore.config",
                   "chatcore.hookspecs", "chatcore.plugin_manager", "chatcore.adapter", "chatcore.prompt",
-                  "chatcore.store", "chatcore.registry", "chatcore.consent"]),
+                  "chatcore.store", "chatcore.postgres", "chatcore.registry", "chatcore.consent", "chatcore.scopes"]),
     ("model", ["chatcore.model", "chatcore.tokenizer", "chatcore.sampling", "chatcore.quant",
                "chatcore.prefix_cache", "chatcore.checkpoint", "chatcore.hf", "chatcore.reply_text",
-               "chatcore.engine", "chatcore.batching"]),
+               "chatcore.engine", "chatcore.batching", "chatcore.lora"]),
     ("learning", ["chatcore.training", "chatcore.training.*", "chatcore.lineage"]),
     ("runtime", ["chatcore.weights", "chatcore.serving", "chatcore.metrics", "chatcore.bot", "chatcore.testing"]),
     ("edges", ["chatcore.adapters", "chatcore.adapters.*", "chatcore.plugins", "chatcore.plugins.*",

@@ -38,6 +38,10 @@ def test_the_container_config_is_valid_and_serves_the_dashboard_on_the_health_po
     cfg = load_config(DEPLOY / "chatcore.yaml", pm.schema(),
                       environ={"DISCORD_TOKEN": "t", "DASHBOARD_PASSWORD": "p"})
     assert cfg["bot"]["data_dir"] == "/data"
+    assert cfg.store_url == "/data/history.db"  # no HISTORY_URL: SQLite in the volume
+    with_pg = load_config(DEPLOY / "chatcore.yaml", pm.schema(), environ={
+        "DISCORD_TOKEN": "t", "DASHBOARD_PASSWORD": "p", "HISTORY_URL": "postgresql://chatcore@postgres:5432/chatcore"})
+    assert with_pg.store_url == "postgresql://chatcore@postgres:5432/chatcore"
     assert cfg["dashboard"]["enabled"] and cfg["dashboard"]["port"] == 8090
     assert cfg.redacted()["dashboard"]["admins"] == "***"
 
@@ -48,8 +52,13 @@ def test_compose_runs_the_bot_with_a_volume_and_the_dashboard_on_loopback_only()
     assert bot["build"] == {"context": "..", "dockerfile": "deploy/Dockerfile"}
     assert "chatcore-data:/data" in bot["volumes"] and "chatcore-data" in compose["volumes"]
     assert bot["ports"] == ["127.0.0.1:8090:8090"]
-    assert set(bot["environment"]) == {"DISCORD_TOKEN", "DASHBOARD_PASSWORD", "METRICS_TOKEN"}
-    assert "postgres" not in compose["services"]  # the store is SQLite only until issue 13
+    assert set(bot["environment"]) == {"DISCORD_TOKEN", "DASHBOARD_PASSWORD", "METRICS_TOKEN", "HISTORY_URL", "PGPASSWORD"}
+    # the history lives in the postgres service; its password reaches the bot by environment, never in the URL
+    pg = compose["services"]["postgres"]
+    assert "chatcore-postgres" in compose["volumes"] and "ports" not in pg
+    assert bot["environment"]["HISTORY_URL"].startswith("postgresql://chatcore@postgres")
+    assert ":" not in bot["environment"]["HISTORY_URL"].split("//")[1].split("@")[0]
+    assert "postgres" in bot["depends_on"]
 
 
 def test_systemd_unit_runs_as_its_own_user():

@@ -31,8 +31,8 @@ def msg(text="hi", adapter="stdin", channel="local", user="ana", **kw) -> Messag
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "history.db")
+def store(history_url):
+    s = Store(history_url)
     yield s
     s.close()
 
@@ -78,7 +78,7 @@ def test_migrates_a_version_1_database(tmp_path):
     db.close()
 
     with Store(path) as s:
-        assert s.schema_version == SCHEMA_VERSION == 3
+        assert s.schema_version == SCHEMA_VERSION == 4
         # Every old row survives, with its params, timestamps and conversation structure.
         old = list(s.exchanges())
         assert [e.user_text for e in old] == ["hello", "how are you?", "new topic: café ☕", "what is 2+2?", "and 3+3?"]
@@ -111,7 +111,7 @@ def test_refuses_newer_schema_and_leaves_it_alone(tmp_path):
     db.execute("PRAGMA user_version = 99")
     db.close()
     before = path.read_bytes()
-    with pytest.raises(StoreError, match=r"schema version 99, newer than this chatcore knows \(3\)"):
+    with pytest.raises(StoreError, match=r"schema version 99, newer than this chatcore knows \(4\)"):
         Store(path)
     assert path.read_bytes() == before
 
@@ -345,8 +345,8 @@ def test_forget_user(store):
     assert store.stats()["opted_out"] == 2
 
 
-def test_finetune_counter_persists_across_reopen(tmp_path):
-    path = tmp_path / "h.db"
+def test_finetune_counter_persists_across_reopen(history_url):
+    path = history_url
     with Store(path) as s:
         assert s.exchanges_since_finetune() == 0 and s.last_finetune() is None
         for i in range(3):
@@ -373,9 +373,9 @@ def test_exchanges_pages_through_everything(store):
     assert [e.id for e in store.exchanges(since_id=5, batch=2)] == [6, 7]
 
 
-def test_bot_and_trainer_write_concurrently(tmp_path):
+def test_bot_and_trainer_write_concurrently(history_url):
     # The bot's thread and a second Store on the same file (as the trainer process has) interleave safely.
-    path = tmp_path / "h.db"
+    path = history_url
     bot, trainer = Store(path), Store(path)
     errors = []
 
@@ -409,7 +409,7 @@ def test_stats(store):
     st = store.stats()
     assert (st["exchanges"], st["imported"], st["conversations"], st["users"]) == (4, 1, 4, 3)
     assert st["since_finetune"] == 4 and st["last_finetune"] is None and st["opted_out"] == 0
-    assert st["first_at"] <= st["last_at"] and st["db_bytes"] > 0 and st["schema_version"] == 3
+    assert st["first_at"] <= st["last_at"] and st["db_bytes"] > 0 and st["schema_version"] == 4
 
 
 # --- import / export ---------------------------------------------------------------------------------

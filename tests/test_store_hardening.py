@@ -107,7 +107,7 @@ HOSTILE = [
 ]
 
 
-def test_every_hostile_line_is_skipped_with_its_number_and_good_lines_import(tmp_path, monkeypatch):
+def test_every_hostile_line_is_skipped_with_its_number_and_good_lines_import(tmp_path, history_url, monkeypatch):
     monkeypatch.setattr(store_module, "MAX_IMPORT_LINE_BYTES", 1_000_000)
     good = [json.dumps({"user": f"u{i}", "assistant": f"a{i}"}).encode() for i in range(len(HOSTILE) + 1)]
     good.append(b'{"user": "nul \\u0000 inside", "assistant": "escaped NUL is text"}')
@@ -120,7 +120,7 @@ def test_every_hostile_line_is_skipped_with_its_number_and_good_lines_import(tmp
     source = tmp_path / "hostile.jsonl"
     source.write_bytes(b"\n".join(lines) + b"\n")
 
-    with Store(tmp_path / "h.db") as store:
+    with Store(history_url) as store:
         report = store.import_jsonl(source)
         texts = [e.user_text for e in store.exchanges()]
     assert report.imported == len(good)

@@ -4,7 +4,9 @@ A candidate is promoted only if its loss on a validation split that no fine-tune
 ever trained on (the split is stable by conversation, see `data.split_by_conversation`)
 beats the serving model's on the same split, and, when a general-text set is
 configured, it is no more than `max_general_regression` worse there (so learning
-a community's chat does not cost the model its English). A rejected candidate
+a community's chat does not cost the model its English), and, when held-out 👍/👎
+labels or /retry pairs exist, it orders them at least as well as the serving model
+(`chatcore.training.preference`). A rejected candidate
 stays on disk for inspection. The gate judges; `chatcore.registry` records.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -33,6 +36,9 @@ class GateResult:
     serving_general_loss: float | None = None
     candidate_canary_loss: float | None = None
     serving_canary_loss: float | None = None
+    # on held-out labels (chatcore.training.preference): {"accuracy", "margin", "comparisons"}
+    candidate_preference: dict[str, Any] | None = None
+    serving_preference: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,7 +59,8 @@ DEFAULT_CANARIES: tuple[tuple[str, str], ...] = (
 
 
 def judge(candidate: nn.Module, serving: nn.Module, val: TokenData, cfg: GateConfig | None = None,
-          general: TokenData | None = None, canaries: TokenData | None = None) -> GateResult:
+          general: TokenData | None = None, canaries: TokenData | None = None,
+          preferences: Callable[[nn.Module], dict[str, Any]] | None = None) -> GateResult:
     """Compare both models on the same held-out tokens; promote only a clear winner."""
     cfg = cfg or GateConfig()
     kw = dict(block_size=cfg.eval_block_size, max_batches=cfg.eval_max_batches)
@@ -80,17 +87,29 @@ def judge(candidate: nn.Module, serving: nn.Module, val: TokenData, cfg: GateCon
             result.reason = (f"canary prompts regressed: loss {c_can:.4f} vs serving {s_can:.4f} "
                              f"(more than the allowed {cfg.max_canary_regression}); possible poisoning")
             return result
+    if preferences is not None and cfg.preference_check:
+        # `preferences(model)` scores held-out labels (preference.preference_metrics); none: nothing to judge
+        c_pref, s_pref = preferences(candidate), preferences(serving)
+        result.candidate_preference, result.serving_preference = c_pref, s_pref
+        if c_pref["comparisons"] and c_pref["accuracy"] < s_pref["accuracy"] - cfg.max_preference_regression:
+            result.reason = (f"preference accuracy {c_pref['accuracy']:.3f} on held-out labels is below serving's "
+                             f"{s_pref['accuracy']:.3f} (margin {c_pref['margin']:+.3f} vs {s_pref['margin']:+.3f})")
+            return result
     result.promoted = True
     result.reason = f"validation loss {c_val:.4f} beats serving {s_val:.4f}"
     return result
 
 
 def judge_file(candidate: str | os.PathLike, serving: nn.Module, val: TokenData, cfg: GateConfig | None = None,
-               general: TokenData | None = None, canaries: TokenData | None = None) -> GateResult:
-    """`judge` the candidate as it was written to disk: a file that cannot load or serve is never promoted."""
+               general: TokenData | None = None, canaries: TokenData | None = None,
+               preferences: Callable[[nn.Module], dict[str, Any]] | None = None,
+               loader: Callable[[Any], tuple[nn.Module, dict]] | None = None) -> GateResult:
+    """`judge` the candidate as it was written to disk: a file that cannot load or serve is never promoted.
+
+    `loader` reads it (default `checkpoint.load`; a LoRA adapter is loaded onto its base by the job)."""
     try:
-        model, _ = load(candidate)
+        model, _ = (loader or load)(candidate)
         check_servable(model, str(candidate))
     except CheckpointError as exc:
         return GateResult(False, f"the candidate cannot serve: {exc}", math.nan, math.nan)
-    return judge(model, serving, val, cfg, general, canaries)
+    return judge(model, serving, val, cfg, general, canaries, preferences)

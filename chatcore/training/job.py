@@ -49,14 +49,18 @@ class JobSpec:
     models_dir: str
     base: str  # start weights: a checkpoint file, a Hugging Face dir, or a hub name such as "gpt2"
     serving: str | None = None  # what the candidate must beat (None: the same as base)
-    store: str | None = None  # SQLite history file
+    store: str | None = None  # the history: an SQLite file or a postgresql:// URL
     jsonl: list[str] = field(default_factory=list)  # extra seed-format chat_history.jsonl files
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
     guards: dict[str, Any] = field(default_factory=dict)  # GuardConfig fields
     gate: dict[str, Any] = field(default_factory=dict)  # GateConfig fields
+    preference: dict[str, Any] = field(default_factory=dict)  # options.PreferenceConfig fields
+    preference_jsonl: list[str] = field(default_factory=list)  # labels from files (preference.load_preference_jsonl)
     val_fraction: float = 0.1
     threads: int | None = None
     progress: bool = True
+    scope: str | None = None  # a scope's own adapter (chatcore.scopes): only its channels' exchanges
+    scope_channels: list[str] = field(default_factory=list)  # their "adapter:channel" keys
 
 
 def spec_from_config(config: Any, base: str, serving: str | None = None, **overrides: Any) -> JobSpec:
@@ -67,8 +71,8 @@ def spec_from_config(config: Any, base: str, serving: str | None = None, **overr
         return {k: v for k, v in (section.get(name) or {}).items() if v is not None and v != []}
 
     fields = dict(models_dir=str(Path(config.data_dir) / "models"), base=base, serving=serving,
-                  store=str(config.store_path), train=options("training"), guards=options("guards"),
-                  gate=options("gate"), val_fraction=float(section.get("val_fraction", 0.1)),
+                  store=config.store_url, train=options("training"), guards=options("guards"),
+                  gate=options("gate"), preference=options("preference"), val_fraction=float(section.get("val_fraction", 0.1)),
                   threads=section.get("threads"))
     fields.update(overrides)
     return JobSpec(**fields)
@@ -77,7 +81,12 @@ def spec_from_config(config: Any, base: str, serving: str | None = None, **overr
 def load_model(spec: str):
     """Weights for a checkpoint path or a Hugging Face hub name (cache only: a job never downloads)."""
     from ..hf import load_any, load_hf
+    from ..lora import is_adapter, load_adapter, merge_adapter
 
+    if is_adapter(Path(spec).expanduser()):  # a LoRA adapter: its base, with the adapter merged in
+        adapter = load_adapter(Path(spec).expanduser())
+        model, meta = load_model(adapter.base_model or "")
+        return merge_adapter(model, adapter), {**meta, "source": str(spec), "adapter": adapter.meta}
     if Path(spec).expanduser().exists():
         return load_any(Path(spec).expanduser())
     return load_hf(spec, local_files_only=True)
@@ -109,7 +118,9 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
     from ..tokenizer import Tokenizer
     from .data import GuardConfig, build_dataset, from_store, load_jsonl
     from ..registry import Registry
+    from ..store import is_postgres_url
     from .gate import GateConfig, judge_file
+    from .preference import preference_metrics
     from .train import Resume, TrainConfig, set_threads, train
 
     t0 = time.time()
@@ -118,6 +129,11 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
     train_cfg = TrainConfig.from_dict(spec.train)
     guard_cfg = GuardConfig.from_dict(spec.guards)
     gate_cfg = GateConfig.from_dict(spec.gate)
+    lora_cfg = None
+    if train_cfg.method == "lora":  # validated before any data or weights are read
+        from ..lora import LoRAConfig
+
+        lora_cfg = LoRAConfig.from_dict(train_cfg.lora)
 
     # data
     exchanges, bad_lines, up_to_id = [], [], None
@@ -127,6 +143,10 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
 
         store = Store(spec.store)
         exchanges += from_store(store)
+        if spec.scope is not None:  # this scope's conversations only: trained on, and gated on
+            keys = set(spec.scope_channels)
+            mine = {e.id for e in store.exchanges() if f"{e.adapter}:{e.channel}" in keys}
+            exchanges = [e for e in exchanges if e.id in mine]
         up_to_id = max((e.id for e in exchanges if e.id is not None), default=0)
     for path in spec.jsonl:
         rows, bad = load_jsonl(path)
@@ -150,24 +170,42 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
     lineage = inherit_lineage(data.lineage, base_meta)
     serving = copy.deepcopy(model) if spec.serving in (None, spec.base) else load_model(spec.serving)[0]
     serving.eval()
+    if lora_cfg is not None:
+        from ..lora import apply_lora
+
+        apply_lora(model, lora_cfg)
 
     resume = Resume(models_dir / RESUME_NAME, resume_key(spec, train_cfg, data.hash, model.config))
     outcome = train(model, data, train_cfg, progress=spec.progress, should_stop=should_stop, resume=resume)
+    prefs_train, prefs_held, pref_outcome = preference_stage(spec, store, guard_cfg, train_cfg.seed, model, tok,
+                                                             should_stop)
 
     # candidate: written atomically (temp name + rename inside checkpoint.save)
     cand = candidate_path(models_dir)
-    save(model, cand, base_model=spec.base, iteration=outcome.best_iter,
-         train_loss=outcome.final_train_loss, val_loss=outcome.best_val_loss, data_hash=data.hash,
-         data=data.summary(), training=asdict(train_cfg), stopped=outcome.stopped,
-         initial_val_loss=outcome.initial_val_loss, resumed_from=outcome.resumed_from, lineage=lineage,
-         history=outcome.history)  # per-evaluation train/val losses: the dashboard's learning curves
+    provenance = dict(iteration=outcome.best_iter, train_loss=outcome.final_train_loss,
+                      val_loss=outcome.best_val_loss, data_hash=data.hash, data=data.summary(),
+                      training=asdict(train_cfg), stopped=outcome.stopped,
+                      initial_val_loss=outcome.initial_val_loss, resumed_from=outcome.resumed_from, lineage=lineage,
+                      history=outcome.history,  # per-evaluation train/val losses: the dashboard's learning curves
+                      curves=outcome.curves(),  # the same as {iter, train, val} lists, for plotting
+                      preference=pref_outcome.as_dict() if pref_outcome else None)
+    if lora_cfg is not None:  # the adapter alone; weights.py serves it on its base
+        from ..lora import save_adapter
+
+        save_adapter(model, cand, lora_cfg, base_model=spec.base, **provenance)
+    else:
+        save(model, cand, base_model=spec.base, **provenance)
 
     del model  # the gate judges the file just written, exactly what would serve
     general = None
     if gate_cfg.general_text:
         general = general_text_data(gate_cfg.general_text, tok)
     canaries = canary_data(gate_cfg.canaries, tok) if gate_cfg.canary_check else None
-    verdict = judge_file(cand, serving, data.val, gate_cfg, general, canaries)
+    pref_block = gate_cfg.eval_block_size
+    verdict = judge_file(cand, serving, data.val, gate_cfg, general, canaries,
+                         preferences=(lambda m: preference_metrics(m, tok, prefs_held, pref_block))
+                         if len(prefs_held) else None,
+                         loader=(lambda p: load_model(str(p))) if lora_cfg is not None else None)
     registry = Registry(models_dir, keep=gate_cfg.keep, keep_rejected=gate_cfg.keep_rejected)
     result = {
         "status": "promoted" if verdict.promoted else "rejected",
@@ -177,6 +215,8 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
         "gate": verdict.as_dict(),
         "training": {k: v for k, v in outcome.as_dict().items() if k != "history"},
         "history": outcome.history,
+        "preference": {**(pref_outcome.as_dict() if pref_outcome else {"stopped": "disabled"}),
+                       "train_labels": prefs_train.summary(), "held_out_labels": prefs_held.summary()},
         "data": data.summary(),
         "lineage": {"manifest": lineage["manifest"], "exchanges": len(lineage["exchange_ids"]),
                     "users": len(lineage["users"]), "inherited_from": lineage.get("inherited_from")},
@@ -187,10 +227,19 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
         registry.promote(cand, metrics=result["gate"])
     else:
         registry.reject(cand, metrics=result["gate"])
+    if spec.scope is not None:  # the scope's own counter restarts; the bot-wide one is not touched
+        _write_json_atomic(models_dir / "last_finetune.json", {"up_to_id": up_to_id, "at": time.time(),
+                                                               "candidate": cand.name})
+        result["scope"] = spec.scope
     resume.clear()  # complete: the registry knows the candidate (until then, an orphan is cleaned and this resumes)
     if store is not None:
-        store.mark_finetune(checkpoint=cand.name, up_to_id=up_to_id)
+        if spec.scope is None:
+            store.mark_finetune(checkpoint=cand.name, up_to_id=up_to_id)
         store.close()
+    if verdict.promoted and is_postgres_url(spec.store):
+        from ..postgres import announce_registry_change
+
+        announce_registry_change(spec.store, cand.name)  # every instance swaps now, not at its next poll
     log.info("%s: %s", result["status"], verdict.reason)
     return result
 
@@ -221,6 +270,27 @@ def canary_data(path: str | None, tok):
         rows = [TrainingExchange(user=u, assistant=a, conversation=f"canary:{i}")
                 for i, (u, a) in enumerate(DEFAULT_CANARIES)]
     return tokenize(rows, tok) if rows else None
+
+
+def preference_stage(spec: JobSpec, store: Any, guards: Any, seed: int, model: Any, tok: Any,
+                     should_stop: Callable[[], bool] | None):
+    """Labels (store votes and pairs, label files) split like the data; KTO/DPO when enabled and enough exist."""
+    from .options import PreferenceConfig
+    from .preference import Preferences, from_store_preferences, load_preference_jsonl, train_preferences
+
+    cfg = PreferenceConfig.from_dict(spec.preference)
+    prefs = from_store_preferences(store, guards) if store is not None else Preferences()
+    for path in spec.preference_jsonl:
+        more = load_preference_jsonl(path)
+        prefs.labelled += more.labelled
+        prefs.pairs += more.pairs
+    train_prefs, held = prefs.split(spec.val_fraction, seed)
+    outcome = None
+    if cfg.enabled:
+        outcome = train_preferences(model, tok, train_prefs, cfg, should_stop=should_stop)
+        log.info("preference stage: %s after %d step(s), KL to reference %.4f (labels %s)",
+                 outcome.stopped, outcome.steps, outcome.kl, outcome.labels)
+    return train_prefs, held, outcome
 
 
 def general_text_data(path: str, tok):

@@ -1,4 +1,4 @@
-"""The learning loop's options (``plugins.auto_finetune.training``, ``.guards``, ``.gate``).
+"""The learning loop's options (``plugins.auto_finetune.training``, ``.guards``, ``.gate``, ``.preference``).
 
 Torch-free, so validating a config (`chatcore config check`) never loads torch.
 """
@@ -34,6 +34,8 @@ class TrainConfig:
     # within it whatever the machine's load, and the cosine runs over the budget's time
     # instead of over max_iters (which then only caps the iterations).
     max_seconds: float | None = None
+    method: str = "full"  # or "lora": train a low-rank adapter (chatcore.lora), the base stays frozen
+    lora: dict[str, Any] = field(default_factory=dict)  # rank, alpha, dropout, targets (chatcore.lora.LoRAConfig)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "TrainConfig":
@@ -49,6 +51,10 @@ class TrainConfig:
     def validate(self) -> None:
         if self.loss_on not in ("assistant", "all"):
             raise ValueError(f'training.loss_on must be "assistant" or "all", not {self.loss_on!r}')
+        if self.method not in ("full", "lora"):
+            raise ValueError(f'training.method must be "full" or "lora", not {self.method!r}')
+        if not isinstance(self.lora, dict):
+            raise ValueError("training.lora must be a mapping (rank, alpha, dropout, targets)")
         for name in ("batch_size", "block_size", "max_iters", "eval_interval", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"training.{name} must be at least 1")
@@ -100,6 +106,8 @@ class GateConfig:
     canary_check: bool = True  # judge the canary prompts (a poisoned candidate forgets how to answer them)
     canaries: str | None = None  # operator's canary file (seed-format JSONL); None: the built-in set
     max_canary_regression: float = 0.25  # allowed reply-token loss increase on the canaries
+    preference_check: bool = True  # held-out 👍/👎 and pairs: the candidate must order them at least as well
+    max_preference_regression: float = 0.0  # allowed drop in preference accuracy (0: at least as well)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "GateConfig":
@@ -108,3 +116,35 @@ class GateConfig:
         if unknown:
             raise ValueError(f"unknown gate option(s): {', '.join(sorted(unknown))}")
         return cls(**d)
+
+
+@dataclass
+class PreferenceConfig:
+    """``plugins.auto_finetune.preference``: off by default, and off until `min_labels` training labels exist."""
+
+    enabled: bool = False
+    min_labels: int = 100  # labels (votes + pairs) in the training split before the stage runs
+    beta: float = 0.1  # KTO/DPO temperature on the log-ratio to the reference
+    learning_rate: float = 1e-4
+    max_steps: int = 60
+    batch_size: int = 8
+    max_kl: float = 0.1  # drift cap: mean per-token KL(policy || reference), nats
+    eval_interval: int = 10  # steps between drift checks
+    desirable_weight: float = 1.0  # KTO's lambda_D
+    undesirable_weight: float = 1.0  # KTO's lambda_U
+    block_size: int = 128
+    grad_clip: float = 1.0
+    seed: int = 1337
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "PreferenceConfig":
+        d = {k: v for k, v in dict(d or {}).items() if v is not None}
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown preference option(s): {', '.join(sorted(unknown))}")
+        cfg = cls(**d)
+        if cfg.beta <= 0 or cfg.learning_rate <= 0 or cfg.max_kl <= 0:
+            raise ValueError("preference.beta, learning_rate and max_kl must be positive")
+        if min(cfg.max_steps, cfg.batch_size, cfg.eval_interval, cfg.block_size) < 1:
+            raise ValueError("preference.max_steps, batch_size, eval_interval and block_size must be at least 1")
+        return cfg

@@ -5,6 +5,9 @@
   the lock lives exactly as long as the worker: a crashed or killed worker (even
   ``kill -9``) releases it with its last file descriptor, and no stale lock can
   block the next job. The lock file holds the worker's pid, for people.
+  Instances sharing a PostgreSQL history (``lock_url``) also hold a PostgreSQL
+  advisory lock for the job's life, so one job runs across all of them (a file
+  lock on a shared folder is not to be trusted across machines).
 - Cancellable: `Job.cancel` sends SIGTERM; the worker stops at the next step and
   writes nothing; SIGKILL follows if it does not exit in time.
 - Thread budget: the worker caps torch/OpenMP threads (default: all cores but
@@ -34,10 +37,11 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from ..store import is_postgres_url, without_password
 from .job import RESUME_NAME, JobSpec
 
 LOCK_NAME = ".finetune.lock"
@@ -54,10 +58,11 @@ def default_threads() -> int:
 class Job:
     """A running (or finished) worker process."""
 
-    def __init__(self, job_id: str, folder: Path, proc: subprocess.Popen) -> None:
+    def __init__(self, job_id: str, folder: Path, proc: subprocess.Popen, held: Any = None) -> None:
         self.id = job_id
         self.dir = folder
         self.proc = proc
+        self._held = held  # the session holding the cross-instance job lock, closed when the worker ends
         self.started_at = time.time()
         self._result: dict[str, Any] | None = None
 
@@ -73,6 +78,9 @@ class Job:
         """The result once the worker has exited, else None."""
         if self._result is None and self.proc.poll() is not None:
             self._result = self._read_result()
+            if self._held is not None:
+                self._held.close()  # after the worker wrote its fine-tune mark: the next job sees the reset count
+                self._held = None
         return self._result
 
     def wait(self, timeout: float | None = None) -> dict[str, Any]:
@@ -120,7 +128,9 @@ class JobScheduler:
     """Starts fine-tune workers for one models folder; `start` raises `JobBusy` while one runs."""
 
     def __init__(self, models_dir: str | os.PathLike, *, threads: int | None = None,
-                 keep_jobs: int = 10) -> None:
+                 keep_jobs: int = 10, lock_url: str | None = None) -> None:
+        """`lock_url`: the PostgreSQL history the instances share (an SQLite path needs no more than the file lock)."""
+        self.lock_url = lock_url if is_postgres_url(lock_url) else None
         self.models_dir = Path(models_dir).expanduser()
         self.threads = threads or default_threads()
         self.keep_jobs = keep_jobs
@@ -131,7 +141,14 @@ class JobScheduler:
         return self.models_dir / LOCK_NAME
 
     def busy(self) -> bool:
-        """Whether any process (this one or another) holds the job lock."""
+        """Whether any process (this one or another, or another instance on the same PostgreSQL) holds the job lock."""
+        if self.lock_url is not None:
+            from chatcore import postgres
+
+            held = postgres.try_lock(self.lock_url, postgres.JOB_LOCK)
+            if held is None:
+                return True
+            held.close()
         self.models_dir.mkdir(parents=True, exist_ok=True)
         with open(self.lock_path, "a") as f:
             try:
@@ -141,8 +158,19 @@ class JobScheduler:
             fcntl.flock(f, fcntl.LOCK_UN)
             return False
 
+    def _hold_instance_lock(self) -> Any:
+        if self.lock_url is None:
+            return None
+        from chatcore import postgres
+
+        held = postgres.try_lock(self.lock_url, postgres.JOB_LOCK)
+        if held is None:
+            raise JobBusy("a fine-tune job is already running on another instance")
+        return held
+
     def start(self, spec: JobSpec) -> Job:
         self.models_dir.mkdir(parents=True, exist_ok=True)
+        held = self._hold_instance_lock()
         lock = open(self.lock_path, "a+")
         try:
             try:
@@ -155,9 +183,14 @@ class JobScheduler:
             folder.mkdir(parents=True)
             spec = JobSpec(**{**asdict(spec), "models_dir": str(self.models_dir),
                               "threads": spec.threads or self.threads})
+            secret: dict[str, str] = {}
+            if is_postgres_url(spec.store):  # spec.json is a file for people to read: no password in it
+                store, password = without_password(spec.store)
+                if password is not None:
+                    spec, secret = replace(spec, store=store), {"PGPASSWORD": password}
             (folder / "spec.json").write_text(json.dumps(asdict(spec), indent=2), encoding="utf-8")
             env = {**os.environ, "OMP_NUM_THREADS": str(spec.threads), "MKL_NUM_THREADS": str(spec.threads),
-                   "PYTHONUNBUFFERED": "1"}
+                   "PYTHONUNBUFFERED": "1", **secret}
             with open(folder / "log.txt", "ab") as logf:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "chatcore.training.job", str(folder / "spec.json"),
@@ -169,9 +202,13 @@ class JobScheduler:
             lock.truncate()
             lock.write(f"pid {proc.pid} job {job_id}\n")
             lock.flush()
+        except BaseException:
+            if held is not None:
+                held.close()
+            raise
         finally:
             lock.close()  # the worker holds the lock from here on
-        self.current = Job(job_id, folder, proc)
+        self.current = Job(job_id, folder, proc, held)
         return self.current
 
     def clean(self) -> bool:

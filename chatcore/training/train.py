@@ -155,6 +155,15 @@ def evaluate(model: nn.Module, data: TokenData, batch_size: int = 8, block_size:
     return total / count if count else float("nan")
 
 
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of what training changes: every tensor, or only the trainable ones when the rest is frozen (LoRA)."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = model.state_dict()
+    if trainable and len(trainable) < len(list(model.parameters())):
+        state = {k: v for k, v in state.items() if k in trainable}
+    return copy.deepcopy(state)
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -228,6 +237,12 @@ class TrainOutcome:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def curves(self) -> dict[str, list]:
+        """Loss curves per evaluation for the sidecar: {"iter", "train", "val"} (train is None at iteration 0)."""
+        return {"iter": [h["iter"] for h in self.history],
+                "train": [h.get("train_loss") for h in self.history],
+                "val": [h["val_loss"] for h in self.history]}
+
 
 class _Progress:
     """Progress with an ETA: a tqdm bar on a terminal, else a plain line every tenth of the run.
@@ -289,14 +304,14 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, progress: bool =
         gen.set_state(saved["gen"])
         start, initial, history = saved["iter"], saved["initial"], saved["history"]
         best, best_iter, bad_evals = saved["best"], saved["best_iter"], saved["bad_evals"]
-        best_state = copy.deepcopy(model.state_dict()) if saved["best_state"] is None else saved["best_state"]
+        best_state = trained_state(model) if saved["best_state"] is None else saved["best_state"]
         train_loss, ema = saved["train_loss"], saved["ema"]
         log.info("fine-tune: resumed from iteration %d (val loss %.4f, best %.4f at %d)",
                  start, history[-1]["val_loss"], best, best_iter)
     else:
         start, initial = 0, val()
         best, best_iter, bad_evals = initial, 0, 0
-        best_state = copy.deepcopy(model.state_dict()) if not math.isnan(initial) else None
+        best_state = trained_state(model) if not math.isnan(initial) else None
         history = [{"iter": 0, "val_loss": initial}]
         train_loss, ema = float("nan"), None
     eval_cost = time.perf_counter() - e0  # the final evaluation must fit in the budget too
@@ -354,7 +369,7 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, progress: bool =
             log.info("iter %d: train loss %.4f, val loss %.4f%s", it, ema, v, " (best)" if improved else "")
             if improved:
                 best, best_iter, bad_evals = v, it, 0
-                best_state = copy.deepcopy(model.state_dict())
+                best_state = trained_state(model)
             else:
                 bad_evals += 1
             if resume is not None:  # the best weights are stored only when they are not the current ones
@@ -372,7 +387,7 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, progress: bool =
             break
     bar.close()
     if best_state is not None:
-        model.load_state_dict(best_state)
+        model.load_state_dict(best_state, strict=False)
     model.eval()
     set_dropout(model, 0.0)
     seconds = time.perf_counter() - t0

@@ -1,0 +1,227 @@
+"""Does the learning loop learn? Reply-token loss, forgetting and preference accuracy, before and after.
+
+From a base checkpoint, run the real fine-tune path (`chatcore.training.job.run_job`:
+guards, split, supervised fine-tune, optional preference stage, candidate, gate) on a
+training JSONL, then measure on a disjoint evaluation JSONL and a general-text file:
+
+- reply-token loss (nats per reply token) of the base and of the candidate;
+- general-text loss (every token) of both: the price in forgetting;
+- preference accuracy of both: for each evaluation prompt, its real reply labelled
+  good against the reply of another evaluation conversation labelled bad (is the
+  real reply likelier, per token?), with the mean log-probability margin;
+- wall time, training tokens/s and the gate's decision.
+
+Default data (``--prepare``): the sample conversations (../shared/data), split by
+conversation (their chitchat-dataset ids in ``sample_conversations.sources.tsv``)
+into ~80% training / ~20% evaluation; the base is the offline starter model built
+with a short budget from chitchat-dataset conversations that are NOT in the sample
+(so the evaluation is not in the base's training data), and the general text is
+160 exchanges of 150 further chitchat conversations that
+neither model trained on. Everything is cached
+under ``--workdir``.
+
+    python benchmarks/learning.py                        # prepare (once) and run the default recipe
+    python benchmarks/learning.py --set learning_rate=1e-3 --set max_iters=200
+    python benchmarks/learning.py --preference            # also the preference stage (synthetic labels)
+    python benchmarks/learning.py --json                  # one JSON object per measurement
+
+Preference labels for ``--preference``: a reply of the training split voted good,
+and the reply of another training conversation given to the same prompt voted bad
+(the same construction as the evaluation, on disjoint conversations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT / ".." / "shared" / "data"
+SAMPLE = SHARED / "sample_conversations.jsonl"
+SOURCES = SHARED / "sample_conversations.sources.tsv"
+GENERAL_EXCHANGES = 160
+
+
+# --- data ------------------------------------------------------------------------------
+
+
+def sample_split(eval_fraction: float = 0.2, seed: int = 0) -> tuple[list[dict], list[dict], set[str]]:
+    """The sample conversations as rows with a ``conversation`` key, split by conversation."""
+    with open(SOURCES, encoding="utf-8") as f:
+        conv_of = {int(r["line"]): r["location"].split(":", 1)[0] for r in csv.DictReader(f, delimiter="\t")}
+    rows = []
+    with open(SAMPLE, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            obj = json.loads(line)
+            rows.append({**obj, "conversation": conv_of[n]})
+    convs = sorted({r["conversation"] for r in rows})
+    random.Random(seed).shuffle(convs)
+    held = set(convs[: max(1, round(len(convs) * eval_fraction))])
+    return [r for r in rows if r["conversation"] not in held], [r for r in rows if r["conversation"] in held], set(convs)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return path
+
+
+def prepare(workdir: Path, minutes: float, threads: int | None) -> dict[str, Path]:
+    """Write the splits and build the base (starter) model once; returns their paths."""
+    from chatcore.training.starter import StarterConfig, build_starter, chitchat_exchanges
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths = {name: workdir / f"{name}.jsonl" for name in ("train", "eval", "general", "corpus")}
+    paths["base"] = workdir / "base.safetensors"
+    train_rows, eval_rows, sample_convs = sample_split()
+    write_jsonl(paths["train"], train_rows)
+    write_jsonl(paths["eval"], eval_rows)
+    if not paths["base"].is_file():
+        rest = [e for e in chitchat_exchanges() if e.conversation.split(":", 1)[1] not in sample_convs]
+        convs = sorted({e.conversation for e in rest})
+        random.Random(1).shuffle(convs)
+        general = set(convs[:150])
+        general_rows = [{"user": e.user, "assistant": e.assistant, "conversation": e.conversation}
+                        for e in rest if e.conversation in general]
+        write_jsonl(paths["general"], general_rows[:GENERAL_EXCHANGES])  # enough to see forgetting, quick to score
+        write_jsonl(paths["corpus"], [{"user": e.user, "assistant": e.assistant, "conversation": e.conversation}
+                                      for e in rest if e.conversation not in general])
+        build_starter(paths["base"], corpus=paths["corpus"], cfg=StarterConfig(minutes=minutes),
+                      threads=threads, progress=sys.stderr.isatty())
+    return paths
+
+
+def labels_for(rows: list[dict], seed: int) -> list[dict]:
+    """For each prompt: its real reply over the reply of another conversation (a /retry-style pair)."""
+    rng = random.Random(seed)
+    out = []
+    for r in rows:
+        other = rng.choice([o for o in rows if o["conversation"] != r["conversation"]])
+        out.append({"user": r["user"], "chosen": r["assistant"], "rejected": other["assistant"],
+                    "conversation": r["conversation"]})
+    return out
+
+
+def as_preferences(rows: list[dict]):
+    from chatcore.prompt import render_prompt
+    from chatcore.training.preference import Pair, Preferences
+
+    return Preferences(pairs=[Pair(render_prompt(r["user"]), r["chosen"], r["rejected"], r["conversation"])
+                              for r in rows])
+
+
+def measure(model, tok, eval_data, general_data, prefs) -> dict:
+    from chatcore.training.preference import preference_metrics
+    from chatcore.training.train import evaluate
+
+    pref = preference_metrics(model, tok, prefs, 128)
+    return {"reply_loss": evaluate(model, eval_data, block_size=128),
+            "general_loss": evaluate(model, general_data, block_size=128),
+            "pref_accuracy": pref["accuracy"], "pref_margin": pref["margin"]}
+
+
+def parse_sets(pairs: list[str]) -> dict:
+    out = {}
+    for item in pairs:
+        key, _, value = item.partition("=")
+        out[key] = json.loads(value) if value[:1] in "0123456789-[{tfn" and value not in ("-",) else value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "chatcore-learning")
+    parser.add_argument("--base-minutes", type=float, default=3.0, help="budget to build the starter base (once)")
+    parser.add_argument("--base", type=Path, help="use this base checkpoint instead of building the starter")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training option")
+    parser.add_argument("--preference", action="store_true", help="run the preference stage on synthetic labels")
+    parser.add_argument("--pref-set", action="append", default=[], metavar="KEY=VALUE", help="preference option")
+    parser.add_argument("--replay", type=int, default=0, help="general exchanges (from the base's corpus) mixed in")
+    parser.add_argument("--label", default="", help="a name for this run in the table")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--verbose", action="store_true", help="log the fine-tune's progress to stderr")
+    args = parser.parse_args(argv)
+
+    import logging
+
+    import torch
+
+    from chatcore.checkpoint import load
+    from chatcore.tokenizer import Tokenizer
+    from chatcore.training.data import load_jsonl, tokenize
+    from chatcore.training.job import JobSpec, run_job
+    from chatcore.training.train import set_threads
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
+    set_threads(args.threads)
+    paths = prepare(args.workdir, args.base_minutes, args.threads)
+    base = args.base or paths["base"]
+    tok = Tokenizer()
+    eval_rows = [json.loads(line) for line in paths["eval"].read_text(encoding="utf-8").splitlines()]
+    train_rows = [json.loads(line) for line in paths["train"].read_text(encoding="utf-8").splitlines()]
+    eval_data = tokenize(load_jsonl(paths["eval"])[0], tok, "assistant")
+    general_data = tokenize(load_jsonl(paths["general"])[0], tok, "all")
+    eval_prefs = as_preferences(labels_for(eval_rows, seed=2))
+
+    run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=args.workdir))
+    jsonl = [str(paths["train"])]
+    if args.replay:
+        corpus = paths["corpus"].read_text(encoding="utf-8").splitlines()
+        write_jsonl(run_dir / "replay.jsonl", [json.loads(line) for line in random.Random(3).sample(corpus, args.replay)])
+        jsonl.append(str(run_dir / "replay.jsonl"))
+    pref_files = []
+    if args.preference:
+        write_jsonl(run_dir / "labels.jsonl", labels_for(train_rows, seed=1))
+        pref_files.append(str(run_dir / "labels.jsonl"))
+    spec = JobSpec(models_dir=str(run_dir / "models"), base=str(base), jsonl=jsonl, train=parse_sets(args.set),
+                   gate={"general_text": str(paths["general"])}, preference_jsonl=pref_files,
+                   preference={"enabled": args.preference, **parse_sets(args.pref_set)}, progress=False,
+                   threads=args.threads)
+
+    model, _ = load(base)
+    before = measure(model, tok, eval_data, general_data, eval_prefs)
+    t0 = time.perf_counter()
+    result = run_job(spec)
+    wall = time.perf_counter() - t0
+    cand, _ = load(result["candidate"])
+    after = measure(cand, tok, eval_data, general_data, eval_prefs)
+    training = result["training"]
+    row = {"run": args.label or " ".join(args.set + args.pref_set) or "defaults", "preference": args.preference,
+           "replay": args.replay, "before": before, "after": after,
+           "reply_loss_change": after["reply_loss"] / before["reply_loss"] - 1,
+           "general_loss_change": after["general_loss"] / before["general_loss"] - 1,
+           "pref_accuracy_change": after["pref_accuracy"] - before["pref_accuracy"],
+           "iters": training["iters"], "best_iter": training["best_iter"], "stopped": training["stopped"],
+           "wall_s": wall, "train_tokens_per_s": training["tokens_per_s"], "gate": result["status"],
+           "gate_reason": result["gate"]["reason"], "preference_stage": result["preference"],
+           "eval_prompts": len(eval_rows), "train_exchanges": result["data"]["train_exchanges"]}
+    if args.json:
+        print(json.dumps(row))
+    else:
+        b, a = before, after
+        print(f"run: {row['run']}   ({row['train_exchanges']} training exchanges, {row['eval_prompts']} evaluation "
+              f"prompts, {row['iters']} iterations, best {row['best_iter']}, {row['stopped']})")
+        print(f"{'measure':<28}{'base':>10}{'fine-tuned':>12}{'change':>10}")
+        print(f"{'reply-token loss (eval)':<28}{b['reply_loss']:>10.4f}{a['reply_loss']:>12.4f}"
+              f"{row['reply_loss_change']:>+10.1%}")
+        print(f"{'general-text loss':<28}{b['general_loss']:>10.4f}{a['general_loss']:>12.4f}"
+              f"{row['general_loss_change']:>+10.1%}")
+        print(f"{'preference accuracy':<28}{b['pref_accuracy']:>10.3f}{a['pref_accuracy']:>12.3f}"
+              f"{row['pref_accuracy_change'] * 100:>+9.1f}p")
+        print(f"{'preference margin (nats/t)':<28}{b['pref_margin']:>+10.4f}{a['pref_margin']:>+12.4f}")
+        print(f"wall {wall:.0f} s, training {row['train_tokens_per_s']:.0f} tokens/s, gate: {result['status']} "
+              f"({row['gate_reason']}); preference stage: {result['preference'].get('stopped')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
