@@ -135,18 +135,21 @@ class Int8Loader:
 
     def __init__(self) -> None:
         self.quantized: dict[str, torch.Tensor] = {}
+        self.nonfinite: list[str] = []  # weights read with NaN or infinite values
 
     def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.dim() != 2 or not name.startswith("transformer.h.") or not name.endswith(".weight"):
             return tensor  # embeddings, LayerNorms and biases stay as they are
-        if not bool(torch.isfinite(tensor).all()):  # the serving check can no longer see it once it is int8
-            raise CheckpointError(f"{name} holds NaN or infinite values: it cannot serve")
+        if not all(bool(torch.isfinite(block).all()) for block in tensor.split(4096)):
+            self.nonfinite.append(name)  # the serving check can no longer see it once it is int8
         self.quantized[name] = quantize_weight(tensor)
         return torch.zeros((), dtype=tensor.dtype).expand(tensor.shape)  # shape only; finish() replaces it
 
     @torch.no_grad()
-    def finish(self, model: nn.Module) -> nn.Module:
+    def finish(self, model: nn.Module, source: str = "checkpoint") -> nn.Module:
         """Swap every Linear of `model` for `Int8Linear`, using the weights quantized while loading."""
+        if self.nonfinite:
+            raise CheckpointError(f"{source}: {self.nonfinite[0]} holds NaN or infinite values: it cannot serve")
         _check_quantizable(model)
         for name, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
             q = self.quantized.pop(name + ".weight", None)

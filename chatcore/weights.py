@@ -90,7 +90,7 @@ def build_engine(model_cfg: dict | None = None, starter: Starter | None = None,
     column_major = decode_column_major if device.type == "cpu" and loader is None else None
     model, meta, model_id = resolve_model(cfg, starter, column_major, loader)
     if loader is not None:
-        loader.finish(model)
+        loader.finish(model, meta.get("source") or model_id)
         model_id += " int8"  # stored with every exchange: which weights answered
     return Engine(model, tokenizer, model_id=model_id, device=device, dtype=dtype,
                   threads=cfg.get("threads"), meta=meta)
