@@ -140,9 +140,9 @@ class Int8Loader:
     def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.dim() != 2 or not name.startswith("transformer.h.") or not name.endswith(".weight"):
             return tensor  # embeddings, LayerNorms and biases stay as they are
-        if not all(bool(torch.isfinite(block).all()) for block in tensor.split(4096)):
+        q = self.quantized[name] = quantize_weight(tensor)
+        if not bool(torch.isfinite(q.q_per_channel_scales()).all()):  # a row's NaN/inf shows in its scale
             self.nonfinite.append(name)  # the serving check can no longer see it once it is int8
-        self.quantized[name] = quantize_weight(tensor)
         return torch.zeros((), dtype=tensor.dtype).expand(tensor.shape)  # shape only; finish() replaces it
 
     @torch.no_grad()
