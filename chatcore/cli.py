@@ -141,8 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Manage the fine-tuned checkpoints.")
     msub = model.add_subparsers(title="model commands", metavar="ACTION", required=True)
     p = msub.add_parser("rollback", help="serve the previous checkpoint again",
-                        description="Return to the previously promoted checkpoint (or the configured base model).")
+                        description="Return to the previously promoted checkpoint (or the configured base model). "
+                                    "Refused when that checkpoint holds data of users since forgotten or opted out.")
     config_arg(p)
+    p.add_argument("--force", action="store_true",
+                   help="serve it even if it holds data of users since forgotten or opted out (logged)")
     p.set_defaults(run=cmd_rollback)
     p = msub.add_parser("status", help="print the registry (serving, promoted, rejected) as JSON",
                         description="Print which checkpoint serves and the promotion history.")
@@ -161,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     config_arg(p)
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(run=cmd_lineage)
+    p = msub.add_parser("prune-forgotten", help="delete kept checkpoints holding data of users since forgotten",
+                        description="List (dry run) or, with --yes, delete the kept checkpoints that hold data of "
+                                    "users since forgotten or opted out (or have no recorded lineage while such "
+                                    "users exist). The serving model is never deleted.")
+    config_arg(p)
+    p.add_argument("--yes", action="store_true", help="delete them (without it: only list)")
+    p.set_defaults(run=cmd_prune_forgotten)
     return parser
 
 
@@ -405,20 +415,41 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_lineage(args: argparse.Namespace) -> int:
+def _gone_users(config: Any) -> tuple[dict[str, float], dict[str, float]]:
+    """The store's users training must leave out now, and those who ran /forget (see `lineage.flagged`)."""
     from .store import Store
+
+    # read-only where it exists: a lineage check never creates or migrates a history
+    read_only = config.get("history.url") is None and config.store_path.exists()
+    with Store(config.store_url, read_only=read_only, timeout=config["store"]["busy_timeout_s"]) as store:
+        return store.excluded_users(), store.forgotten()
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
     from .weights import models_dir
 
     _, config = load(args.config)
-    # read-only where it exists: a lineage report never creates or migrates a history
-    read_only = config.get("history.url") is None and config.store_path.exists()
-    with Store(config.store_url, read_only=read_only, timeout=config["store"]["busy_timeout_s"]) as store:
-        excluded, forgotten = store.excluded_users(), store.forgotten()
+    excluded, forgotten = _gone_users(config)
     rows = lineage.report(models_dir(config), excluded, forgotten)
     print(json.dumps(rows, indent=2) if args.json else lineage.format_report(rows))
     if not args.json and any(r["forgotten_users"] for r in rows):
         print("\nA fine-tune from the base model without them replaces these "
               "(plugins.auto_finetune.on_forget; or run `chatcore finetune`).")
+    return EXIT_OK
+
+
+def cmd_prune_forgotten(args: argparse.Namespace) -> int:
+    from .weights import models_dir
+
+    _, config = load(args.config)
+    excluded, forgotten = _gone_users(config)
+    found = lineage.prune_forgotten(models_dir(config), excluded, forgotten, apply=args.yes)
+    for name, users in found:
+        print(f"{'deleted' if args.yes else 'would delete'} {name}: data of {users} user(s) since forgotten or opted out")
+    if not found:
+        print("no kept checkpoint holds data of users since forgotten or opted out")
+    elif not args.yes:
+        print("run again with --yes to delete them (the serving model is never deleted)")
     return EXIT_OK
 
 
@@ -429,9 +460,12 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     gate = config.get("plugins.auto_finetune.gate") or {}
     registry = Registry(Path(config.data_dir) / "models", keep=gate.get("keep") or 3,
                         keep_rejected=gate.get("keep_rejected") or 3)
+    excluded, forgotten = _gone_users(config)
     try:
-        serving = registry.rollback()
-    except LookupError as exc:  # nothing to roll back
+        held: list[int] = []
+        serving = registry.rollback(
+            lambda target: held.append(lineage.check_serve(target, excluded, forgotten, force=args.force)))
+    except (LookupError, lineage.HoldsForgottenData) as exc:  # nothing to roll back; or it would serve them again
         raise Failure(str(exc)) from None
     from .store import is_postgres_url
 
@@ -441,6 +475,9 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         announce_registry_change(config.store_url, "rollback")
     print(f"now serving {serving.name if serving else 'the configured base model'} "
           "(a running bot switches within seconds)")
+    if held and held[0]:
+        print(f"forced: it holds data of {held[0]} user(s) since forgotten or opted out; "
+              "a fresh fine-tune (`chatcore finetune`) replaces it")
     return 0
 
 

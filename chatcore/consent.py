@@ -4,8 +4,9 @@ A policy is ``off``, ``opt_in`` (only users who said ``/learn on``) or ``opt_out
 (everyone except users who said ``/learn off``, opted out or were forgotten). It
 is set per adapter in ``adapters.NAME.training`` and may be narrowed per
 workspace (Discord guild, Slack team) and per channel: the most specific one
-wins (channel, then workspace, then adapter). A Slack thread ``C1/1700.1``
-follows channel ``C1``. Unauthenticated requests (HTTP without the API key,
+wins (channel, then workspace, then adapter). A thread without an entry of its
+own follows its parent channel (`Message.parent`: a Discord thread's channel,
+Slack's ``C1`` for thread ``C1/1700.1``). Unauthenticated requests (HTTP without the API key,
 `Message.authenticated` false) are always ``off``: anyone can claim any ``user`` there.
 
 `decide` runs when an exchange is logged and its answer is stored with it
@@ -49,14 +50,15 @@ def _section(config: Any, adapter: str) -> dict[str, Any]:
 
 
 def policy_for(config: Any, message: Message) -> str:
-    """The training policy in force for `message`: channel, then workspace, then adapter."""
+    """The training policy in force for `message`: channel (a thread, then its parent), then workspace, then adapter."""
     if not is_authenticated(message):
         return "off"
     section = _section(config, message.adapter)
     prefix = f"adapters.{message.adapter}.training"
     channels = {str(k): v for k, v in (section.get("channels") or {}).items()}
-    for channel in (message.channel, message.channel.split("/", 1)[0]):
-        if channel in channels:
+    # The thread's own entry, then its parent channel's (a Slack thread id "C1/1700.1" names its channel too).
+    for channel in (message.channel, message.parent, message.channel.split("/", 1)[0]):
+        if channel is not None and channel in channels:
             return normalise(channels[channel], f"{prefix}.channels.{channel}")
     workspaces = {str(k): v for k, v in (section.get("workspaces") or {}).items()}
     if message.workspace is not None and message.workspace in workspaces:

@@ -7,16 +7,29 @@ exchange ids it trained on and the user keys they came from
 started from a fine-tune). Here that is read back for the serving model and every
 checkpoint still on disk, and compared with the users the store now excludes
 (forgotten, opted out, /learn off): such a model still carries their data until
-a fine-tune from the base without them replaces it.
+a fine-tune from the base without them replaces it. `check_serve` is the one
+check before a kept checkpoint serves again (CLI rollback, dashboard rollback and
+promote); `prune_forgotten` deletes the kept ones (``chatcore model prune-forgotten``).
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from .registry import CANDIDATE_PREFIX, Registry
+
+log = logging.getLogger("chatcore.lineage")
+
+
+class HoldsForgottenData(Exception):
+    """A kept checkpoint would serve again although it holds data of users since forgotten or opted out."""
+
+    def __init__(self, message: str, users: int) -> None:
+        super().__init__(message)
+        self.users = users
 
 
 def lineage_of(checkpoint: Path) -> dict[str, Any] | None:
@@ -78,6 +91,60 @@ def contains_any(checkpoint: Path | None, users: set[str]) -> bool:
         return False
     lin = lineage_of(Path(checkpoint))
     return lin is None or bool(users & set(lin.get("users", [])))
+
+
+def holds_forgotten(checkpoint: Path, excluded: dict[str, float], forgotten: dict[str, float]) -> list[str]:
+    """The users since forgotten or opted out whose data `checkpoint` may hold (unknown lineage: any of them)."""
+    if not checkpoint.name.startswith(CANDIDATE_PREFIX):
+        return []  # the configured base model: no chat data
+    lin = lineage_of(checkpoint)
+    if lin is None:  # trained before lineage existed: it may hold anyone's data
+        lin = {"users": set(excluded) | set(forgotten)}
+    return flagged(lin, _created_at(checkpoint), excluded, forgotten)
+
+
+def check_serve(checkpoint: Path | None, excluded: dict[str, float], forgotten: dict[str, float], *,
+                force: bool = False, override: str = "--force") -> int:
+    """Before a kept checkpoint serves again (rollback, promote): refuse if it holds forgotten users' data.
+
+    Raises HoldsForgottenData naming how many such users it holds, unless `force`
+    (`override` is how the operator says so, for the message); a forced return is
+    logged. Returns that count. None (the base model) holds no chat data.
+    """
+    gone = [] if checkpoint is None else holds_forgotten(Path(checkpoint), excluded, forgotten)
+    if not gone:
+        return 0
+    name = Path(checkpoint).name
+    what = (f"{name} holds data of {len(gone)} user(s) since forgotten or opted out"
+            if lineage_of(Path(checkpoint)) is not None else
+            f"{name} has no recorded lineage and may hold data of {len(gone)} user(s) since forgotten or opted out")
+    if not force:
+        log.warning("refused to serve %s: %s", name, what)
+        raise HoldsForgottenData(f"{what}; serving it would bring their data back. Run a fresh fine-tune "
+                                 f"(`chatcore finetune`) instead, or pass {override} to serve it anyway.", len(gone))
+    log.warning("serving %s although %s (forced with %s)", name, what, override)
+    return len(gone)
+
+
+def prune_forgotten(models_dir: str | Path, excluded: dict[str, float], forgotten: dict[str, float], *,
+                    apply: bool = False) -> list[tuple[str, int]]:
+    """Kept checkpoints holding data of users since forgotten or opted out, with how many; `apply` deletes them.
+
+    The serving model is never deleted (a fine-tune without them replaces it).
+    """
+    registry = Registry(models_dir)
+    serving = registry.current()
+    found = []
+    for path in sorted(Path(models_dir).glob(f"{CANDIDATE_PREFIX}*.safetensors")):
+        if serving is not None and path.name == serving.name:
+            continue
+        gone = holds_forgotten(path, excluded, forgotten)
+        if gone:
+            found.append((path.name, len(gone)))
+            if apply:
+                registry.delete(path.name)
+                log.warning("deleted %s: it held data of %d user(s) since forgotten or opted out", path.name, len(gone))
+    return found
 
 
 def gate_reference(serving: str | None, base: str, gone: set[str]) -> str:

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -104,8 +104,11 @@ class Registry:
             self._prune(data)
         log.info("rejected %s (kept for inspection)", path.name)
 
-    def rollback(self) -> Path | None:
-        """Serve the previous promoted checkpoint (None: back to the base model); LookupError when none serves."""
+    def rollback(self, check: Callable[[Path | None], Any] | None = None) -> Path | None:
+        """Serve the previous promoted checkpoint (None: back to the base model); LookupError when none serves.
+
+        `check(target)` runs under the lock before anything changes; whatever it raises cancels the rollback.
+        """
         with self._locked() as data:
             if not data["promoted"]:
                 rolled_back = [e["name"] for e in data["rejected"] if "rolled_back_at" in e]
@@ -120,10 +123,23 @@ class Registry:
             while data["promoted"] and not (self.dir / data["promoted"][-1]["name"]).is_file():
                 data["promoted"].pop()
             data["serving"] = data["promoted"][-1]["name"] if data["promoted"] else None
+            if check is not None:  # raising here leaves registry.json as it was
+                check(self.dir / data["serving"] if data["serving"] else None)
             self._prune(data)
             serving = data["serving"]
         log.info("rolled back from %s to %s", gone["name"], serving or "the base model")
         return self.dir / serving if serving else None
+
+    def delete(self, name: str) -> None:
+        """Delete a kept checkpoint this loop wrote (with its sidecar) and its entries; never the serving one."""
+        with self._locked() as data:
+            if not name.startswith(CANDIDATE_PREFIX) or "/" in name or name == data["serving"]:
+                raise ValueError(f"{name} is serving or not a fine-tune of this loop: not deleted")
+            for key in ("promoted", "rejected"):
+                data[key] = [e for e in data[key] if e["name"] != name]
+            (self.dir / name).unlink(missing_ok=True)
+            (self.dir / name).with_suffix(".json").unlink(missing_ok=True)
+        log.info("deleted %s", name)
 
     def _inside(self, checkpoint: str | os.PathLike) -> Path:
         path = Path(checkpoint).resolve()

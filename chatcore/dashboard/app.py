@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from ..config import ConfigError
+from ..lineage import HoldsForgottenData, check_serve
 from ..metrics import CONTENT_TYPE
 from ..registry import CANDIDATE_PREFIX, Registry, RegistryError
 
@@ -337,16 +338,22 @@ class Dashboard:
             target = body.get("name") or body.get("user_key")
             try:
                 detail = await handler(body)
+            except HoldsForgottenData as exc:  # the page may ask again, with "allow_forgotten": true
+                self._audit(session.user, request.remote, name, target, False, str(exc))
+                return web.json_response({"error": str(exc), "forgotten_users": exc.users}, status=409)
             except (ActionRefused, RegistryError) as exc:
                 self._audit(session.user, request.remote, name, target, False, str(exc))
                 return _error(409, str(exc))
+            if body.get("allow_forgotten") is True:
+                detail += " (with allow_forgotten: true)"
             self._audit(session.user, request.remote, name, target, True, detail)
             return web.json_response({"ok": True, "detail": detail})
         return run
 
     async def do_rollback(self, body: dict[str, Any]) -> str:
+        check = await self._forgotten_check(body)
         try:
-            serving = await asyncio.to_thread(self._registry().rollback)
+            serving = await asyncio.to_thread(self._registry().rollback, check)
         except LookupError as exc:
             raise ActionRefused(str(exc)) from None
         return await self._serve(serving)
@@ -361,6 +368,8 @@ class Dashboard:
         path = self.models_dir / name
         if not path.is_file():
             raise ActionRefused(f"{name} is no longer on disk")
+        check = await self._forgotten_check(body)
+        await asyncio.to_thread(check, path)
         await asyncio.to_thread(registry.promote, path, kept[name].get("metrics") or {})
         return await self._serve(path)
 
@@ -407,6 +416,14 @@ class Dashboard:
         return f"now serving {bot.engine.model_id}"
 
     # --- helpers -----------------------------------------------------------------------
+
+    async def _forgotten_check(self, body: dict[str, Any]) -> Any:
+        """`lineage.check_serve` for a checkpoint about to serve again; `"allow_forgotten": true` overrides it."""
+        store = self.bot.store
+        excluded, forgotten = await store.run(store.excluded_users), await store.run(store.forgotten)
+        force = body.get("allow_forgotten") is True
+        return lambda target: check_serve(target, excluded, forgotten, force=force,
+                                          override='"allow_forgotten": true')
 
     def _registry(self) -> Registry:
         gate = self.bot.config.get("plugins.auto_finetune.gate") or {}

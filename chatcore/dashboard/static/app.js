@@ -31,6 +31,11 @@ async function act(action, body, question) {
     body: JSON.stringify({ ...body, confirm: true }),
   });
   const data = await r.json();
+  // A checkpoint holding forgotten users' data serves again only after a second, explicit yes.
+  if (r.status === 409 && data.forgotten_users && !body.allow_forgotten) {
+    return act(action, { ...body, allow_forgotten: true },
+      data.error + "\n\nServe it anyway, bringing their data back?");
+  }
   flash(r.ok ? data.detail : "Refused: " + data.error, !r.ok);
   await showTab(currentTab());
 }
