@@ -1,4 +1,4 @@
-"""Single-conversation generation speed: chatcore's Engine vs the seed's loop vs transformers.
+"""Single-conversation generation speed: chatcore as served vs CTranslate2, transformers and the seed's loop.
 
 GPT-2 124M shapes with random weights (the same weights in every contestant),
 fp32, 2 torch threads, the same sampling settings (temperature 0.8, top-k 200,
@@ -14,9 +14,16 @@ another.
     python benchmarks/engine.py --quick    # 24 new tokens: a smoke run
     python benchmarks/engine.py --json     # one JSON object per measurement
 
+chatcore is measured through the path a user's request takes: weights loaded by
+`build_engine` on the main thread, the reply streamed by `chatcore.serving.Generator`
+(decoding on its batching thread). ``chatcore-direct`` drives the Engine on the
+calling thread: a reference only, not what a bot gets. CTranslate2 (float32 and
+int8, when ``pip install -e .[bench]`` installed it) runs the same weights,
+converted from the Hugging Face directory by its Transformers converter.
+
 Columns: TTFT (prompt in -> first new token out), decode tok/s (the tokens after
 the first, per second of decoding), total tok/s (all new tokens over the whole
-call), peak RSS of the process. Ratios are chatcore / transformers.
+call), peak RSS of the process. Ratios: chatcore (served) / each other contestant.
 """
 
 from __future__ import annotations
@@ -33,7 +40,30 @@ from pathlib import Path
 from _common import first_token_timer, peak_rss_mb  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
-CONTESTANTS = ("chatcore", "chatcore-int8", "seed-loop", "transformers")
+CONTESTANTS = ("chatcore", "chatcore-int8", "chatcore-direct", "chatcore-int8-direct",
+               "ct2-float32", "ct2-int8", "seed-loop", "transformers")
+GPT2_VOCAB = ROOT.parent / "shared" / "data" / "gpt2"  # encoder.json + vocab.bpe: the tokenizer CTranslate2 converts
+
+
+def has_ctranslate2() -> bool:
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def convert_ct2(hf_dir: Path, out: Path, quantization: str | None) -> Path:
+    """The same weights as a CTranslate2 model (its Transformers converter reads the HF directory)."""
+    import shutil
+
+    import ctranslate2
+
+    for src, dst in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):  # GPT2Tokenizer's files
+        if not (hf_dir / dst).exists():
+            shutil.copy(GPT2_VOCAB / src, hf_dir / dst)
+    ctranslate2.converters.TransformersConverter(str(hf_dir)).convert(str(out), quantization=quantization, force=True)
+    return out
 TEMPERATURE, TOP_K, SEED = 0.8, 200, 1234
 
 
@@ -75,21 +105,19 @@ def prompt_ids(n: int) -> list[int]:
 # --- contestants: each returns (time to first token, end time, tokens) from a start time ----
 
 
-def load_chatcore(native: Path, hf_dir: Path, threads: int):
-    from chatcore.weights import build_engine
-
-    return build_engine({"checkpoint": str(native), "device": "cpu", "dtype": "float32", "threads": threads})
-
-
-def load_chatcore_int8(native: Path, hf_dir: Path, threads: int):
-    """The same engine with `model.quantize: int8` (fp32 activations, int8 weights)."""
+def load_chatcore_direct(native: Path, hf_dir: Path, threads: int, quantize: str = "none"):
     from chatcore.weights import build_engine
 
     return build_engine({"checkpoint": str(native), "device": "cpu", "dtype": "float32", "threads": threads,
-                               "quantize": "int8"})
+                         "quantize": quantize})
 
 
-def run_chatcore(engine, ids, new_tokens):
+def load_chatcore_int8_direct(native: Path, hf_dir: Path, threads: int):
+    """The same engine with `model.quantize: int8` (fp32 activations, int8 weights, quantized while loading)."""
+    return load_chatcore_direct(native, hf_dir, threads, "int8")
+
+
+def run_chatcore_direct(engine, ids, new_tokens):
     from chatcore.sampling import SamplingParams
 
     params = SamplingParams(temperature=TEMPERATURE, top_k=TOP_K, max_new_tokens=new_tokens, seed=SEED, stop_at_newline=False)
@@ -99,6 +127,71 @@ def run_chatcore(engine, ids, new_tokens):
         n += 1
         if first is None:
             first = time.perf_counter()
+    return t0, first, time.perf_counter(), n
+
+
+class Served:
+    """An engine behind `chatcore.serving.Generator`, as the bot serves it (an event loop, the batching thread)."""
+
+    def __init__(self, engine) -> None:
+        import asyncio
+
+        from chatcore.serving import Generator
+
+        self.engine = engine
+        self.loop = asyncio.new_event_loop()
+        self.generator = Generator(engine, max_batch=1)
+
+    def run(self, ids, new_tokens):
+        from chatcore.sampling import SamplingParams
+
+        # no stop rule fires: the reply is exactly new_tokens tokens unless end-of-text is sampled (~0.3%)
+        params = SamplingParams(temperature=TEMPERATURE, top_k=TOP_K, max_new_tokens=new_tokens, seed=SEED,
+                                stop_at_newline=False, stop=[])
+        prompt = self.engine.tokenizer.decode(ids)
+
+        async def go():
+            t0, first = time.perf_counter(), None
+            async for _ in self.generator.stream(prompt, params):
+                if first is None:
+                    first = time.perf_counter()
+            return t0, first, time.perf_counter(), new_tokens
+
+        return self.loop.run_until_complete(go())
+
+
+def load_chatcore(native: Path, hf_dir: Path, threads: int):
+    return Served(load_chatcore_direct(native, hf_dir, threads))
+
+
+def load_chatcore_int8(native: Path, hf_dir: Path, threads: int):
+    return Served(load_chatcore_direct(native, hf_dir, threads, "int8"))
+
+
+def run_chatcore(served, ids, new_tokens):
+    return served.run(ids, new_tokens)
+
+
+def load_ct2(models: Path, threads: int, kind: str):
+    import ctranslate2
+
+    vocab = json.loads((GPT2_VOCAB / "encoder.json").read_text(encoding="utf-8"))
+    by_id = {i: t for t, i in vocab.items()}
+    gen = ctranslate2.Generator(str(models / f"ct2-{kind}"), device="cpu", compute_type=kind, intra_threads=threads)
+    return gen, by_id
+
+
+def run_ct2(model, ids, new_tokens):
+    gen, by_id = model
+    tokens = [by_id[i] for i in ids]
+    t0, first, n = time.perf_counter(), None, 0
+    for _ in gen.generate_tokens(tokens, max_length=new_tokens, min_length=new_tokens, sampling_temperature=TEMPERATURE,
+                                 sampling_topk=TOP_K):
+        n += 1
+        if first is None:
+            first = time.perf_counter()
+        if n == new_tokens:
+            break
     return t0, first, time.perf_counter(), n
 
 
@@ -165,6 +258,10 @@ def run_transformers(hf, ids, new_tokens):
 RUNNERS = {
     "chatcore": (load_chatcore, run_chatcore),
     "chatcore-int8": (load_chatcore_int8, run_chatcore),
+    "chatcore-direct": (load_chatcore_direct, run_chatcore_direct),
+    "chatcore-int8-direct": (load_chatcore_int8_direct, run_chatcore_direct),
+    "ct2-float32": (lambda native, hf_dir, threads: load_ct2(native.parent, threads, "float32"), run_ct2),
+    "ct2-int8": (lambda native, hf_dir, threads: load_ct2(native.parent, threads, "int8"), run_ct2),
     "seed-loop": (load_seed_loop, run_seed_loop),
     "transformers": (load_transformers, run_transformers),
 }
@@ -210,8 +307,15 @@ def main() -> None:
         d = Path(args.models)
         worker(args.worker, d / "gpt2-random.safetensors", d / "hf", prompts, new_tokens, args.threads)
         return
+    engines = [e for e in args.engines.split(",") if has_ctranslate2() or not e.startswith("ct2-")]
+    if engines != args.engines.split(","):
+        print("# CTranslate2 is not installed (pip install -e .[bench]): its contestants are left out", file=sys.stderr)
+    args.engines = ",".join(engines)
     with tempfile.TemporaryDirectory(prefix="chatcore-bench-") as d:
-        write_models(Path(d))
+        native, hf_dir = write_models(Path(d))
+        for kind in ("float32", "int8"):
+            if f"ct2-{kind}" in engines:
+                convert_ct2(hf_dir, Path(d) / f"ct2-{kind}", None if kind == "float32" else "int8")
         run_all(args, Path(d), prompts, new_tokens)
 
 
@@ -250,7 +354,7 @@ def run_all(args, models: Path, prompts: list[int], new_tokens: int) -> None:
 
     print(f"GPT-2 124M shapes, random weights, fp32, {args.threads} threads, {new_tokens} new tokens, "
           f"temperature {TEMPERATURE}, top-k {TOP_K}")
-    head = f"{'engine':<13} {'prompt':>6} {'new':>4} {'TTFT s':>8} {'decode tok/s':>13} {'total tok/s':>12} {'peak RSS MB':>12}"
+    head = f"{'engine':<21} {'prompt':>6} {'new':>4} {'TTFT s':>8} {'decode tok/s':>13} {'total tok/s':>12} {'peak RSS MB':>12}"
     print(head)
     print("-" * len(head))
     for name in args.engines.split(","):
@@ -258,22 +362,22 @@ def run_all(args, models: Path, prompts: list[int], new_tokens: int) -> None:
             r = results.get((name, p))
             if r:
                 dec = f"{r['decode_tok_s']:.2f}" if r["decode_tok_s"] else "-"
-                print(f"{name:<13} {p:>6} {r['new_tokens']:>4} {r['ttft_s']:>8.3f} {dec:>13} {r['total_tok_s']:>12.2f} {rss.get(name, 0):>12.0f}")
+                print(f"{name:<21} {p:>6} {r['new_tokens']:>4} {r['ttft_s']:>8.3f} {dec:>13} {r['total_tok_s']:>12.2f} {rss.get(name, 0):>12.0f}")
+    def ratio(a, b, key):
+        ra, rb = results.get((a, p)), results.get((b, p))
+        return ra[key] / rb[key] if ra and rb and ra.get(key) and rb.get(key) else None
+
     for p in prompts:
-        ours, ref, seed = results.get(("chatcore", p)), results.get(("transformers", p)), results.get(("seed-loop", p))
-        int8 = results.get(("chatcore-int8", p))
-        if int8 and ref:
-            print(f"prompt {p:>4}: int8 decode {int8['decode_tok_s'] / ref['decode_tok_s']:.2f}x transformers, "
-                  f"TTFT {int8['ttft_s'] / ref['ttft_s']:.2f}x transformers'")
-        if ours and ref:
-            line = (f"prompt {p:>4}: decode {ours['decode_tok_s'] / ref['decode_tok_s']:.2f}x transformers "
-                    f"(target >= 1.5x), TTFT {ours['ttft_s'] / ref['ttft_s']:.2f}x transformers' (target <= 1.0)")
-            if seed:
-                line += f", total {ours['total_tok_s'] / seed['total_tok_s']:.1f}x the seed's loop"
-            print(line)
-    if "chatcore" in rss:
-        print(f"chatcore peak RSS {rss['chatcore']:.0f} MB (target <= 800 MB)"
-              + (f"; int8: {rss['chatcore-int8']:.0f} MB" if "chatcore-int8" in rss else ""))
+        for ours in ("chatcore", "chatcore-int8"):
+            parts = []
+            for other in ("ct2-float32", "ct2-int8", "transformers", "seed-loop", ours + "-direct"):
+                dec, ttft = ratio(ours, other, "decode_tok_s"), ratio(ours, other, "ttft_s")
+                tot = ratio(ours, other, "total_tok_s")
+                if dec:
+                    parts.append(f"{other}: decode {dec:.2f}x, TTFT {ttft:.2f}x, total {tot:.2f}x")
+            if parts:
+                print(f"prompt {p:>4}, {ours} (served) vs " + "; ".join(parts))
+    print("peak RSS MB: " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,11 @@ GPT-2 124M shapes with random weights (the same in every contestant), 2 torch th
    apart. chatcore's continuous batching (fp32, and int8) vs the same Engine
    serving them one at a time vs transformers' static batch of 8 (left-padded,
    all 8 prompts at once: it is not charged for the staggered arrivals).
-   Aggregate = all new tokens / (first arrival -> last token).
+   Aggregate = all new tokens / (first arrival -> last token). chatcore's figures
+   come through `chatcore.serving.Generator` (the path a bot's requests take);
+   the BatchScheduler driven directly is shown beside them as a reference.
+   CTranslate2 float32 and int8 (when installed: ``pip install -e .[bench]``),
+   converted from the same weights, run a static batch of all prompts at once.
 2. Time to first token of a follow-up turn after a 512-token conversation:
    reusing the conversation's cached state vs re-running the whole history.
 3. Single-stream decode tokens/s (32-token prompt, 150 new tokens, greedy):
@@ -171,6 +175,85 @@ def batched(engine, prompts: list[str], new_tokens: int, stagger: float, adapter
                     decode_steps=sched.steps - steps0)
     finally:
         sched.close(timeout=10)
+
+
+def served_batch(engine, prompts: list[str], new_tokens: int, stagger: float) -> dict:
+    """The same staggered arrivals through `Generator.stream`, as the bot's adapters submit them."""
+    import asyncio
+
+    from chatcore.sampling import SamplingParams
+    from chatcore.serving import Generator
+
+    gen = Generator(engine, max_batch=len(prompts))
+
+    async def one(i: int, prompt: str, t0: float) -> tuple[float, float, int]:
+        await asyncio.sleep(max(0.0, t0 + i * stagger - time.perf_counter()))
+        params = SamplingParams(temperature=TEMPERATURE, top_k=TOP_K, max_new_tokens=new_tokens,
+                                stop_at_newline=False, stop=[], seed=SEED + i)
+        first, text = None, ""
+        async for delta in gen.stream(prompt, params):
+            first = first or time.perf_counter()
+            text += delta
+        return first - (t0 + i * stagger), time.perf_counter(), engine.count_tokens(text)
+
+    async def run() -> dict:
+        await gen.generate("Human: hi\nAssistant:", SamplingParams(max_new_tokens=4, stop_at_newline=False))  # warm-up
+        t0 = time.perf_counter()
+        done = await asyncio.gather(*(one(i, p, t0) for i, p in enumerate(prompts)))
+        end = max(d[1] for d in done)
+        tokens = sum(d[2] for d in done)  # the replies re-tokenized: close to the tokens generated
+        await gen.close()
+        return dict(tokens=tokens, seconds=end - t0, tok_s=tokens / (end - t0),
+                    ttft_p50_s=statistics.median(d[0] for d in done))
+
+    return asyncio.run(run())
+
+
+def ct2_models(model, d: Path) -> dict:
+    """The same weights converted by CTranslate2's Transformers converter: {compute type: model dir}."""
+    import shutil
+
+    import ctranslate2
+    from safetensors.torch import save_file
+
+    from chatcore.hf import to_hf_state_dict
+
+    hf_dir = d / "hf"
+    hf_dir.mkdir()
+    c = model.config
+    (hf_dir / "config.json").write_text(json.dumps(dict(
+        model_type="gpt2", architectures=["GPT2LMHeadModel"], n_positions=c.block_size, n_ctx=c.block_size,
+        vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+        activation_function="gelu_new", bos_token_id=50256, eos_token_id=50256)))
+    save_file({k: v.contiguous() for k, v in to_hf_state_dict(model).items() if k != "lm_head.weight"},
+              str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
+    vocab = ROOT / ".." / "shared" / "data" / "gpt2"
+    shutil.copy(vocab / "encoder.json", hf_dir / "vocab.json")
+    shutil.copy(vocab / "vocab.bpe", hf_dir / "merges.txt")
+    out = {}
+    for kind, quant in (("float32", None), ("int8", "int8")):
+        out[kind] = ctranslate2.converters.TransformersConverter(str(hf_dir)).convert(
+            str(d / f"ct2-{kind}"), quantization=quant, force=True)
+    return out
+
+
+def ct2_static(model_dir: str, kind: str, tokenizer, prompts: list[str], new_tokens: int, threads: int) -> dict:
+    """CTranslate2's static batch of all prompts at once (not charged for the staggered arrivals)."""
+    import ctranslate2
+
+    vocab = json.loads((ROOT / ".." / "shared" / "data" / "gpt2" / "encoder.json").read_text(encoding="utf-8"))
+    by_id = {i: t for t, i in vocab.items()}
+    gen = ctranslate2.Generator(model_dir, device="cpu", compute_type=kind, intra_threads=threads)
+    batch = [[by_id[i] for i in tokenizer.encode(p)] for p in prompts]
+    gen.generate_batch(batch[:1], max_length=4, sampling_topk=TOP_K, include_prompt_in_result=False)  # warm-up
+    first = []
+    t0 = time.perf_counter()
+    res = gen.generate_batch(batch, max_length=new_tokens, min_length=new_tokens, sampling_topk=TOP_K,
+                             sampling_temperature=TEMPERATURE, include_prompt_in_result=False,
+                             callback=lambda step: first.append(time.perf_counter()) if not first else None)
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(r.sequences_ids[0]) for r in res)
+    return dict(tokens=tokens, seconds=seconds, tok_s=tokens / seconds, ttft_p50_s=first[0] - t0 if first else None)
 
 
 def _warm(sched, adapter=None) -> None:
@@ -375,8 +458,21 @@ def main() -> None:
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}), flush=True)
 
     if "batch" not in skip:
-        emit("batch", "chatcore continuous batching fp32", **batched(fp32, prompts, new_tokens, args.stagger))
-        emit("batch", "chatcore continuous batching int8", **batched(int8, prompts, new_tokens, args.stagger))
+        emit("batch", "chatcore served fp32", **served_batch(fp32, prompts, new_tokens, args.stagger))
+        emit("batch", "chatcore served int8", **served_batch(int8, prompts, new_tokens, args.stagger))
+        emit("batch", "chatcore continuous batching fp32 (direct)", **batched(fp32, prompts, new_tokens, args.stagger))
+        emit("batch", "chatcore continuous batching int8 (direct)", **batched(int8, prompts, new_tokens, args.stagger))
+        try:
+            import ctranslate2  # noqa: F401
+        except ImportError:
+            print("# CTranslate2 is not installed (pip install -e .[bench]): left out", file=sys.stderr)
+        else:
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="chatcore-ct2-") as d:
+                for kind, path in ct2_models(model, Path(d)).items():
+                    emit("batch", f"ctranslate2 static batch {kind}",
+                         **ct2_static(path, kind, fp32.tokenizer, prompts, new_tokens, args.threads))
         emit("batch", "chatcore one at a time fp32", **one_at_a_time(fp32, prompts, new_tokens))
         emit("batch", f"transformers static batch of {n_conv} fp32", **transformers_static(hf, fp32.tokenizer, prompts, new_tokens))
     if "followup" not in skip:
@@ -411,10 +507,17 @@ def _find(out, section, prefix):
 def _ratios(out: list[dict], n_conv: int) -> list[dict]:
     ratios = []
     tf = _find(out, "batch", "transformers")
-    for name in ("chatcore continuous batching fp32", "chatcore continuous batching int8", "chatcore one at a time"):
+    for name in ("chatcore served fp32", "chatcore served int8", "chatcore one at a time"):
         r = _find(out, "batch", name)
         if r and tf:
             ratios.append(dict(ratio=f"{name} / transformers static batch", value=round(r["tok_s"] / tf["tok_s"], 3), target=2.0))
+    for ours, kind, target in (("fp32", "float32", 1.0), ("int8", "int8", 1.3)):
+        r, ct = _find(out, "batch", f"chatcore served {ours}"), _find(out, "batch", f"ctranslate2 static batch {kind}")
+        if r and ct:
+            ratios.append(dict(ratio=f"chatcore served {ours} / ctranslate2 {kind} tok/s", value=round(r["tok_s"] / ct["tok_s"], 3), target=target))
+            if ct.get("ttft_p50_s"):
+                ratios.append(dict(ratio=f"chatcore served {ours} / ctranslate2 {kind} TTFT (lower is better)",
+                                   value=round(r["ttft_p50_s"] / ct["ttft_p50_s"], 3)))
     f = _find(out, "followup", "chatcore")
     if f:
         ratios.append(dict(ratio="follow-up TTFT: re-run / reuse", value=round(f["ttft_rerun_s"] / f["ttft_reuse_s"], 3), target=5.0))
@@ -470,6 +573,8 @@ def _table(out, ratios, n_conv, new_tokens, args) -> None:
         print("\nratios")
         for r in ratios:
             target = f"  (target >= {r['target']}x)" if "target" in r else ""
+            if "TTFT" in r["ratio"]:
+                target = "  (target <= 1.0x)"
             print(f"   {r['ratio']:<58} {r['value']:>6.2f}x{target}")
 
 

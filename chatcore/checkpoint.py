@@ -54,6 +54,7 @@ FORMAT = "chatcore-checkpoint/1"
 _META_KEY = "chatcore"
 
 ColumnMajor = Callable[[str], bool]  # which weights (by name) to hold column-major in memory
+Transform = Callable[[str, torch.Tensor], torch.Tensor]  # (name, tensor just read) -> what to keep (int8 loading)
 
 
 class CheckpointError(RuntimeError):
@@ -131,6 +132,7 @@ def load(
     dtype: torch.dtype | None = None,
     config: GPTConfig | None = None,
     column_major: ColumnMajor | None = None,
+    transform: Transform | None = None,
 ) -> tuple[GPT, dict]:
     """Load a native checkpoint or a seed/nanoGPT ``.pt`` file (a Hugging Face directory: `chatcore.hf.load_any`).
 
@@ -140,7 +142,8 @@ def load(
     2-D weights for which ``column_major(name)`` is true are stored column-major
     (``W.t().contiguous().t()``: same values and shape, transposed memory), read
     straight into that layout from safetensors files; the engine decodes faster
-    that way (see `chatcore.engine.decode_column_major`).
+    that way (see `chatcore.engine.decode_column_major`). ``transform`` sees each
+    tensor of a safetensors file as it is read (see `read_safetensors`).
     """
     path = Path(path)
     if not path.exists():
@@ -148,7 +151,7 @@ def load(
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory: load a Hugging Face export with chatcore.hf.load_any")
     if path.suffix == ".safetensors":
-        cfg, state, meta = _read_native(path, column_major)
+        cfg, state, meta = _read_native(path, column_major, transform)
     else:
         cfg, state, meta = _read_torch(path)
         if column_major is not None:
@@ -198,10 +201,12 @@ def as_column_major(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride() == (1, t.size(0)) else t.t().contiguous().t()
 
 
-def _read_native(path: Path, column_major: ColumnMajor | None = None) -> tuple[GPTConfig, dict, dict]:
+def _read_native(
+    path: Path, column_major: ColumnMajor | None = None, transform: Transform | None = None
+) -> tuple[GPTConfig, dict, dict]:
     meta = read_meta(path)
     cfg = config_from_dict(meta.get("config"), str(path))
-    state = read_safetensors(path, column_major=column_major)
+    state = read_safetensors(path, column_major=column_major, transform=transform)
     meta.setdefault("provenance", {})
     return cfg, state, meta
 
@@ -216,12 +221,15 @@ def read_safetensors(
     path: Path,
     rename: Callable[[str], str | None] | None = None,
     column_major: ColumnMajor | None = None,
+    transform: Transform | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read a safetensors file into fresh memory, tensor by tensor.
 
     ``rename(name)`` gives the key to store a tensor under (None drops it);
     ``column_major(name)`` (on the file's names) picks 2-D tensors to lay out
     column-major, filled a block of rows at a time so no second full copy exists.
+    ``transform(name, tensor)`` (on the stored names) replaces each tensor as soon
+    as it is read, before the next one is: int8 loading keeps no fp32 copy this way.
 
     Plain reads, not a memory map: a mapped file's pages count in the process's
     RSS for as long as any tensor refers to the mapping.
@@ -242,6 +250,8 @@ def read_safetensors(
                     if f.readinto(buf.numpy()) != end - begin:
                         raise CheckpointError(f"{path} is truncated (tensor {name})")
                     state[key] = buf.view(dtype).reshape(shape)
+                if transform is not None:
+                    state[key] = transform(name, state[key])
     except OSError as e:
         raise CheckpointError(f"{path} is not readable: {e}") from e
     return state
@@ -513,5 +523,6 @@ def check_servable(model: GPT, source: str, n_vocab: int = N_VOCAB) -> None:
             raise CheckpointError(f"{source}: {name} does not fit its config {cfg}")
         if not p.is_floating_point():
             raise CheckpointError(f"{source}: {name} holds {p.dtype} values; weights must be floating point")
-        if not bool(torch.isfinite(p).all()):
+        # in row blocks: isfinite on a whole matrix makes temporaries as large as it (the 154 MB embedding)
+        if not all(bool(torch.isfinite(block).all()) for block in p.split(4096)):
             raise CheckpointError(f"{source}: {name} holds NaN or infinite values: it cannot serve")

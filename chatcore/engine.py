@@ -74,7 +74,7 @@ def prepare_for_inference(model: GPT, device: torch.device, dtype: torch.dtype) 
     that way) are not copied again; the tied embedding follows the head.
     """
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    if device.type == "cpu":
+    if device.type == "cpu" and not getattr(model, "quantized", None):  # int8 layers hold their own layout
         for name, p in model.named_parameters():  # the tied head is listed once, as wte
             if p.dim() == 2 and decode_column_major(name):
                 p.data = ckpt.as_column_major(p.data)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (ColumnMajor, CheckpointError, as_column_major, build_model, config_from_dict, load,
+from .checkpoint import (ColumnMajor, CheckpointError, Transform, as_column_major, build_model, config_from_dict, load,
                          read_safetensors, torch_load)
 from .model import GPT, GPTConfig
 
@@ -98,11 +98,12 @@ def load_any(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     column_major: ColumnMajor | None = None,
+    transform: Transform | None = None,
 ) -> tuple[GPT, dict]:
     """A checkpoint on disk of any kind: a Hugging Face GPT-2 directory, else `chatcore.checkpoint.load`."""
     if Path(path).is_dir():
-        return load_hf_dir(path, device=device, dtype=dtype, column_major=column_major)
-    return load(path, device=device, dtype=dtype, column_major=column_major)
+        return load_hf_dir(path, device=device, dtype=dtype, column_major=column_major, transform=transform)
+    return load(path, device=device, dtype=dtype, column_major=column_major, transform=transform)
 
 
 def load_hf_dir(
@@ -110,10 +111,12 @@ def load_hf_dir(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     column_major: ColumnMajor | None = None,
+    transform: Transform | None = None,
 ) -> tuple[GPT, dict]:
     """Load a local Hugging Face GPT-2 directory; returns (model, metadata).
 
-    ``column_major`` as in `chatcore.checkpoint.load`."""
+    ``column_major`` and ``transform`` (given nanoGPT's names and ``[out, in]`` layout) as in
+    `chatcore.checkpoint.load`."""
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
@@ -132,7 +135,15 @@ def load_hf_dir(
             name = hf_name(k)
             return column_major is not None and name is not None and not name.endswith(_CONV1D) and column_major(name)
 
-        hf_state = read_safetensors(weights, column_major=read_col)
+        def read_one(k: str, v: torch.Tensor) -> torch.Tensor:
+            name = hf_name(k)
+            if transform is None or name is None:
+                return v
+            if name.endswith(_CONV1D):  # the transform sees [out, in]; convert_hf_state_dict transposes back
+                return transform(name, v.t()).t()
+            return transform(name, v)
+
+        hf_state = read_safetensors(weights, column_major=read_col, transform=read_one if transform else None)
     else:
         hf_state = torch_load(weights)
         if not isinstance(hf_state, dict) or not all(isinstance(v, torch.Tensor) for v in hf_state.values()):
@@ -238,12 +249,13 @@ def load_hf(
     cache_dir: str | Path | None = None,
     local_files_only: bool = True,
     column_major: ColumnMajor | None = None,
+    transform: Transform | None = None,
 ) -> tuple[GPT, dict]:
     """Load a local Hugging Face directory, or hub model ``name_or_path`` (cache, then download)."""
     if Path(name_or_path).is_dir():
-        return load_hf_dir(name_or_path, device=device, dtype=dtype, column_major=column_major)
+        return load_hf_dir(name_or_path, device=device, dtype=dtype, column_major=column_major, transform=transform)
     d = fetch(str(name_or_path), cache_dir=cache_dir, local_files_only=local_files_only)
-    model, meta = load_hf_dir(d, device=device, dtype=dtype, column_major=column_major)
+    model, meta = load_hf_dir(d, device=device, dtype=dtype, column_major=column_major, transform=transform)
     meta["provenance"]["base_model"] = str(name_or_path)
     return model, meta
 

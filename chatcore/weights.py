@@ -24,7 +24,7 @@ fine-tune starts from (`base_checkpoint` names it without loading it).
     device: auto       # auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps
     dtype: auto        # auto (float32 on cpu, bfloat16/float16 on accelerators), float32, bfloat16, float16
     threads: null      # torch CPU threads (null: torch's default)
-    quantize: null     # int8: int8 weights on the CPU
+    quantize: auto     # auto (int8 on a CPU, none elsewhere), int8, none
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import hf, lora
-from .checkpoint import CheckpointError, ColumnMajor
+from .checkpoint import CheckpointError, ColumnMajor, Transform
 from .engine import Engine, decode_column_major, pick_device, pick_dtype
 from .model import GPT
 from .registry import Registry, RegistryError, serving_checkpoint
@@ -78,23 +80,44 @@ def build_engine(model_cfg: dict | None = None, starter: Starter | None = None,
     cfg = dict(model_cfg or {})
     device = pick_device(cfg.get("device", "auto"))
     dtype = pick_dtype(cfg.get("dtype", "auto"), device)
-    model, meta, model_id = resolve_model(cfg, starter, decode_column_major if device.type == "cpu" else None)
-    engine = Engine(model, tokenizer, model_id=model_id, device=device, dtype=dtype,
-                    threads=cfg.get("threads"), meta=meta)
-    if cfg.get("quantize") == "int8":
-        from .quant import quantize_int8
+    int8 = quantize_int8_here(cfg.get("quantize", "auto"), device, dtype)
+    loader = None
+    if int8:
+        from .quant import Int8Loader
 
-        quantize_int8(engine.model)
-        engine.model_id += " int8"  # stored with every exchange: which weights answered
-    return engine
+        loader = Int8Loader()  # quantizes each weight as it is read: no fp32 copy of the model
+    # int8 matrices need no column-major layout (the embedding stays row-major for its lookups)
+    column_major = decode_column_major if device.type == "cpu" and loader is None else None
+    model, meta, model_id = resolve_model(cfg, starter, column_major, loader)
+    if loader is not None:
+        loader.finish(model, meta.get("source") or model_id)
+        model_id += " int8"  # stored with every exchange: which weights answered
+    return Engine(model, tokenizer, model_id=model_id, device=device, dtype=dtype,
+                  threads=cfg.get("threads"), meta=meta)
+
+
+def quantize_int8_here(quantize: str | None, device, dtype) -> bool:
+    """Whether to serve int8 weights: ``auto`` means on a CPU in float32 (its quality is checked
+    in `chatcore.quant.quality`); ``int8`` insists, ``none`` (or null) never."""
+    if quantize in (None, "none"):
+        return False
+    if quantize not in ("auto", "int8"):
+        raise ValueError(f"model.quantize must be auto, int8 or none; got {quantize!r}")
+    on_cpu = device.type == "cpu" and dtype == torch.float32
+    if quantize == "int8" and not on_cpu:
+        raise ValueError(f"model.quantize: int8 serves on the CPU in float32, not on {device} in {dtype}")
+    if on_cpu and not torch.backends.quantized.supported_engines:
+        return False
+    return on_cpu
 
 
 def resolve_model(cfg: dict, starter: Starter | None = None,
-                  column_major: ColumnMajor | None = None) -> tuple[GPT, dict, str]:
+                  column_major: ColumnMajor | None = None,
+                  transform: Transform | None = None) -> tuple[GPT, dict, str]:
     """(model, metadata, model_id) from the first source of steps 2-6 that has weights; ModelNotFound otherwise.
 
-    ``column_major`` picks weights to read straight into column-major memory (see
-    `chatcore.checkpoint.load`)."""
+    ``column_major`` picks weights to read straight into column-major memory, ``transform``
+    sees each tensor as it is read (see `chatcore.checkpoint.load`)."""
     checkpoint = cfg.get("checkpoint")
     if checkpoint:
         path = Path(os.path.expanduser(str(checkpoint)))
@@ -106,14 +129,14 @@ def resolve_model(cfg: dict, starter: Starter | None = None,
             )
         if lora.is_adapter(path):
             return adapter_on_base(path, cfg, starter, column_major)
-        model, meta = hf.load_any(path, column_major=column_major)
+        model, meta = hf.load_any(path, column_major=column_major, transform=transform)
         return model, meta, model_id(path, meta)
 
     base = cfg.get("base") or "gpt2"
     cache_dir = cfg.get("cache_dir")
     tried: list[str] = []
     try:
-        model, meta = hf.load_hf(base, cache_dir=cache_dir, local_files_only=True, column_major=column_major)
+        model, meta = hf.load_hf(base, cache_dir=cache_dir, local_files_only=True, column_major=column_major, transform=transform)
         return model, meta, base
     except CheckpointError:
         raise
@@ -121,7 +144,7 @@ def resolve_model(cfg: dict, starter: Starter | None = None,
         tried.append(f"{base!r} is not in the Hugging Face cache ({type(e).__name__})")
     if cfg.get("download", True) and not hub_offline():
         try:
-            model, meta = hf.load_hf(base, cache_dir=cache_dir, local_files_only=False, column_major=column_major)
+            model, meta = hf.load_hf(base, cache_dir=cache_dir, local_files_only=False, column_major=column_major, transform=transform)
             return model, meta, base
         except CheckpointError:
             raise
@@ -132,7 +155,7 @@ def resolve_model(cfg: dict, starter: Starter | None = None,
     if starter is not None:
         path = starter()
         if path:
-            model, meta = hf.load_any(path, column_major=column_major)
+            model, meta = hf.load_any(path, column_major=column_major, transform=transform)
             return model, meta, model_id(Path(path), meta)
         tried.append("no offline starter model has been built")
     raise ModelNotFound(

@@ -34,7 +34,7 @@ def promoted(tmp_path):
     Registry(models).promote(candidate, {"val_loss": 1.0})
     config = tmp_path / "bot.yaml"
     config.write_text(f"bot:\n  data_dir: {tmp_path / 'data'}\n"
-                      f"model:\n  checkpoint: {base}\n  device: cpu\n  threads: 1\n"
+                      f"model:\n  checkpoint: {base}\n  device: cpu\n  threads: 1\n  quantize: none\n"
                       "generation:\n  max_new_tokens: 6\n")
     return config, base, candidate
 
@@ -115,7 +115,7 @@ async def test_promotions_and_rollbacks_from_another_process_reach_a_running_bot
     cfg = load_config(config, make_plugin_manager(entry_points=False).schema())
     bot = make_bot(config.parent, engine=load_engine(cfg), config={
         "bot": {"data_dir": str(config.parent / "data")},
-        "model": {"checkpoint": str(base), "device": "cpu", "threads": 1},
+        "model": {"checkpoint": str(base), "device": "cpu", "threads": 1, "quantize": "none"},
         "generation": {"max_new_tokens": 4}})
     bot.registry_poll_s = 0.05
     follower = asyncio.create_task(bot.follow_registry())

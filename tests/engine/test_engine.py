@@ -189,7 +189,7 @@ def test_invalid_params_raise_before_any_work(tok):
 def test_from_config_loads_a_configured_checkpoint(tmp_path, tok):
     model = tiny_model(std=0.3)
     path = ckpt.save(model, tmp_path / "bot.safetensors", base_model="gpt2", iteration=3)
-    engine = build_engine({"checkpoint": str(path), "device": "cpu", "dtype": "float32"}, tokenizer=tok)
+    engine = build_engine({"checkpoint": str(path), "device": "cpu", "dtype": "float32", "quantize": "none"}, tokenizer=tok)
     assert engine.model_id == "bot (gpt2)"
     # read straight into the decode layout: weights column-major, the head still tied
     m = engine.model
@@ -222,7 +222,7 @@ def test_starter_seam_is_consulted_last(tmp_path, monkeypatch, tok):
         calls.append(1)
         return path
 
-    engine = build_engine({"cache_dir": str(tmp_path / "hf")}, starter=starter, tokenizer=tok)
+    engine = build_engine({"cache_dir": str(tmp_path / "hf"), "quantize": "none"}, starter=starter, tokenizer=tok)
     assert calls and engine.model_id == "starter"
     with pytest.raises(ModelNotFound, match="starter"):
         build_engine({"cache_dir": str(tmp_path / "hf")}, starter=lambda: None)
@@ -243,7 +243,7 @@ def test_gpt2_from_the_hugging_face_cache(tmp_path, monkeypatch, tok):
     (snap / "config.json").write_text(json.dumps(hf_cfg))
     state = {k: v.contiguous() for k, v in to_hf_state_dict(model).items() if k != "lm_head.weight"}
     save_file(state, str(snap / "model.safetensors"))
-    engine = build_engine({"cache_dir": str(tmp_path), "device": "cpu"}, tokenizer=tok)
+    engine = build_engine({"cache_dir": str(tmp_path), "device": "cpu", "quantize": "none"}, tokenizer=tok)
     assert engine.model_id == "gpt2"
     ids = tok.encode("Human: hi\nAssistant:")
     assert list(engine.tokens(ids, GREEDY)) == greedy_no_cache(model, ids, 30)
