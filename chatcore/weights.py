@@ -66,12 +66,23 @@ def load_engine(config: Any, tokenizer: Tokenizer | None = None) -> Engine:
             return engine_for(config, promoted, tokenizer)
         except CheckpointError as exc:  # a damaged fine-tune never stops the bot from serving
             log.warning("promoted checkpoint %s is unusable (%s); serving the base model", promoted, exc)
-    return build_engine(config["model"], starter_for(config), tokenizer)
+    return build_engine(model_section(config), starter_for(config), tokenizer)
+
+
+def model_section(config: Any) -> dict:
+    """The ``model:`` section as serving applies it: ``quantize: auto`` stays fp32 when scopes
+    train their own adapters, whose per-row updates ride on the fp32 ``nn.Linear`` layers
+    (chatcore.lora); an explicit ``int8`` is the operator's call."""
+    cfg = dict(config["model"])
+    if cfg.get("quantize", "auto") == "auto" and any(
+            isinstance(s, dict) and s.get("finetune", True) for s in (config.get("scopes") or [])):
+        cfg["quantize"] = "none"
+    return cfg
 
 
 def engine_for(config: Any, checkpoint: str | Path, tokenizer: Tokenizer | None = None) -> Engine:
     """An engine for one checkpoint, built with the configured device, dtype and options."""
-    return build_engine({**config["model"], "checkpoint": str(checkpoint)}, None, tokenizer)
+    return build_engine({**model_section(config), "checkpoint": str(checkpoint)}, None, tokenizer)
 
 
 def build_engine(model_cfg: dict | None = None, starter: Starter | None = None,

@@ -39,6 +39,16 @@ def test_cpu_serves_int8_by_default_and_none_turns_it_off(tmp_path):
     assert isinstance(fp32.model.lm_head, torch.nn.Linear)
 
 
+def test_auto_stays_fp32_where_scopes_serve_their_own_adapters(tmp_path):
+    """Per-row LoRA updates ride on fp32 Linear layers: with fine-tuning scopes, auto means fp32."""
+    torch.manual_seed(0)
+    base = checkpoint.save(GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)), tmp_path / "base")
+    scopes = "scopes:\n  - {name: team, adapter: discord, workspace: '1'}\n"
+    assert _engine(tmp_path, base, scopes).model_id == "base"
+    no_training = "scopes:\n  - {name: team, adapter: discord, workspace: '1', finetune: false}\n"
+    assert _engine(tmp_path, base, no_training).model_id == "base int8"
+
+
 def test_served_int8_keeps_quality_of_a_trained_model(tmp_path, sample_conversations):
     tok = Tokenizer()
     rows = [json.loads(line) for line in sample_conversations.read_text(encoding="utf-8").splitlines() if line.strip()]
