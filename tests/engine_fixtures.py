@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
 from chatcore.model import GPT, GPTConfig
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run with `n` torch threads, then restore: tiny models train fastest on one, and two oversubscribe a busy CI."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
 
 def tiny_config(**overrides) -> GPTConfig:
     cfg = dict(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)

@@ -23,6 +23,7 @@ from chatcore.training.gate import DEFAULT_CANARIES, judge
 from chatcore.training.options import GateConfig
 from chatcore.training.job import JobSpec, canary_data, run_job
 from chatcore.training.train import TrainConfig, train
+from tests.engine_fixtures import tiny_model, torch_threads
 
 SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sample_conversations.jsonl"
 FAST = dict(max_iters=30, eval_interval=10, warmup_iters=3, batch_size=4, block_size=64,
@@ -33,15 +34,12 @@ NOW = 1_800_000_000.0
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def tiny(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=32))
+    return tiny_model(seed, block_size=128)
 
 
 def ex(user: str, uid: str, *, at: float = NOW, first: float = NOW - 30 * DAY, reply: str = "ok then") -> Exchange:

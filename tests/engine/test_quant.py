@@ -17,6 +17,7 @@ from chatcore.model import GPT, GPTConfig
 from chatcore.prompt import render_exchange
 from chatcore.quant import Int8Linear, is_quantized, quality, quantize_int8
 from chatcore.tokenizer import Tokenizer
+from tests.engine_fixtures import torch_threads
 
 
 # Stated tolerance (also in the benchmark's report): held-out perplexity within 2%
@@ -78,10 +79,8 @@ def _corpus(path: Path):
 @pytest.fixture
 def one_thread():
     # a model this small trains fastest on one thread, and oversubscribed cores (CI) hurt two
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def test_quality_on_sample_conversations_within_tolerance(one_thread, sample_conversations):

@@ -12,15 +12,14 @@ from chatcore import checkpoint
 from chatcore.cli import main
 from chatcore.model import GPT, GPTConfig
 from chatcore.training.starter import StarterConfig, build_starter, chitchat_exchanges
+from tests.engine_fixtures import torch_threads
 
 
 
 @pytest.fixture
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.mark.slow  # a whole fine-tune job

@@ -21,6 +21,7 @@ from chatcore.registry import Registry
 from chatcore.testing import make_bot
 from chatcore.training.job import RESUME_NAME, JobSpec, run_job
 from chatcore.training.scheduler import JobScheduler
+from tests.engine_fixtures import tiny_model, torch_threads
 
 SAMPLE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "sample_conversations.jsonl"
 SLOW = dict(max_iters=40, eval_interval=10, warmup_iters=2, batch_size=2, block_size=32,
@@ -29,15 +30,12 @@ SLOW = dict(max_iters=40, eval_interval=10, warmup_iters=2, batch_size=2, block_
 
 @pytest.fixture
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def tiny(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=32))
+    return tiny_model(seed, block_size=128)
 
 
 def jsonl(path: Path, lines: range) -> Path:

@@ -17,6 +17,7 @@ from chatcore.registry import Registry, serving_checkpoint
 from chatcore.training.gate import GateConfig, judge
 from chatcore.training.job import JobSpec, run_job
 from chatcore.training.train import TrainConfig, evaluate, get_lr, train
+from tests.engine_fixtures import tiny_model, torch_threads
 
 # Tiny and short: the 50257-token head dominates a tiny model's step, so few, small batches.
 FAST = dict(max_iters=30, eval_interval=10, warmup_iters=3, batch_size=4, block_size=64,
@@ -26,15 +27,12 @@ FAST = dict(max_iters=30, eval_interval=10, warmup_iters=3, batch_size=4, block_
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     # Two threads on a busy 2-core machine are slower than one; restore for other modules.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def tiny(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=32))
+    return tiny_model(seed, block_size=128)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from chatcore.training.data import build_dataset, load_jsonl
 from chatcore.training.job import JobSpec, load_model, run_job
 from chatcore.training.train import TrainConfig, evaluate, train
 from chatcore.weights import resolve_model
+from tests.engine_fixtures import tiny_model, torch_threads
 
 FAST = dict(max_iters=30, eval_interval=10, warmup_iters=3, batch_size=4, block_size=64,
             learning_rate=1e-2, min_lr=1e-3, method="lora", lora={"rank": 4, "alpha": 8})
@@ -24,15 +25,12 @@ FAST = dict(max_iters=30, eval_interval=10, warmup_iters=3, batch_size=4, block_
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def tiny(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=32)).eval()
+    return tiny_model(seed, block_size=128)
 
 
 @pytest.fixture(scope="module")

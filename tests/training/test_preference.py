@@ -16,6 +16,7 @@ from chatcore.training.data import TokenData
 from chatcore.training.gate import GateConfig, judge
 from chatcore.training.preference import (Labelled, Pair, PreferenceConfig, Preferences, dpo_loss, encode, kto_loss,
                                           preference_metrics, token_logps, train_preferences)
+from tests.engine_fixtures import tiny_model, torch_threads
 
 
 class CharTok:
@@ -35,15 +36,12 @@ TOK = CharTok()
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def tiny(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(block_size=64, vocab_size=96, n_layer=1, n_head=2, n_embd=32, dropout=0.0))
+    return tiny_model(seed, vocab_size=96, n_layer=1)
 
 
 def hand_logp(model: GPT, prompt: str, reply: str) -> float:

@@ -13,6 +13,7 @@ from chatcore.training import train as train_mod
 from chatcore.training.data import build_dataset, load_jsonl
 from chatcore.training.starter import StarterConfig, build_starter
 from chatcore.training.train import TrainConfig, get_lr, train
+from tests.engine_fixtures import torch_threads
 
 def slow_steps(monkeypatch, seconds: float) -> None:
     """Every training step waits `seconds` more, as on a machine other jobs are loading."""
@@ -27,10 +28,8 @@ def slow_steps(monkeypatch, seconds: float) -> None:
 
 @pytest.fixture
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def test_starter_finishes_within_its_budget_when_steps_slow_down(tmp_path, monkeypatch, one_thread,
