@@ -187,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.preference:
         write_jsonl(run_dir / "labels.jsonl", labels_for(train_rows, seed=1, negatives=args.label_negatives))
         pref_files.append(str(run_dir / "labels.jsonl"))
-    spec = JobSpec(models_dir=str(run_dir / "models"), base=str(base), jsonl=jsonl, train=parse_sets(args.set),
+    # Replay (training.replay) draws from the base's own corpus: the default source, the whole
+    # chitchat corpus, holds the evaluation and general-text conversations.
+    train_opts = {"replay_source": str(paths["corpus"]), **parse_sets(args.set)}
+    spec = JobSpec(models_dir=str(run_dir / "models"), base=str(base), jsonl=jsonl, train=train_opts,
                    gate={"general_text": str(paths["general"])}, preference_jsonl=pref_files,
                    preference={"enabled": args.preference, **parse_sets(args.pref_set)}, progress=False,
                    threads=args.threads)

@@ -160,6 +160,8 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
     if data.train_exchanges == 0 or data.val_exchanges == 0:
         raise ValueError(f"not enough data to fine-tune: {data.train_exchanges} training and "
                          f"{data.val_exchanges} validation exchange(s) after the guards ({data.guard_report})")
+    if train_cfg.replay > 0:  # general text on the training side only (the gate judges users' conversations)
+        add_replay(data, tok, train_cfg)
     if data.train_exchanges + data.val_exchanges < MIN_SENSIBLE:
         log.warning("fine-tuning on %d exchange(s), fewer than %d: the model will mostly overfit them; "
                     "training anyway", data.train_exchanges + data.val_exchanges, MIN_SENSIBLE)
@@ -242,6 +244,24 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
         announce_registry_change(spec.store, cand.name)  # every instance swaps now, not at its next poll
     log.info("%s: %s", result["status"], verdict.reason)
     return result
+
+
+def add_replay(data: Any, tok: Any, cfg: Any) -> None:
+    """Append `cfg.replay` x the training exchanges of general ones to `data.train` (none if the source is missing)."""
+    import torch
+
+    from .data import TokenData, tokenize
+    from .starter import general_exchanges
+
+    try:
+        extra = general_exchanges(round(cfg.replay * data.train_exchanges), cfg.seed, cfg.replay_source)
+    except (RuntimeError, OSError) as exc:
+        log.warning("training without replay: %s", exc)
+        return
+    more = tokenize(extra, tok, cfg.loss_on)
+    data.train = TokenData(torch.cat([data.train.tokens, more.tokens]), torch.cat([data.train.mask, more.mask]),
+                           data.train.documents + more.documents)
+    log.info("replay: %d general exchange(s) mixed into training", len(extra))
 
 
 def inherit_lineage(lineage: dict[str, Any], base_meta: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ checkpoint, building it first if needed. `build_starter` does the work and is wh
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -70,6 +71,23 @@ def chitchat_exchanges(limit: int | None = None) -> list[TrainingExchange]:
         if limit is not None and len(out) >= limit:
             break
     return out[:limit] if limit is not None else out
+
+
+@functools.lru_cache(maxsize=1)
+def _starter_corpus() -> list[TrainingExchange]:
+    """The whole chit-chat corpus, read once per process (reading it takes seconds)."""
+    return chitchat_exchanges()
+
+
+def general_exchanges(n: int, seed: int, source: str | Path | None = None) -> list[TrainingExchange]:
+    """`n` general exchanges for replay (`training.replay`): from `source` (seed-format JSONL) or the starter corpus."""
+    import random
+
+    pool = load_jsonl(source)[0] if source else _starter_corpus()
+    picked = random.Random(seed).sample(range(len(pool)), min(n, len(pool)))
+    # Their own conversation keys: replay never shares a split key or a guard with users' exchanges.
+    return [TrainingExchange(user=pool[i].user, assistant=pool[i].assistant, conversation=f"replay:{i}")
+            for i in sorted(picked)]
 
 
 def build_starter(out: str | Path, *, corpus: str | Path | None = None, cfg: StarterConfig | None = None,

@@ -51,9 +51,9 @@ def trained(dataset):
 
 def test_schedule_is_warmup_then_cosine_to_ten_percent():
     cfg = TrainConfig()
-    assert get_lr(0, cfg) < get_lr(50, cfg) < get_lr(99, cfg) <= 3e-4
-    assert get_lr(100, cfg) == pytest.approx(3e-4, rel=1e-3)
-    assert get_lr(999, cfg) == pytest.approx(3e-5, rel=1e-2)
+    assert get_lr(0, cfg) < get_lr(10, cfg) < get_lr(19, cfg) <= 1e-3
+    assert get_lr(20, cfg) == pytest.approx(1e-3, rel=1e-3)
+    assert get_lr(399, cfg) == pytest.approx(1e-4, rel=1e-2)
     with pytest.raises(ValueError, match="unknown training option"):
         TrainConfig.from_dict({"lr": 1e-3})
     with pytest.raises(ValueError, match="loss_on"):

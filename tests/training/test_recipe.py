@@ -1,0 +1,54 @@
+"""The default recipe's replay: general exchanges on the training side only, from a file or the starter corpus."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from chatcore.tokenizer import Tokenizer
+from chatcore.training.data import build_dataset, load_jsonl, tokenize
+from chatcore.training.job import add_replay
+from chatcore.training.options import TrainConfig
+from chatcore.training.starter import general_exchanges
+
+
+@pytest.fixture()
+def general_file(tmp_path):
+    path = tmp_path / "general.jsonl"
+    path.write_text("".join(json.dumps({"user": f"how was day {i}?", "assistant": f"day {i} was fine, thanks"}) + "\n"
+                            for i in range(40)), encoding="utf-8")
+    return path
+
+
+def test_replay_option_is_validated():
+    assert TrainConfig.from_dict({"replay": 0.5}).replay == 0.5
+    with pytest.raises(ValueError, match="replay"):
+        TrainConfig.from_dict({"replay": -1})
+
+
+def test_general_exchanges_are_a_deterministic_sample_with_their_own_conversations(general_file):
+    picked = general_exchanges(10, seed=3, source=general_file)
+    assert len(picked) == 10 and picked == general_exchanges(10, seed=3, source=general_file)
+    assert len({e.conversation for e in picked}) == 10 and all(e.conversation.startswith("replay:") for e in picked)
+    assert len(general_exchanges(100, seed=3, source=general_file)) == 40  # never more than the source has
+
+
+def test_replay_goes_to_the_training_side_only(sample_conversations, general_file):
+    tok = Tokenizer()
+    data = build_dataset(load_jsonl(sample_conversations)[0], tok)
+    train_before, val_before, lineage = len(data.train), data.val.tokens.clone(), dict(data.lineage)
+    cfg = TrainConfig.from_dict({"replay": 0.1, "replay_source": str(general_file)})
+    add_replay(data, tok, cfg)
+    extra = tokenize(general_exchanges(round(0.1 * data.train_exchanges), cfg.seed, general_file), tok)
+    assert len(data.train) == train_before + len(extra)
+    assert data.train.mask[train_before:].tolist() == extra.mask.tolist()  # reply tokens, like the rest
+    assert data.val.tokens.equal(val_before) and data.lineage == lineage  # the gate's data and the lineage unchanged
+
+
+def test_missing_replay_source_trains_without_replay(sample_conversations, tmp_path, caplog):
+    tok = Tokenizer()
+    data = build_dataset(load_jsonl(sample_conversations)[0], tok)
+    n = len(data.train)
+    add_replay(data, tok, TrainConfig.from_dict({"replay": 1.0, "replay_source": str(tmp_path / "missing.jsonl")}))
+    assert len(data.train) == n and "without replay" in caplog.text
