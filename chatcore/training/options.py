@@ -142,6 +142,7 @@ class PreferenceConfig:
     eval_interval: int = 10  # steps between drift checks
     desirable_weight: float = 1.0  # KTO's lambda_D
     undesirable_weight: float = 1.0  # KTO's lambda_U
+    sft_weight: float = 0.0  # weight of the preferred replies' own NLL per token (RPO-style), against forgetting
     block_size: int = 128
     grad_clip: float = 1.0
     seed: int = 1337

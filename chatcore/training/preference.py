@@ -253,6 +253,14 @@ def kto_loss(policy: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, kl: 
     return loss.mean()
 
 
+def chosen_nll(logp: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood per token of the preferred replies (summed log-probs and token counts).
+
+    Added to DPO/KTO with `sft_weight` (as RPO does): the preference losses alone can lower the
+    likelihood of both replies, the preferred one too, and the model forgets how to talk."""
+    return -logp.sum() / count.sum().clamp(min=1)
+
+
 # --- the stage ----------------------------------------------------------------------
 
 
@@ -319,20 +327,24 @@ def train_preferences(model: nn.Module, tok: TokenizerLike, prefs: Preferences, 
             ix = torch.randint(len(singles), (min(cfg.batch_size, len(singles)),), generator=gen).tolist()
             items = [singles[i][0] for i in ix]
             labels = torch.tensor([singles[i][1] for i in ix])
-            pol, _, _ = token_logps(model, items)
+            pol, count, _ = token_logps(model, items)
             with torch.no_grad():
                 ref, _, _ = token_logps(reference, items)
                 mis = [mismatched[i] for i in ix]
                 kl = (token_logps(model, mis)[0] - token_logps(reference, mis)[0]).mean()
             loss = loss + kto_loss(pol, ref, labels, kl, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
+            if cfg.sft_weight and bool((labels > 0).any()):
+                loss = loss + cfg.sft_weight * chosen_nll(pol[labels > 0], count[labels > 0])
         if pairs:
             ix = torch.randint(len(pairs), (min(cfg.batch_size, len(pairs)),), generator=gen).tolist()
             items = [pairs[i][0] for i in ix] + [pairs[i][1] for i in ix]
-            pol, _, _ = token_logps(model, items)
+            pol, count, _ = token_logps(model, items)
             with torch.no_grad():
                 ref, _, _ = token_logps(reference, items)
             k = len(ix)
             loss = loss + dpo_loss(pol[:k], pol[k:], ref[:k], ref[k:], cfg.beta)
+            if cfg.sft_weight:
+                loss = loss + cfg.sft_weight * chosen_nll(pol[:k], count[:k])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:

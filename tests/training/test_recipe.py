@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from chatcore.tokenizer import Tokenizer
 from chatcore.training.data import build_dataset, load_jsonl, tokenize
@@ -52,3 +53,21 @@ def test_missing_replay_source_trains_without_replay(sample_conversations, tmp_p
     n = len(data.train)
     add_replay(data, tok, TrainConfig.from_dict({"replay": 1.0, "replay_source": str(tmp_path / "missing.jsonl")}))
     assert len(data.train) == n and "without replay" in caplog.text
+
+
+def test_sft_weight_keeps_the_preferred_replies_likely_while_learning_the_preference():
+    from chatcore.training.options import PreferenceConfig
+    from chatcore.training.preference import chosen_nll, preference_metrics, scores, train_preferences
+    from tests.training.test_preference import CFG, TOK, synthetic, tiny
+
+    assert chosen_nll(torch.tensor([-2.0, -6.0]), torch.tensor([1, 3])).item() == pytest.approx(2.0)  # 8 nats / 4 tokens
+    train_set, held = synthetic(40, seed=1), synthetic(20, seed=2)
+    good = [(p.prompt, p.chosen) for p in held.pairs] + [(e.prompt, e.reply) for e in held.labelled if e.label > 0]
+    likelihood, accuracy = {}, {}
+    for w in (0.0, 1.0):
+        model = tiny(2)
+        train_preferences(model, TOK, train_set, PreferenceConfig(**{**CFG, "sft_weight": w}))
+        likelihood[w] = sum(scores(model, TOK, good, 64)) / len(good)
+        accuracy[w] = preference_metrics(model, TOK, held, 64)["accuracy"]
+    assert likelihood[1.0] > likelihood[0.0] + 0.5  # nats per token
+    assert accuracy[1.0] > 0.9
