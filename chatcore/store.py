@@ -854,9 +854,9 @@ class Store:
     def excluded_users(self) -> dict[str, float]:
         """Users training must leave out now (forgotten or opted out, /learn off) and since when."""
         with self._translated() as db:
-            rows = db.execute(
+            rows = db.execute(  # the subquery's alias: PostgreSQL before 16 refuses one without
                 "SELECT user_key, MIN(at) FROM (SELECT user_key, at FROM opted_out UNION ALL "
-                "SELECT user_key, at FROM consent WHERE state = 'no') GROUP BY user_key").fetchall()
+                "SELECT user_key, at FROM consent WHERE state = 'no') AS gone GROUP BY user_key").fetchall()
         return dict(rows)
 
     def forgotten(self) -> dict[str, float]:

@@ -1,0 +1,176 @@
+"""Two `chatcore run` instances on one PostgreSQL and one shared models folder (issue 13, "Done when").
+
+32 concurrent OpenAI clients (the real `openai` package, half of them streaming) spread over both
+instances; auto fine-tuning crosses its threshold while they talk. Checked: every answered
+exchange is stored exactly once (rows counted in PostgreSQL), exactly one fine-tune job starts,
+both instances serve the promoted model afterwards, and no request fails: each one is answered
+or refused with the explicit busy answer (503 ``busy`` or 429, which clients retry), during the
+swap too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatcore import checkpoint
+from chatcore.model import GPT, GPTConfig
+from tests.instances import finetune_jobs, free_port, instance_config, seed_history, start_instances, stored_replies
+
+API_KEY = "two-instances-test-key"
+CLIENTS = 32
+EVERY = 40  # new exchanges per fine-tune: crossed within the first seconds of traffic
+PREFIX = "[2i "  # every user text the clients send starts with it; nothing else in the history does
+
+
+@dataclass
+class Request:
+    client: int
+    instance: str
+    text: str
+    outcome: str  # answered | busy | error
+    reply: str = ""
+    model: str = ""
+    detail: str = ""
+    done_at: float = 0.0
+
+
+async def talk(i: int, instance, lines: list[str], stop: asyncio.Event, out: list[Request]) -> None:
+    """One client: messages back to back on its own conversation until `stop`; busy answers wait and go on."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{instance.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    stream = i % 2 == 1
+    j = 0
+    try:
+        while not stop.is_set():
+            text = f"{PREFIX}{i}.{j}] {lines[(i * 31 + j) % len(lines)]}"
+            j += 1
+            req = Request(i, instance.name, text, "answered")
+            kwargs = dict(model="chatcore", user=f"client{i}", messages=[{"role": "user", "content": text}])
+            try:
+                if stream:
+                    parts = []
+                    async for chunk in await client.chat.completions.create(stream=True, **kwargs):
+                        req.model = chunk.model
+                        parts += [c.delta.content or "" for c in chunk.choices]
+                    req.reply = "".join(parts)
+                else:
+                    completion = await client.chat.completions.create(**kwargs)
+                    req.reply, req.model = completion.choices[0].message.content or "", completion.model
+            except openai.APIStatusError as exc:
+                busy = exc.status_code == 429 or (exc.status_code == 503 and "busy" in str(exc.body))
+                req.outcome, req.detail = ("busy" if busy else "error"), f"HTTP {exc.status_code}: {exc.body}"
+            except Exception as exc:  # a dropped connection, a broken stream: all errors
+                req.outcome, req.detail = "error", f"{type(exc).__name__}: {exc}"
+            req.done_at = time.monotonic()
+            out.append(req)
+            await asyncio.sleep(0.5 if req.outcome == "busy" else 0.05)  # leave the trainer some CPU
+    finally:
+        await client.close()
+
+
+async def wait_for(what: str, check, deadline: float, instances) -> object:
+    while not (found := await asyncio.to_thread(check)):
+        if time.monotonic() > deadline:
+            logs = "\n".join(f"--- {i.name}\n{i.log()[-2500:]}" for i in instances)
+            raise AssertionError(f"timed out waiting for {what}\n{logs}")
+        for inst in instances:
+            assert inst.proc.poll() is None, f"{inst.name} exited:\n{inst.log()[-3000:]}"
+        await asyncio.sleep(0.25)
+    return found
+
+
+@pytest.mark.slow  # two bot processes, 32 clients and a fine-tune worker: about a minute
+async def test_two_instances_store_once_train_once_and_both_swap_without_dropping(pg_cluster, tmp_path,
+                                                                                 sample_conversations):
+    pytest.importorskip("openai")
+    url = pg_cluster.new_database()  # empty: both instances create the schema at once
+    shared = tmp_path / "shared"  # the volume both instances mount as bot.data_dir: one models/ folder
+    torch.manual_seed(0)
+    base = checkpoint.save(GPT(GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=32)), tmp_path / "base",
+                           base_model="random-test")
+    configs = [instance_config(name=f"inst{n}", data_dir=shared, history_url=url, port=free_port(),
+                               api_key=API_KEY, checkpoint=base, every=EVERY) for n in range(2)]
+    instances = await asyncio.to_thread(start_instances, configs, tmp_path)
+    codes = []
+    try:
+        seed_history(url, sample_conversations)  # what the fine-tune learns from besides the clients' talk
+        old = {inst.name: inst.health()["model"] for inst in instances}
+        lines = [json.loads(ln)["user"][:120] for ln in sample_conversations.read_text(encoding="utf-8").splitlines()
+                 if ln.strip()]
+        stop, records = asyncio.Event(), []
+        clients = [asyncio.create_task(talk(i, instances[i % 2], lines, stop, records)) for i in range(CLIENTS)]
+        models = shared / "models"
+        deadline = time.monotonic() + 240
+        try:
+            await wait_for("a fine-tune job to start", lambda: (models / "jobs").is_dir() and any((models / "jobs").iterdir()),
+                           deadline, instances)
+            history = await wait_for("the gate's verdict", lambda: (h := finetune_jobs(url, models))["marks"] and h,
+                                     deadline, instances)
+            assert history["serving"], f"the candidate was not promoted: {history}"
+            promoted = Path(history["serving"]).stem
+
+            def both_serve_it():
+                return all((h := inst.health()) and h["model"].startswith(promoted) for inst in instances)
+
+            await wait_for("both instances to serve the promoted model", both_serve_it, deadline, instances)
+            swapped = time.monotonic()
+            # keep talking until each instance has answered with the new model, after both swapped
+            await wait_for("answers from the promoted model on both instances", lambda: all(
+                any(r.instance == inst.name and r.done_at > swapped and r.model.startswith(promoted)
+                    for r in list(records)) for inst in instances), deadline, instances)
+        finally:
+            stop.set()
+            await asyncio.gather(*clients)
+        history = finetune_jobs(url, models)
+        stored = stored_replies(url, PREFIX)
+    finally:
+        codes = [await asyncio.to_thread(inst.stop) for inst in instances]
+    logs = {inst.name: inst.log() for inst in instances}
+
+    errors = [r for r in records if r.outcome == "error"]
+    assert not errors, f"{len(errors)} failed requests, e.g. {[(r.instance, r.detail) for r in errors[:5]]}"
+    answered = [r for r in records if r.outcome == "answered"]
+    busy = [r for r in records if r.outcome == "busy"]
+    assert len(answered) + len(busy) == len(records) and len(answered) > EVERY
+    assert {r.instance for r in answered} == {"inst0", "inst1"}
+
+    # every answered exchange stored exactly once, with the reply the client got; refused ones never
+    logged = [r for r in answered if r.reply.strip()]  # an empty reply is answered and, by design, not logged
+    wrong = [(r.text, r.reply, stored.get(r.text)) for r in logged if stored.get(r.text) != [r.reply.strip()]]
+    assert not wrong, f"{len(wrong)} answered exchanges not stored exactly once, e.g. {wrong[:3]}"
+    assert sum(len(v) for v in stored.values()) == len(logged)
+    assert not [r.text for r in busy if r.text in stored]
+
+    # exactly one job, across both instances: one job folder, one fine-tune mark, one promotion
+    assert len(history["jobs"]) == 1 and history["marks"] == [history["serving"]] == history["promoted"], history
+    started = {name: len(re.findall(r"fine-tune job \S+ started", log)) for name, log in logs.items()}
+    assert sum(started.values()) == 1, started
+
+    # both served the base first and the promoted model last
+    assert all(not m.startswith(promoted) for m in old.values()), old
+    for inst in instances:
+        last = max((r for r in answered if r.instance == inst.name), key=lambda r: r.done_at)
+        assert last.model.startswith(promoted), (inst.name, last.model)
+    assert codes == [0, 0], {name: log[-2000:] for name, log in logs.items()}
+
+
+def test_users_left_out_of_training_are_read_on_both_backends(history_url):
+    # A fine-tune job's spec asks the store who to leave out; PostgreSQL (before 16) refused the query.
+    from chatcore.message import Message
+    from chatcore.store import Store
+
+    with Store(history_url) as store:
+        store.log_exchange(Message(text="hi", adapter="http", channel="c", user="ann", is_direct=True), "hello",
+                           model_id="m", params=None)
+        store.set_consent("http:ann", "no")
+        store.opt_out("http:bob")
+        assert set(store.excluded_users()) == {"http:ann", "http:bob"}
