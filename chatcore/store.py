@@ -398,7 +398,10 @@ class Store:
     def _version(self, db) -> int:
         if self.backend == "sqlite":
             return db.execute("PRAGMA user_version").fetchone()[0]
-        if db.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
+        # A query on the catalog, not to_regclass: a session that looked before another instance created the
+        # table and then waited for the write lock would still find it missing in its catalog cache.
+        if not db.execute("SELECT COUNT(*) FROM pg_catalog.pg_tables WHERE schemaname = current_schema() "
+                          "AND tablename = 'schema_version'").fetchone()[0]:
             return 0
         return db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
 

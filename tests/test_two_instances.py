@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import psycopg
 import torch
 
 from chatcore import checkpoint
@@ -174,3 +175,43 @@ def test_users_left_out_of_training_are_read_on_both_backends(history_url):
         store.set_consent("http:ann", "no")
         store.opt_out("http:bob")
         assert set(store.excluded_users()) == {"http:ann", "http:bob"}
+
+
+def test_instances_starting_together_on_an_empty_postgresql_migrate_it_once(pg_cluster):
+    # The second instance looked for the schema before the first created it, then waited on the write lock:
+    # PostgreSQL's catalog cache still said "no schema_version" and it ran migration 1 again ("already exists").
+    import threading
+
+    from chatcore import postgres
+    from chatcore.store import MIGRATIONS, SCHEMA_VERSION, Store
+
+    url = pg_cluster.new_database()
+    first = postgres.connect(url, timeout=30)
+    first.execute("BEGIN IMMEDIATE")  # the first instance migrates, holding the write lock
+    opened: list = []
+    second = threading.Thread(target=lambda: opened.append(_open(Store, url)))
+    second.start()
+    with psycopg.connect(url, autocommit=True) as admin:  # until the second one waits for the lock
+        for _ in range(200):
+            if admin.execute("SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").fetchone()[0]:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the second instance never waited for the write lock")
+    for statements in MIGRATIONS:
+        for statement in statements:
+            first.execute(statement)
+    first.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    first.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+    first.execute("COMMIT")
+    first.close()
+    second.join(60)
+    assert opened and not isinstance(opened[0], Exception), opened
+    opened[0].close()
+
+
+def _open(store_class, url):
+    try:
+        return store_class(url, timeout=30)
+    except Exception as exc:  # returned, asserted by the caller
+        return exc
