@@ -198,7 +198,11 @@ def _source(engine: Any) -> str | None:
 @hookimpl
 async def startup(bot):
     """Remove what crashed fine-tunes left behind (temporary files, orphan candidates)."""
-    await asyncio.to_thread(state_of(bot).scheduler.clean)
+    scheduler = state_of(bot).scheduler
+    # A job running on another instance holds only the database lock where the shared folder's file locks
+    # do not reach across machines (busy() asks both): its files are no leftovers.
+    if not await asyncio.to_thread(scheduler.busy):
+        await asyncio.to_thread(scheduler.clean)
 
 
 @hookimpl
