@@ -242,3 +242,37 @@ async def test_an_instance_starting_while_another_trains_leaves_the_jobs_files_a
     finally:
         held.close()
         await bot.close()
+
+
+async def test_an_announced_change_is_read_even_when_the_registry_file_looks_unchanged(pg_cluster, tmp_path):
+    # On NFS a file's cached attributes can hide another machine's write for up to a minute; the NOTIFY
+    # says it happened, so the instance reads registry.json (opening a file revalidates it) at once.
+    from chatcore.postgres import announce_registry_change
+    from chatcore.testing import make_bot
+
+    url = pg_cluster.new_database()
+    bot = make_bot(tmp_path, config={"history": {"url": url}})
+    bot.registry_poll_s = 3600  # only a NOTIFY can make it look before the test ends
+    read = asyncio.Event()
+
+    class StaleWatch:
+        def changed(self):
+            return False  # the attributes the client cached
+
+        def engine_if_needed(self, current):
+            read.set()
+            return None
+
+    bot.registry_watch = StaleWatch()
+    follower = asyncio.create_task(bot.follow_registry())
+    try:
+        for _ in range(100):  # until the listener is subscribed
+            if bot._registry_listener is not None and bot._registry_listener.listening.is_set():
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(announce_registry_change, url, "finetuned_x")
+        await asyncio.wait_for(read.wait(), 10)
+    finally:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+        await bot.close()
