@@ -276,3 +276,31 @@ async def test_an_announced_change_is_read_even_when_the_registry_file_looks_unc
         follower.cancel()
         await asyncio.gather(follower, return_exceptions=True)
         await bot.close()
+
+
+async def test_a_rollback_or_promotion_on_the_dashboard_is_announced_to_the_other_instances(pg_cluster, tmp_path):
+    import threading
+
+    from chatcore.dashboard import Dashboard
+    from chatcore.postgres import REGISTRY_CHANNEL, Listener
+    from chatcore.testing import make_bot
+
+    from .dashboard_fixtures import PASSWORD, fill_models
+
+    url = pg_cluster.new_database()
+    bot = make_bot(tmp_path, config={"history": {"url": url}, "dashboard": {
+        "enabled": True, "port": 0, "admins": {"alice": "${DASH_PW}"}}}, environ={"DASH_PW": PASSWORD})
+    fill_models(tmp_path / "models")
+    heard, got = [], threading.Event()
+    other = Listener(url, REGISTRY_CHANNEL, lambda payload: (heard.append(payload), got.set()))  # another instance
+    try:
+        assert await asyncio.to_thread(other.listening.wait, 10)
+        server = Dashboard(bot, bot.config["dashboard"])
+        await server.do_rollback({"confirm": True})
+        assert await asyncio.to_thread(got.wait, 10), "the rollback was not announced"
+        got.clear()
+        await server.do_promote({"confirm": True, "name": "finetuned_20260101_000001.safetensors"})
+        assert await asyncio.to_thread(got.wait, 10), "the promotion was not announced"
+    finally:
+        await asyncio.to_thread(other.close)
+        await bot.close()
