@@ -305,6 +305,7 @@ def run_instances(args: argparse.Namespace, lines: list[str]) -> tuple[dict, lis
         total=summary(records, wall),
         per_instance={inst.name: summary([r for r in records if r.instance == inst.name], wall) for inst in instances},
         answered_exchanges_logged=len(logged),
+        empty_replies=sum(r.outcome == "answered" and not r.reply.strip() for r in records),
         stored_once=sum(stored.get(r.text) == [r.reply.strip()] for r in logged),
         missing=sum(r.text not in stored for r in logged),
         duplicated=sum(len(stored.get(r.text, [])) > 1 for r in logged),
@@ -339,7 +340,8 @@ def print_instances(result: dict, records: list[Record]) -> None:
         print(line(name, s))
     print(line("total", r["total"]))
     print(f"  history: {r['stored_once']} of {r['answered_exchanges_logged']} answered exchanges stored exactly once "
-          f"(missing {r['missing']}, duplicated {r['duplicated']}, refused but stored {r['stored_for_refused']})")
+          f"(missing {r['missing']}, duplicated {r['duplicated']}, refused but stored {r['stored_for_refused']}; "
+          f"{r['empty_replies']} empty replies, not logged by design)")
     if r["finetune_every"]:
         print(f"  fine-tune every {r['finetune_every']}: {r['finetune_jobs_started']} job(s) started "
               f"({r['finetune_started_in_logs']} in the instances' logs), promoted {r['promoted'] or 'none'}, "
