@@ -34,6 +34,11 @@ user's ``consent`` when it was said, and whether it was ``trainable`` then;
 ``consent`` holds each user's /learn answer, ``users`` when a user was first
 seen (the quarantine guard), ``forgotten`` who ran /forget and when (lineage).
 
+Schema 5 (several instances on one history, see docs/deployment.md): ``rate_events``
+and ``rate_notices`` hold the per-sender rate limit, ``deliveries`` the platform event
+ids already answered (Slack retries), so both hold across processes. Their rows say
+when they expire and are pruned by the next call of any instance.
+
 Every method is thread-safe (one connection behind a lock). Async code calls them
 through `Store.run`, on the store's own thread, so a database locked by another
 process (an import, the trainer, an sqlite3 shell) delays the exchange, up to
@@ -171,6 +176,25 @@ MIGRATIONS: list[tuple[str, ...]] = [
             at REAL NOT NULL
         )""",
         "CREATE INDEX retries_by_original ON retries (retry_of)",
+    ),
+    # 5: what several instances on one history share (new tables only): each row carries when it
+    # expires, so pruning needs no config and any instance may do it.
+    (
+        # one row per message a sender got through, for the sliding-window rate limit
+        "CREATE TABLE rate_events (limit_key TEXT NOT NULL, expires REAL NOT NULL)",
+        "CREATE INDEX rate_events_by_key ON rate_events (limit_key, expires)",
+        "CREATE INDEX rate_events_by_expiry ON rate_events (expires)",
+        # a sender already told to slow down, until their window frees a slot
+        "CREATE TABLE rate_notices (limit_key TEXT PRIMARY KEY, expires REAL NOT NULL)",
+        "CREATE INDEX rate_notices_by_expiry ON rate_notices (expires)",
+        # platform event ids already taken by an instance (Slack retries carry the same event_id)
+        """CREATE TABLE deliveries (
+            source TEXT NOT NULL,
+            event_id TEXT NOT NULL,
+            expires REAL NOT NULL,
+            PRIMARY KEY (source, event_id)
+        )""",
+        "CREATE INDEX deliveries_by_expiry ON deliveries (expires)",
     ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -924,6 +948,40 @@ class Store:
                 "DELETE FROM conversations WHERE started_at < ? AND NOT EXISTS "
                 "(SELECT 1 FROM exchanges e WHERE e.conversation_id = conversations.id)", (cutoff,)).rowcount
         return {"exchanges": exchanges, "conversations": conversations}
+
+    # --- what several instances share (rate limits, delivery de-duplication) ----------------
+
+    def rate_limit(self, limit_key: str, messages: int, seconds: float,
+                   now: float | None = None) -> tuple[float, bool] | None:
+        """Count a message from `limit_key` against `messages` per sliding `seconds`, across every process on this store.
+
+        None: it may go (and now counts). Else (seconds until a slot frees, whether to tell the
+        sender): told once per window, silent after. One short write transaction, indexed.
+        """
+        now = time.time() if now is None else float(now)
+        with self._write() as db:
+            # Expired rows of every sender go here: an index range, each row deleted once.
+            db.execute("DELETE FROM rate_events WHERE expires <= ?", (now,))
+            db.execute("DELETE FROM rate_notices WHERE expires <= ?", (now,))
+            count, first_free = db.execute("SELECT COUNT(*), MIN(expires) FROM rate_events WHERE limit_key = ?",
+                                           (limit_key,)).fetchone()
+            if count < messages:
+                db.execute("INSERT INTO rate_events (limit_key, expires) VALUES (?, ?)", (limit_key, now + seconds))
+                return None
+            if db.execute("SELECT 1 FROM rate_notices WHERE limit_key = ?", (limit_key,)).fetchone():
+                return first_free - now, False
+            db.execute("INSERT INTO rate_notices (limit_key, expires) VALUES (?, ?)", (limit_key, first_free))
+            return first_free - now, True
+
+    def first_delivery(self, source: str, event_id: str, *, keep_s: float = 3600.0,
+                       now: float | None = None) -> bool:
+        """True the first time (source, event_id) is seen by any process on this store within `keep_s`; False for a repeat."""
+        now = time.time() if now is None else float(now)
+        with self._write() as db:
+            db.execute("DELETE FROM deliveries WHERE expires <= ?", (now,))
+            inserted = db.execute("INSERT OR IGNORE INTO deliveries (source, event_id, expires) VALUES (?, ?, ?)",
+                                  (source, str(event_id), now + keep_s)).rowcount
+        return inserted == 1
 
     # --- fine-tune counter -----------------------------------------------------------------
 
