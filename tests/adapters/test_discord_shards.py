@@ -72,3 +72,16 @@ async def test_bad_shard_settings_are_clear_errors_naming_the_key(tmp_path, sett
         assert str(info.value).startswith(f"adapters.discord.{key}: ")
     finally:
         await bot.close()
+
+
+async def test_shard_ids_from_an_environment_variable(tmp_path):
+    from chatcore.testing import make_bot
+
+    bot = make_bot(tmp_path, config="adapters:\n  discord:\n    enabled: true\n    token: t\n"
+                                    "    shard_count: ${SHARDS}\n    shard_ids: ${MY_SHARDS}\n",
+                   environ={"SHARDS": "4", "MY_SHARDS": "3, 1"})
+    try:
+        client = bot.enabled_adapters(["discord"])[0].client
+        assert (client.shard_ids, client.shard_count) == ([1, 3], 4)
+    finally:
+        await bot.close()
