@@ -37,7 +37,7 @@ seen (the quarantine guard), ``forgotten`` who ran /forget and when (lineage).
 Schema 5 (several instances on one history, see docs/deployment.md): ``rate_events``
 and ``rate_notices`` hold the per-sender rate limit, ``deliveries`` the platform event
 ids already answered (Slack retries), so both hold across processes. Their rows say
-when they expire and are pruned by the next call of any instance.
+when they expire: an expired row stops counting at once, and later calls delete it.
 
 Every method is thread-safe (one connection behind a lock). Async code calls them
 through `Store.run`, on the store's own thread, so a database locked by another

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from .conftest import Running, build_bot
+from .conftest import Running, build_bot, eventually
 
 ALICE = "UALICE001"
 
@@ -42,3 +42,36 @@ async def test_an_event_delivered_to_two_instances_gets_one_reply_and_one_exchan
         assert sum(len(b.engine.prompts) for b in bots) == 2  # the duplicate never reached a model
     finally:
         await running.stop_all()
+
+
+async def test_socket_mode_instances_answer_a_redelivered_event_once(tmp_path: Path, fake_slack, history_url):
+    # Slack spreads an app's events over all its Socket Mode connections; a retry may reach another one.
+    from .fake_slack import FakeSlack
+
+    other = await FakeSlack().start()  # the second instance's connection (its own posts list)
+    running = Running()
+    try:
+        bots = []
+        for name, fake in (("a", fake_slack), ("b", other)):
+            settings = {"mode": "socket", "bot_token": fake.bot_token, "app_token": fake.app_token,
+                        "api_url": fake.api_url}
+            bot = build_bot(tmp_path / name, "slack", settings, config={"history": {"url": store_url(history_url)}})
+            adapter = bot.enabled_adapters(["slack"])[0]
+
+            async def ready(adapter=adapter, fake=fake) -> None:
+                await adapter.ready.wait()
+                await fake.socket_connected.wait()
+
+            await running.start(bot, adapter, ready)
+            bots.append(bot)
+        body = fake_slack.event_body(fake_slack.mention("just once", ALICE))
+        envelopes = await asyncio.gather(fake_slack.push(body), other.push(body, retry_attempt=1))
+        await fake_slack.wait_ack(envelopes[0])
+        await other.wait_ack(envelopes[1])
+        await eventually(lambda: fake_slack.posts() or other.posts())
+        await asyncio.sleep(0.1)  # time for a second answer, were there one
+        assert [p["text"] for p in fake_slack.posts() + other.posts()] == ["You said: just once"]
+        assert [e.user_text for e in bots[0].store.exchanges()] == ["just once"]
+    finally:
+        await running.stop_all()
+        await other.close()
