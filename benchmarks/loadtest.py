@@ -309,6 +309,7 @@ def run_instances(args: argparse.Namespace, lines: list[str]) -> tuple[dict, lis
         stored_once=sum(stored.get(r.text) == [r.reply.strip()] for r in logged),
         missing=sum(r.text not in stored for r in logged),
         duplicated=sum(len(stored.get(r.text, [])) > 1 for r in logged),
+        different=sum(len(stored.get(r.text, [])) == 1 and stored[r.text] != [r.reply.strip()] for r in logged),
         stored_for_refused=sum(r.text in stored for r in records if r.outcome != "answered"),
         finetune_every=args.finetune_every,
         finetune_jobs_started=len(jobs["jobs"]),
@@ -317,6 +318,7 @@ def run_instances(args: argparse.Namespace, lines: list[str]) -> tuple[dict, lis
         final_models=finals, exit_codes=codes,
         load_average=round(os.getloadavg()[0], 1),
     )
+    result["mismatches"] = [(r, stored.get(r.text)) for r in logged if stored.get(r.text) != [r.reply.strip()]]
     return result, records
 
 
@@ -326,7 +328,7 @@ def _redact(url: str) -> str:
     return redact(url)
 
 
-def print_instances(result: dict, records: list[Record]) -> None:
+def print_instances(result: dict, records: list[Record], mismatches: list) -> None:
     def line(name: str, s: dict) -> str:
         lat = (f"; latency p50 {s['p50_s']:.2f} s, p95 {s['p95_s']:.2f} s" if s["p50_s"] is not None else "")
         return (f"  {name}: requests {s['requests']}, answered {s['answered']} ({s['answered_per_s']}/s), "
@@ -340,7 +342,8 @@ def print_instances(result: dict, records: list[Record]) -> None:
         print(line(name, s))
     print(line("total", r["total"]))
     print(f"  history: {r['stored_once']} of {r['answered_exchanges_logged']} answered exchanges stored exactly once "
-          f"(missing {r['missing']}, duplicated {r['duplicated']}, refused but stored {r['stored_for_refused']}; "
+          f"(missing {r['missing']}, duplicated {r['duplicated']}, another reply {r['different']}, "
+          f"refused but stored {r['stored_for_refused']}; "
           f"{r['empty_replies']} empty replies, not logged by design)")
     if r["finetune_every"]:
         print(f"  fine-tune every {r['finetune_every']}: {r['finetune_jobs_started']} job(s) started "
@@ -349,6 +352,8 @@ def print_instances(result: dict, records: list[Record]) -> None:
     print(f"  final models: {r['final_models']}; exit codes {r['exit_codes']}")
     for rec in [x for x in records if x.outcome == "error"][:5]:
         print(f"  error: {rec.instance} client {rec.client} {rec.endpoint}: {rec.detail}", file=sys.stderr)
+    for rec, rows in mismatches[:5]:
+        print(f"  not stored once as answered: {rec.text!r} -> {rec.reply!r}, stored {rows!r}", file=sys.stderr)
 
 
 def main() -> None:
@@ -379,11 +384,12 @@ def main() -> None:
     lines = [c["user"][:200] for c in conversations()]
     if args.history:
         result, records = run_instances(args, lines)
+        mismatches = result.pop("mismatches")
         if args.json:
             print(json.dumps(result, default=str))
         else:
-            print_instances(result, records)
-        bad = (result["total"]["errors"] or result["missing"] or result["duplicated"] or result["stored_for_refused"]
+            print_instances(result, records, mismatches)
+        bad = (result["total"]["errors"] or mismatches or result["stored_for_refused"]
                or not result["total"]["answered"] or (args.finetune_every and result["finetune_jobs_started"] != 1))
         sys.exit(1 if bad else 0)
 

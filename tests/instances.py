@@ -139,12 +139,14 @@ def stored_replies(history_url: str, prefix: str) -> dict[str, list[str]]:
     """user text -> the reply of every row storing it, for user texts starting with `prefix` (read in SQL)."""
     import psycopg
 
+    from chatcore.postgres import decode_text  # the store escapes NUL, which a sampled reply may hold
+
     with psycopg.connect(history_url) as conn:
         rows = conn.execute("SELECT user_text, reply_text FROM exchanges WHERE user_text LIKE %s",
                             (prefix.replace("%", r"\%").replace("_", r"\_") + "%",)).fetchall()
     out: dict[str, list[str]] = {}
     for text, reply in rows:
-        out.setdefault(text, []).append(reply)
+        out.setdefault(decode_text(text), []).append(decode_text(reply))
     return out
 
 
