@@ -332,6 +332,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     print(f"{args.file}: OK (adapters enabled: {', '.join(enabled) or 'none'})")
     for line in check_config(config):
         print(line)
+    if config["model"]["remote"]:
+        from .remote import front_end_note
+
+        print(f"model: {front_end_note(config)}")
     print(yaml.safe_dump(config.redacted(), sort_keys=False), end="")
     return EXIT_OK
 

@@ -77,6 +77,12 @@ CORE_SCHEMA: Schema = {
                           help="auto: int8 weights on a CPU (faster decoding, <1% perplexity cost), none elsewhere; int8; none."),
         "download": Field(bool, True, help="Download GPT-2 from the Hugging Face hub when it is not cached."),
         "starter": Field(bool, True, help="Train and use the small offline starter model when no GPT-2 is available."),
+        "remote": Field(str, None, help="Another chatcore's OpenAI-compatible API, e.g. http://gpu-box:8080/v1: this "
+                                        "instance becomes a front end that loads no weights (chatcore/remote.py)."),
+        "remote_api_key": Field(str, None, secret=True,
+                                help="The serving box's adapters.http.api_key: ${CHATCORE_REMOTE_KEY}."),
+        "remote_timeout_s": Field((int, float), 60, help="A remote silent this long (connecting, or between "
+                                                         "tokens) gets the user the busy answer."),
     },
     "generation": {
         "temperature": Field((int, float), 0.8, help="0 is greedy; higher is more varied."),

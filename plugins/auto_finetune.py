@@ -211,6 +211,8 @@ def shutdown(bot):
 
 @hookimpl
 async def exchange_logged(bot, exchange):
+    if bot.config.get("model.remote"):
+        return  # a front end has no weights: the serving box fine-tunes (chatcore.remote.front_end_note)
     st = state_of(bot)
     if not st.cfg.get("enabled", True) or st.running:
         return
@@ -262,6 +264,10 @@ async def user_forgotten(bot, user_key, deleted):
 async def start_job(bot: Any, scope: Any = None) -> Job:
     """Start a fine-tune job now (the bot-wide model, or a scope's adapter); its result is handled
     in the background. Raises JobBusy."""
+    if bot.config.get("model.remote"):
+        from chatcore.remote import front_end_note
+
+        raise RuntimeError(front_end_note(bot.config))
     st = state_of(bot)
     if st.running:
         raise JobBusy("a fine-tune job is already running")
