@@ -219,3 +219,29 @@ async def test_config_check_explains_a_front_end(tmp_path, capsys, monkeypatch):
     assert cli.main(["config", "check", str(path)]) == 0
     out = capsys.readouterr().out
     assert "front end of http://gpu-box:8080/v1" in out and "serving box fine-tunes" in out and KEY not in out
+
+
+def test_the_remote_api_key_comes_from_the_environment_only():
+    from chatcore.config import ConfigError
+
+    schema = make_plugin_manager().schema()
+    with pytest.raises(ConfigError, match="model.remote_api_key: must come from the environment") as caught:
+        parse_config(f"model:\n  remote: http://127.0.0.1:1/v1\n  remote_api_key: {KEY}\n", schema, environ={})
+    assert KEY not in str(caught.value)
+    config = parse_config("model:\n  remote_api_key: ${CHATCORE_REMOTE_KEY}\n", schema, environ=ENV)
+    assert config["model"]["remote_api_key"] == KEY and config.redacted()["model"]["remote_api_key"] == "***"
+
+
+async def test_a_front_end_never_loads_or_trains_weights(instance, tmp_path, tiny_checkpoint):
+    from chatcore.plugins.auto_finetune import start_job
+    from chatcore.registry import Registry
+
+    front, _ = await instance("front", remote=f"http://127.0.0.1:{free_port()}/v1")
+    # a promotion in its models folder (shared with the box, say) is the box's to load, not the front end's
+    promoted = checkpoint.save(tiny_model(4), tmp_path / "front" / "models" / "finetuned_20260101_000000")
+    Registry(tmp_path / "front" / "models").promote(promoted)
+    assert front.registry_watch.engine_if_needed(front.engine) is None
+    with pytest.raises(RuntimeError, match="front end .* trains no weights"):
+        await start_job(front)
+    with pytest.raises(RuntimeError, match="front end"):
+        front.generator.swap(object())
