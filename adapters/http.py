@@ -313,6 +313,7 @@ class HttpAdapter(Adapter):
             raise ApiError(400, '"prompt" must be one string (the rendered prompt; token ids are not accepted)',
                            param="prompt")
         params = self._raw_params(body)
+        scope = _optional_str(body, "chatcore_scope")  # the front end's scope: its adapter lives here
         if not isinstance(body.get("stream", False), (bool, type(None))):
             raise ApiError(400, '"stream" must be true or false', param="stream")
         info: dict[str, Any] = {}
@@ -323,12 +324,12 @@ class HttpAdapter(Adapter):
                     "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
 
         if not body.get("stream"):
-            text = "".join([delta async for delta in self.bot.complete(prompt, params, info)])
+            text = "".join([delta async for delta in self.bot.complete(prompt, params, info, scope)])
             return web.json_response(chunk(text, self._finish_reason(text, params)))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         parts: list[str] = []
         try:
-            async for delta in self.bot.complete(prompt, params, info):
+            async for delta in self.bot.complete(prompt, params, info, scope):
                 if not response.prepared:  # only now: a busy queue can still answer 503 instead of a stream
                     await response.prepare(request)
                 parts.append(delta)

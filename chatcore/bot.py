@@ -165,12 +165,14 @@ class Bot:
         history = await self.store.run(self.store.history, message, limit=self.config["bot"]["history_turns"])
         return await self._generate(message, history, params, on_delta)
 
-    async def complete(self, prompt: str, params: SamplingParams,
-                       info: dict[str, Any] | None = None) -> AsyncIterator[str]:
+    async def complete(self, prompt: str, params: SamplingParams, info: dict[str, Any] | None = None,
+                       scope: str | None = None) -> AsyncIterator[str]:
         """Generate after `prompt` exactly as given (no hooks, history or store): a front end
-        (`chatcore.remote`) rendered it and keeps those. `info["model"]`: the public id of the weights that answered."""
+        (`chatcore.remote`) rendered it and keeps those; `scope` (its name) adds that scope's adapter here.
+        `info["model"]`: the public id of the weights that answered."""
         answered: dict[str, Any] = {}
-        async with aclosing(self.generator.stream(prompt, params, None, answered)) as stream:
+        adapter = self.scope_adapter(self.scopes.by_name.get(scope)) if scope else None
+        async with aclosing(self.generator.stream(prompt, params, adapter, answered)) as stream:
             async for delta in stream:
                 if info is not None:
                     info["model"] = public_id(answered.get("model_id", self.engine.model_id))
@@ -216,9 +218,12 @@ class Bot:
         return reply
 
     def scope_adapter(self, scope: Any) -> tuple[str, str] | None:
-        """(scope name, adapter file) when `scope` has a promoted adapter of its own (a thread: its channel's)."""
+        """(scope name, adapter file) when `scope` has a promoted adapter of its own (a thread: its channel's).
+        A front end (`chatcore.remote`) names the scope only: its serving box holds the adapters."""
         if scope is None:
             return None
+        if self.config["model"]["remote"]:
+            return scope.name, ""
         promoted = serving_checkpoint(adapter_dir(models_dir(self.config), scope))
         return None if promoted is None else (scope.name, str(promoted))
 

@@ -7,8 +7,9 @@ contract of `chatcore.serving.Generator`, so the bot does not know the differenc
 
 What stays on the front end, so a reply is the one local serving would give:
 the prompt is rendered here by `chatcore.prompt` (history, persona, user text
-cleaned so it cannot forge a turn), and the bot trims, hooks and stores the reply
-as always. The serving box's ``/v1/completions`` takes that prompt as it is (no
+cleaned so it cannot forge a turn, a scope's persona), and the bot trims, hooks
+and stores the reply as always; a scope is sent by name, and the serving box adds
+that scope's promoted LoRA adapter as it would for its own messages. The serving box's ``/v1/completions`` takes that prompt as it is (no
 chat template, no history of its own) and tokenizes it with the plain-text
 encoding local serving uses, so ``<|endoftext|>`` typed by a user stays seven
 ordinary tokens. Every sampler setting travels with the request (``top_k``,
@@ -132,10 +133,12 @@ class RemoteGenerator:
                      info: dict[str, Any] | None = None) -> AsyncIterator[str]:
         """Yield the reply's text as the serving box streams it; `info["model_id"]` names the weights that answered.
 
-        `adapter` (a scope's LoRA file on this machine) is not sent: adapters live on the serving box."""
+        `adapter` = (scope name, _): the serving box adds that scope's own promoted adapter, if it has one."""
         if self._closed:
             raise RuntimeError("the generator is closed")
         body = {"model": self._model.model_id, "prompt": prompt, "stream": True, **wire_params(params)}
+        if adapter is not None and adapter[0]:
+            body["chatcore_scope"] = adapter[0]
         self._active += 1
         try:
             async with self._request("POST", "/completions", json=body) as resp:

@@ -42,12 +42,13 @@ async def instance(tmp_path: Path, tiny_checkpoint: Path):
     running: list[tuple[Bot, asyncio.Task | None]] = []
 
     async def make(name: str, *, http: dict | None = None, environ: dict | None = None,
-                   generation: dict | None = None, **model: Any) -> tuple[Bot, str | None]:
+                   generation: dict | None = None, scopes: list | None = None, **model: Any) -> tuple[Bot, str | None]:
         cfg: dict[str, Any] = {
             "bot": {"data_dir": str(tmp_path / name)},
             "model": {"checkpoint": str(tiny_checkpoint), "quantize": "none", "device": "cpu",
                       "download": False, "starter": False, **model},
             "generation": generation or {},
+            "scopes": scopes or [],
         }
         if http is not None:
             cfg["adapters"] = {"http": {"enabled": True, "host": "127.0.0.1", "port": 0, **http}}
@@ -74,8 +75,8 @@ async def instance(tmp_path: Path, tiny_checkpoint: Path):
         await bot.close()
 
 
-async def serving_box(instance, **http: Any) -> tuple[Bot, str]:
-    return await instance("box", http={"api_key": KEY, **http})
+async def serving_box(instance, **kwargs: Any) -> tuple[Bot, str]:
+    return await instance("box", http={"api_key": KEY}, **kwargs)
 
 
 def free_port() -> int:
@@ -196,9 +197,9 @@ async def test_a_forged_turn_in_user_text_stays_neutralised(instance):
     seen: list[str] = []
     complete = box.complete
 
-    def recording(prompt, params, info=None):
+    def recording(prompt, params, info=None, scope=None):
         seen.append(prompt)
-        return complete(prompt, params, info)
+        return complete(prompt, params, info, scope)
 
     box.complete = recording
     front, _ = await instance("front", remote=f"{url}/v1", remote_api_key="${CHATCORE_REMOTE_KEY}", environ=ENV)
@@ -245,3 +246,33 @@ async def test_a_front_end_never_loads_or_trains_weights(instance, tmp_path, tin
         await start_job(front)
     with pytest.raises(RuntimeError, match="front end"):
         front.generator.swap(object())
+
+
+async def test_a_scope_keeps_its_persona_and_its_adapter_on_the_serving_box(instance, tmp_path):
+    from chatcore.registry import Registry
+    from chatcore.scopes import adapter_dir
+
+    scopes = [{"name": "rust", "adapter": "http", "channel": "c1", "persona": "You answer questions about Rust."}]
+    box, url = await serving_box(instance, scopes=scopes)
+    folder = adapter_dir(tmp_path / "box" / "models", box.scopes.by_name["rust"])
+    folder.mkdir(parents=True)
+    adapter = folder / "finetuned_20260101_000000.safetensors"
+    adapter.write_bytes(b"weights")  # unloadable: both paths serve the base after a warning, alike
+    Registry(folder).promote(adapter)
+    seen: list[tuple[str, Any]] = []
+    stream = box.generator.stream
+
+    def recording(prompt, params, adapter=None, info=None):
+        seen.append((prompt, adapter))
+        return stream(prompt, params, adapter, info)
+
+    box.generator.stream = recording
+    front, _ = await instance("front", remote=f"{url}/v1", remote_api_key="${CHATCORE_REMOTE_KEY}", environ=ENV,
+                              scopes=scopes)
+    greedy = SamplingParams(temperature=0)
+    local = await box.handle(message("what is a borrow?"), params=greedy)
+    remote = await front.handle(message("what is a borrow?"), params=greedy)
+    assert (remote and remote.text) == (local and local.text)
+    (local_prompt, local_adapter), (remote_prompt, remote_adapter) = seen
+    assert remote_prompt == local_prompt and remote_prompt.startswith("You answer questions about Rust.")
+    assert remote_adapter == local_adapter == ("rust", str(adapter))
