@@ -220,6 +220,7 @@ async def test_config_check_explains_a_front_end(tmp_path, capsys, monkeypatch):
     assert cli.main(["config", "check", str(path)]) == 0
     out = capsys.readouterr().out
     assert "front end of http://gpu-box:8080/v1" in out and "serving box fine-tunes" in out and KEY not in out
+    assert "set history.url to a PostgreSQL database shared with it" in out
 
 
 def test_the_remote_api_key_comes_from_the_environment_only():
