@@ -172,11 +172,21 @@ class Bot:
         `info["model"]`: the public id of the weights that answered."""
         answered: dict[str, Any] = {}
         adapter = self.scope_adapter(self.scopes.by_name.get(scope)) if scope else None
-        async with aclosing(self.generator.stream(prompt, params, adapter, answered)) as stream:
-            async for delta in stream:
-                if info is not None:
-                    info["model"] = public_id(answered.get("model_id", self.engine.model_id))
-                yield delta
+        probe = self.metrics.request("front_ends")  # counted and timed for /metrics like the bot's own messages
+        noted, parts = probe.wrap(None), []
+        try:
+            async with aclosing(self.generator.stream(prompt, params, adapter, answered)) as stream:
+                async for delta in stream:
+                    noted(delta)
+                    parts.append(delta)
+                    if info is not None:
+                        info["model"] = public_id(answered.get("model_id", self.engine.model_id))
+                    yield delta
+        except BaseException as exc:
+            probe.done("busy" if isinstance(exc, Busy) else "error")
+            raise
+        # no Message here: the front end holds it (the probe reads only the text)
+        probe.done("answered", Reply(text="".join(parts), message=None), self.engine.count_tokens)
         if info is not None:
             info["model"] = public_id(answered.get("model_id", self.engine.model_id))
 

@@ -115,6 +115,7 @@ async def test_front_end_replies_equal_local_serving(instance, params):
     exchanges = await stored(front)
     assert exchanges and {e.model_id for e in exchanges} == {box.public_model_id} == {"tiny"}
     assert front.engine.block_size == box.engine.block_size == 64  # the budget the prompt was cut to
+    assert b'chatcore_requests_total{adapter="front_ends",outcome="answered"} 3.0' in box.metrics.render()
 
 
 async def test_front_end_streams_through_its_own_http_adapter(instance):
