@@ -47,8 +47,9 @@ DEFAULT_BLOCK_SIZE = 1024
 def front_end_note(config: Any) -> str:
     """What a front end is and where its fine-tuning happens (`chatcore config check`, ``/finetune``)."""
     note = (f"this instance is a front end of {shown_url(config['model']['remote'])} (model.remote): it loads and "
-            "trains no weights. The serving box fine-tunes on the shared history (give both the same history.url "
-            "and run `chatcore finetune` there) and hot-swaps what it promotes; every front end then answers with it.")
+            "trains no weights. The serving box fine-tunes on the shared history (give both the same history.url; "
+            "set plugins.auto_finetune.poll_minutes there, or run `chatcore finetune` there) and hot-swaps what it "
+            "promotes; every front end then answers with it.")
     if not config.get("history.url"):
         note += (" This instance's history is its own SQLite file, which the serving box cannot read: "
                  "set history.url to a PostgreSQL database shared with it.")

@@ -27,6 +27,8 @@ from chatcore.prompt import render_prompt
 from chatcore.tokenizer import EOT_TOKEN, Tokenizer
 from tests.engine_fixtures import tiny_model
 
+from .conftest import eventually
+
 KEY = "remote-key-5b9e0c1f7a"
 ENV = {"CHATCORE_REMOTE_KEY": KEY}
 
@@ -42,13 +44,15 @@ async def instance(tmp_path: Path, tiny_checkpoint: Path):
     running: list[tuple[Bot, asyncio.Task | None]] = []
 
     async def make(name: str, *, http: dict | None = None, environ: dict | None = None,
-                   generation: dict | None = None, scopes: list | None = None, **model: Any) -> tuple[Bot, str | None]:
+                   generation: dict | None = None, scopes: list | None = None, config: dict | None = None,
+                   **model: Any) -> tuple[Bot, str | None]:
         cfg: dict[str, Any] = {
             "bot": {"data_dir": str(tmp_path / name)},
             "model": {"checkpoint": str(tiny_checkpoint), "quantize": "none", "device": "cpu",
                       "download": False, "starter": False, **model},
             "generation": generation or {},
             "scopes": scopes or [],
+            **(config or {}),
         }
         if http is not None:
             cfg["adapters"] = {"http": {"enabled": True, "host": "127.0.0.1", "port": 0, **http}}
@@ -278,3 +282,24 @@ async def test_a_scope_keeps_its_persona_and_its_adapter_on_the_serving_box(inst
     (local_prompt, local_adapter), (remote_prompt, remote_adapter) = seen
     assert remote_prompt == local_prompt and remote_prompt.startswith("You answer questions about Rust.")
     assert remote_adapter == local_adapter == ("rust", str(adapter))
+
+
+async def test_the_serving_box_fine_tunes_on_what_its_front_ends_logged(instance, tmp_path, monkeypatch):
+    from chatcore.plugins import auto_finetune
+
+    started: list[tuple[Bot, Any]] = []
+
+    async def start_job(bot, scope=None):  # the job itself is tests/plugins' business: note who starts it
+        started.append((bot, scope))
+
+    monkeypatch.setattr(auto_finetune, "start_job", start_job)
+    learn = {"every": 2, "cooldown_minutes": 0, "poll_minutes": 0.005}
+    shared = {"store": {"path": str(tmp_path / "shared.db")}, "plugins": {"auto_finetune": learn}}
+    box, url = await serving_box(instance, config=shared)
+    front, _ = await instance("front", remote=f"{url}/v1", remote_api_key="${CHATCORE_REMOTE_KEY}", environ=ENV,
+                              config=shared, generation={"stop_at_newline": False, "max_new_tokens": 8})
+    for text in ("first", "second"):
+        assert await front.handle(message(text)) is not None
+    assert len(await stored(box)) == 2  # one history: the box sees what the front end logged
+    await eventually(lambda: started)
+    assert [bot for bot, _ in started] == [box]  # the box starts it; the front end never does
