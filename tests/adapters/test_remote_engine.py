@@ -303,3 +303,10 @@ async def test_the_serving_box_fine_tunes_on_what_its_front_ends_logged(instance
     assert len(await stored(box)) == 2  # one history: the box sees what the front end logged
     await eventually(lambda: started)
     assert [bot for bot, _ in started] == [box]  # the box starts it; the front end never does
+
+
+async def test_a_remote_that_is_not_an_http_url_stops_the_front_end_clearly(instance):
+    from chatcore.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.remote: must be an http:// or https:// URL"):
+        await instance("front", remote="gpu-box:8080")
