@@ -332,6 +332,11 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, progress: bool =
                         max_batches=cfg.eval_max_batches, vocab=vocab, ranks=ranks)
 
     saved = resume.load() if resume is not None else None
+    if ranks.world > 1:  # all resume from the same evaluation, or all start fresh
+        found = saved["iter"] if saved is not None else -1
+        if ranks.max(found) != [-x for x in ranks.max(-found)]:
+            raise RuntimeError("the training processes found different resume states (is the models folder "
+                               "shared by all of them?)")
     e0 = time.perf_counter()
     if saved is not None:
         model.load_state_dict(saved["model"])

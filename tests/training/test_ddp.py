@@ -172,11 +172,7 @@ def test_a_killed_rank_fails_the_job_and_leaves_serving(tmp_path, sample_convers
     job = sched.start(JobSpec(models_dir=str(d), base=str(base), jsonl=[str(sample_conversations)], progress=False,
                               train=dict(max_iters=100_000, eval_interval=100_000, batch_size=2, block_size=32,
                                          nproc=2)))
-    log = job.dir / "log.txt"
-    end = time.monotonic() + 120
-    while "fine-tune:" not in log.read_text():  # rank 0 is in the training loop
-        assert job.running and time.monotonic() < end, log.read_text()
-        time.sleep(0.2)
+    _wait_in_log(job, "fine-tune:")  # rank 0 is in the training loop
     time.sleep(0.5)
     rank1 = _rank_pid(job.pid, 1)
     os.kill(rank1, signal.SIGKILL)
@@ -185,6 +181,33 @@ def test_a_killed_rank_fails_the_job_and_leaves_serving(tmp_path, sample_convers
     assert Registry(d).current() == serving
     assert {p.name for p in d.iterdir() if p.name not in ("jobs", ".finetune.lock")} == before
     assert not sched.busy()
+
+
+@pytest.mark.slow  # torchrun with two ranks, twice
+def test_cancel_stops_every_rank_and_the_next_job_resumes(tmp_path, sample_conversations):
+    d = tmp_path / "models"
+    base = checkpoint.save(tiny_model(0, block_size=128), tmp_path / "base")
+    sched = JobScheduler(d, threads=2)
+    spec = JobSpec(models_dir=str(d), base=str(base), jsonl=[str(sample_conversations)], progress=False,
+                   train=dict(max_iters=100_000, eval_interval=5, eval_max_batches=2, patience=100_000,
+                              batch_size=2, block_size=32, nproc=2))
+    job = sched.start(spec)
+    _wait_in_log(job, "iter 5:")
+    result = job.cancel(grace=60)
+    assert result["status"] == "cancelled", result
+    assert not list(d.glob("finetuned_*")) and (d / ".finetune-resume.pt").exists()
+    assert Registry(d).current() is None and not sched.busy()
+    again = sched.start(spec)
+    _wait_in_log(again, "resumed from iteration")
+    assert again.cancel(grace=60)["status"] == "cancelled"
+
+
+def _wait_in_log(job, text: str) -> None:
+    log = job.dir / "log.txt"
+    end = time.monotonic() + 120
+    while text not in log.read_text():
+        assert job.running and time.monotonic() < end, log.read_text()
+        time.sleep(0.2)
 
 
 def _rank_pid(launcher: int, rank: int) -> int:
