@@ -183,6 +183,32 @@ def test_a_killed_rank_fails_the_job_and_leaves_serving(tmp_path, sample_convers
     assert not sched.busy()
 
 
+@pytest.mark.slow  # torchrun with two ranks, its launcher killed
+def test_a_killed_launcher_takes_its_ranks_and_lock_with_it(tmp_path, sample_conversations):
+    d = tmp_path / "models"
+    base = checkpoint.save(tiny_model(0, block_size=128), tmp_path / "base")
+    sched = JobScheduler(d, threads=2)
+    job = sched.start(JobSpec(models_dir=str(d), base=str(base), jsonl=[str(sample_conversations)], progress=False,
+                              train=dict(max_iters=100_000, eval_interval=100_000, batch_size=2, block_size=32,
+                                         nproc=2)))
+    _wait_in_log(job, "fine-tune:")
+    ranks = [_rank_pid(job.pid, r) for r in (0, 1)]
+    os.kill(job.pid, signal.SIGKILL)
+    assert job.wait(30)["status"] == "failed"
+    end = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in ranks):
+        assert time.monotonic() < end, "a rank outlived its launcher"
+        time.sleep(0.1)
+    assert not sched.busy() and not list(d.glob("finetuned_*")) and Registry(d).current() is None
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
 @pytest.mark.slow  # torchrun with two ranks, twice
 def test_cancel_stops_every_rank_and_the_next_job_resumes(tmp_path, sample_conversations):
     d = tmp_path / "models"
