@@ -91,7 +91,7 @@ async def wait_for(what: str, check, deadline: float, instances) -> object:
     return found
 
 
-@pytest.mark.slow  # two bot processes, 32 clients and a fine-tune worker: 73-281 s on 2 shared cores
+@pytest.mark.slow  # two bot processes, 32 clients and a fine-tune worker: 50-281 s on 2 shared cores
 async def test_two_instances_store_once_train_once_and_both_swap_without_dropping(pg_cluster, tmp_path,
                                                                                  sample_conversations):
     pytest.importorskip("openai")
