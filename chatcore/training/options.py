@@ -40,7 +40,7 @@ class TrainConfig:
     # Replay: general chit-chat exchanges (`replay_source`, a seed-format JSONL; None: the starter
     # corpus) mixed into the training side only, as a multiple of the training exchanges. It
     # guards against forgetting and, on a small base, is extra text to learn from (benchmarks/learning.py).
-    replay: float = 1.0
+    replay: float = 2.0
     replay_source: str | None = None
     method: str = "full"  # or "lora": train a low-rank adapter (chatcore.lora), the base stays frozen
     lora: dict[str, Any] = field(default_factory=dict)  # rank, alpha, dropout, targets (chatcore.lora.LoRAConfig)
