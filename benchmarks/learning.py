@@ -28,6 +28,22 @@ under ``--workdir``.
 Preference labels for ``--preference``: a reply of the training split voted good,
 and the reply of another training conversation given to the same prompt voted bad
 (the same construction as the evaluation, on disjoint conversations).
+
+Measured (2026-12-01, a 2-core machine at load 10-15, so walls are long; base: the
+starter built with ``--base-minutes 3``, reply loss 7.004 on the 70 evaluation
+exchanges, general 6.425; 245 training exchanges). Sweep rows ran ``train()`` on the
+job's data with the held-out curve read every 50 iterations (best point shown); the
+``job`` rows are this script, the real path, its own early stopping and gate.
+
+| run | reply loss | general | pref. acc. | gate |
+|---|---|---|---|---|
+| sweep lr 3e-3, warm-up 20, replies only, 300 it | -9.9% (best @200) | +7.9% | | |
+| sweep lr 1e-3, warm-up 20, replies only, 300 it | -10.4% (@200) | +5.4% | | |
+| sweep lr 1e-3, whole text, 300 it | -13.0% (@250) | -4.0% | | |
+| sweep lr 1e-3, replies only, 250 replayed | -13.9% (@300) | -1.3% | | |
+| sweep lr 1e-3, whole text, 500 replayed, 400 it | -18.2% (@400) | -11.5% | | |
+| job: new defaults with replay 1.0 | -17.7% | -7.7% | 0.486->0.509 | promoted |
+| job: new defaults (replay 2.0) | -18.5% | -9.5% | 0.486->0.491 | promoted |
 """
 
 from __future__ import annotations
