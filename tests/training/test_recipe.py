@@ -71,3 +71,23 @@ def test_sft_weight_keeps_the_preferred_replies_likely_while_learning_the_prefer
         accuracy[w] = preference_metrics(model, TOK, held, 64)["accuracy"]
     assert likelihood[1.0] > likelihood[0.0] + 0.5  # nats per token
     assert accuracy[1.0] > 0.9
+
+
+def test_the_auto_fine_tune_and_chatcore_finetune_get_the_recipe(tmp_path):
+    # Both build their job with spec_from_config from the bot's config: with no training options set,
+    # and with the shipped config/default.yaml, the job trains with the TrainConfig defaults.
+    from pathlib import Path
+
+    from chatcore.config import load_config
+    from chatcore.plugin_manager import make_plugin_manager
+    from chatcore.training.job import spec_from_config
+    from chatcore.training.options import PreferenceConfig
+
+    schema = make_plugin_manager(entry_points=False).schema()
+    shipped = Path(__file__).resolve().parents[2] / "config" / "default.yaml"
+    for path in (None, shipped):
+        spec = spec_from_config(load_config(path, schema), base="gpt2")
+        assert spec.train["learning_rate"] == TrainConfig().learning_rate and spec.train["replay"] == TrainConfig().replay
+        assert TrainConfig.from_dict(spec.train) == TrainConfig()
+        assert PreferenceConfig.from_dict(spec.preference) == PreferenceConfig()
+    assert TrainConfig().replay > 0 and TrainConfig().loss_on == "all"
