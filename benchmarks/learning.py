@@ -44,6 +44,14 @@ job's data with the held-out curve read every 50 iterations (best point shown); 
 | sweep lr 1e-3, whole text, 500 replayed, 400 it | -18.2% (@400) | -11.5% | | |
 | job: new defaults with replay 1.0 | -17.7% | -7.7% | 0.486->0.509 | promoted |
 | job: new defaults (replay 2.0) | -18.5% | -9.5% | 0.486->0.491 | promoted |
+| job: new defaults, stronger base (``--base-minutes 10``: reply 6.265) | -10.6% (best @400) | -1.7% | 0.483->0.500 | promoted |
+| DPO alone from the base, lr 5e-4, 150 steps, no cap, 5 pairs/prompt | +16.2% | +15.2% | 0.517->0.589 | |
+| the same with sft_weight 1.0 | -3.1% | +4.7% | 0.517->0.494 | |
+
+Preference rows: accuracy over 350 comparisons (5 per evaluation prompt). The labels
+are learnable (a prompt/reply word-overlap count ranks them right 66% of the time; 39%
+of the pairs mix a chatterbot-corpus reply with a chit-chat one), but DPO on ~1,100
+such pairs bought +7 points only by lowering every reply's likelihood.
 """
 
 from __future__ import annotations
