@@ -47,11 +47,15 @@ job's data with the held-out curve read every 50 iterations (best point shown); 
 | job: new defaults, stronger base (``--base-minutes 10``: reply 6.265) | -10.6% (best @400) | -1.7% | 0.483->0.500 | promoted |
 | DPO alone from the base, lr 5e-4, 150 steps, no cap, 5 pairs/prompt | +16.2% | +15.2% | 0.517->0.589 | |
 | the same with sft_weight 1.0 | -3.1% | +4.7% | 0.517->0.494 | |
+| job: defaults + ``--preference --label-negatives 5``, lr 5e-4, 150 steps, sft_weight 1, max_kl 1 | -13.5% | -3.5% | 0.486->0.511 | rejected (held-out labels 0.159 vs 0.435) |
 
 Preference rows: accuracy over 350 comparisons (5 per evaluation prompt). The labels
 are learnable (a prompt/reply word-overlap count ranks them right 66% of the time; 39%
 of the pairs mix a chatterbot-corpus reply with a chit-chat one), but DPO on ~1,100
-such pairs bought +7 points only by lowering every reply's likelihood.
+such pairs bought +7 points only by lowering every reply's likelihood. The gate's
+rejection in the last row is an artefact of these synthetic labels: a held-out pair's
+replies are training replies of other pairs (chosen there, or rejected five times), so
+the job's own held-out labels leak; build each side's negatives within that side.
 """
 
 from __future__ import annotations
