@@ -55,7 +55,8 @@ of the pairs mix a chatterbot-corpus reply with a chit-chat one), but DPO on ~1,
 such pairs bought +7 points only by lowering every reply's likelihood. The gate's
 rejection in the last row is an artefact of these synthetic labels: a held-out pair's
 replies are training replies of other pairs (chosen there, or rejected five times), so
-the job's own held-out labels leak; build each side's negatives within that side.
+the job's own held-out labels leaked (since fixed: each side's negatives now come from
+that side; not re-measured).
 """
 
 from __future__ import annotations
@@ -213,7 +214,17 @@ def main(argv: list[str] | None = None) -> int:
         jsonl.append(str(run_dir / "replay.jsonl"))
     pref_files = []
     if args.preference:
-        write_jsonl(run_dir / "labels.jsonl", labels_for(train_rows, seed=1, negatives=args.label_negatives))
+        from types import SimpleNamespace
+
+        from chatcore.training.data import split_by_conversation
+
+        # Negatives from the same side of the job's label split (as a /retry pair's two replies
+        # are): otherwise a held-out pair's replies are trained on in other pairs, and the gate's
+        # preference check measures that leak.
+        sides = split_by_conversation([SimpleNamespace(**r) for r in train_rows], 0.1,
+                                      int(parse_sets(args.set).get("seed", 1337)))
+        write_jsonl(run_dir / "labels.jsonl", [lab for side in sides for lab in labels_for(
+            [vars(r) for r in side], seed=1, negatives=args.label_negatives)])
         pref_files.append(str(run_dir / "labels.jsonl"))
     # Replay (training.replay) draws from the base's own corpus: the default source, the whole
     # chitchat corpus, holds the evaluation and general-text conversations.
