@@ -45,6 +45,7 @@ job's data with the held-out curve read every 50 iterations (best point shown); 
 | job: new defaults with replay 1.0 | -17.7% | -7.7% | 0.486->0.509 | promoted |
 | job: new defaults (replay 2.0) | -18.5% | -9.5% | 0.486->0.491 | promoted |
 | job: new defaults, stronger base (``--base-minutes 10``: reply 6.265) | -10.6% (best @400) | -1.7% | 0.483->0.500 | promoted |
+| the same with max_iters 800 | -10.6% (early stop @600, best @450) | -1.2% | 0.483->0.491 | promoted |
 | DPO alone from the base, lr 5e-4, 150 steps, no cap, 5 pairs/prompt | +16.2% | +15.2% | 0.517->0.589 | |
 | the same with sft_weight 1.0 | -3.1% | +4.7% | 0.517->0.494 | |
 | job: defaults + ``--preference --label-negatives 5``, lr 5e-4, 150 steps, sft_weight 1, max_kl 1 | -13.5% | -3.5% | 0.486->0.511 | rejected (held-out labels 0.159 vs 0.435) |
