@@ -12,6 +12,14 @@ for every variant). Variants:
   c_attn, c_proj, c_fc and the MLP's c_proj; chatcore/lora.py): the base is frozen.
 
 LoRA's targets (issue 12): tokens/s >= 2x ``chatcore`` and peak RSS <= 50% of it.
+The speed target is above LoRA's floor here. A frozen weight still costs its
+forward matmul and the matmul that carries the gradient to its input; only the
+weight-gradient matmul goes. Per token at these shapes the forward is ~85M
+multiply-adds in the blocks plus ~19M in the head (on reply positions, about
+half), F ~ 104M: a full step is ~3F plus AdamW and clipping over 124M
+parameters and the dense 50257 x 768 embedding gradient; a LoRA step is ~2F plus
+~2% for the rank-8 products. That bounds the ratio near 1.5-1.6x; 2x would need
+the backward to stop early (adapters on the top layers only) or a cheaper forward.
 ``--quality`` adds held-out reply-token loss: a small base (4 layers, 128 wide)
 is pre-trained briefly on the whole text of half of the sample conversations,
 then fine-tuned fully and with LoRA, the same steps, on the other half; the

@@ -115,8 +115,7 @@ class LoRALinear(nn.Linear):
             x2 = x.reshape(-1, self.in_features)
             h = nn.functional.dropout(x2, self.lora_dropout, self.training) if self.lora_dropout else x2
             y = nn.functional.linear(x2, self.weight, self.bias)
-            y.addmm_(h @ self.lora_A.t(), self.lora_B.t(), alpha=self.scale)
-            y = y.view(*x.shape[:-1], self.out_features)
+            y = _Update.apply(y, h, self.lora_A, self.lora_B, self.scale).view(*x.shape[:-1], self.out_features)
         if self.rows is not None:
             self._add_served(x, y)
         return y
@@ -135,19 +134,50 @@ class LoRALinear(nn.Linear):
             self._stacked = (self.row_keys, at, bt)
         _, at, bt = self._stacked
         x, y = x.reshape(x.shape[0], -1, self.in_features), y.view(y.shape[0], -1, self.out_features)  # [rows, T, .]
-        # Rank-r products are microseconds of work: on one thread. Sent to the thread pool, each one
-        # waits for every worker to be scheduled, which on a busy machine costs more than the base matmul.
-        threads = torch.get_num_threads()
-        if threads > 1:
-            torch.set_num_threads(1)
-        try:
+        with _one_thread():
             if isinstance(self.rows, slice):  # the batch's first rows, in order: added in place, no gather
                 y[self.rows].baddbmm_(torch.bmm(x[self.rows], at), bt)
             else:
                 y.index_add_(0, self.rows, torch.bmm(torch.bmm(x.index_select(0, self.rows), at), bt))
-        finally:
-            if threads > 1:
-                torch.set_num_threads(threads)
+
+
+@contextmanager
+def _one_thread():
+    """Rank-r products are microseconds of work: run them on one thread. Sent to the thread pool, each
+    waits for every worker to be scheduled, which on a busy machine costs more than a base matmul."""
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+
+
+class _Update(torch.autograd.Function):
+    """``y += scale * (h A^T) B^T`` in place (the matmul's own accumulate, the scale as its alpha), and its
+    gradients: no output-sized multiply, sum or copy, and every rank-r product on one thread."""
+
+    @staticmethod
+    def forward(ctx, y, h, a, b, scale):
+        with _one_thread():
+            ha = h @ a.t()
+            y.addmm_(ha, b.t(), alpha=scale)
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(h, a, b, ha)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        h, a, b, ha = ctx.saved_tensors
+        with _one_thread():
+            g_ha = (g @ b).mul_(ctx.scale)  # [N, r]
+            g_h = g_ha @ a if ctx.needs_input_grad[1] else None
+            g_a = g_ha.t() @ h if ctx.needs_input_grad[2] else None
+            g_b = torch.mm(g.t(), ha).mul_(ctx.scale) if ctx.needs_input_grad[3] else None
+        return g, g_h, g_a, g_b, None
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
