@@ -10,7 +10,7 @@ once. An adapter imports only this contract (`adapter`, `message`, `params`,
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar, Protocol
 
 from .message import Message, Reply
@@ -44,8 +44,18 @@ class BotSurface(Protocol):
         """Answer `message` (None: nothing to send); `on_delta` receives the text as it streams.
         Raises `chatcore.message.Busy` when the queue is full, `chatcore.message.RateLimited` over the rate limit."""
 
+    def complete(self, prompt: str, params: SamplingParams, info: dict[str, Any] | None = None,
+                 scope: str | None = None) -> AsyncIterator[str]:
+        """Stream the model's text after a raw, already rendered prompt (a front end's: `chatcore.remote`),
+        with `scope`'s adapter when it has one; sets ``info["model"]`` to the public id of the weights
+        that answered. Raises Busy."""
+
     async def record_delivery(self, reply: Reply, platform_message_id: str) -> None:
         """Remember which platform message carried `reply`, so reactions to it count as feedback."""
+
+    async def first_delivery(self, source: str, event_id: str) -> bool:
+        """True the first time a platform event is seen by any instance sharing this history (an hour's memory);
+        False for a redelivery (a Slack retry), which the adapter drops."""
 
     async def feedback(self, adapter: str, platform_message_id: str, user: str, value: int) -> bool:
         """A user rated the reply carried by a platform message (+1/-1); False if it is not one of ours."""
