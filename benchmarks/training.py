@@ -238,7 +238,7 @@ def main() -> int:
     print(f"{'variant':<10} {'s/step':>8} {'CPU s/step':>11} {'tokens/s':>9} {'peak RSS MB':>12} {'vs seed':>8}")
     for row in rows:
         print(f"{row['variant']:<10} {row['s_per_step']:>8.3f} {row['cpu_s_per_step']:>11.3f} {row['tokens_per_s']:>9.1f} "
-              f"{row['peak_rss_mb']:>12.0f} {row['speedup_vs_seed']:>7.2f}x")
+              f"{row['peak_rss_mb']:>12.0f} " + (f"{row['speedup_vs_seed']:>7.2f}x" if "seed" in by else f"{'-':>8}"))
     if "seed" in by and "chatcore" in by:
         best = by["chatcore"]["speedup_vs_seed"]
         print(f"target >= {TARGET}x: {'met' if best >= TARGET else 'NOT met'} ({best:.2f}x)")
