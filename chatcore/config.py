@@ -77,6 +77,12 @@ CORE_SCHEMA: Schema = {
                           help="auto: int8 weights on a CPU (faster decoding, <1% perplexity cost), none elsewhere; int8; none."),
         "download": Field(bool, True, help="Download GPT-2 from the Hugging Face hub when it is not cached."),
         "starter": Field(bool, True, help="Train and use the small offline starter model when no GPT-2 is available."),
+        "speculative": {
+            "draft": Field(str, None, help="Speculative decoding of a lone conversation: prompt_lookup (guesses from "
+                                           "the context), or the checkpoint of a small model of the same tokenizer; "
+                                           "null: off."),
+            "k": Field(int, 4, help="Tokens guessed per step."),
+        },
     },
     "generation": {
         "temperature": Field((int, float), 0.8, help="0 is greedy; higher is more varied."),
