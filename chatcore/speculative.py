@@ -17,12 +17,20 @@ Which guesses stand (`accept_or_resample`):
 
 - greedy: the model's own pick at each position decides, so the reply is the
   one plain greedy decoding gives, token for token (up to float rounding of a
-  k-token forward against k one-token forwards);
+  k-token forward against k one-token forwards; int8 weights quantize the
+  activations once per call, so there the k tokens checked together get
+  logits close to, not identical with, one-at-a-time decoding: see
+  `chatcore.quant`'s batching note);
 - sampling: the standard rule (Leviathan et al. 2023; Chen et al. 2023): keep
   a guess x with probability min(1, p(x)/q(x)), else draw from
   norm(max(0, p - q)); every emitted token is then distributed exactly as p.
   A deterministic drafter (prompt lookup) has q = a point mass at x. Seeded
   replies stay reproducible, but differ from the same seed without speculation.
+
+Whether it pays: checking k+1 tokens must cost little more than one step. With
+int8 weights it does; torch's fp32 matrix products of a few rows run several
+times slower than its one-row product on a small CPU (measured: a k=4 check
+cost ~3 plain steps), so fp32 loses unless most guesses stand. Off by default.
 """
 
 from __future__ import annotations
