@@ -10,6 +10,11 @@ Intents: the default ones (guilds, messages, reactions). Discord delivers the
 text of DMs and of messages that mention the bot without the privileged
 Message Content intent, so it is requested only when `channels` is set (the
 bot must then read messages that do not mention it).
+
+Sharding: with `shard_count` set, discord.py's `AutoShardedClient` runs the
+gateway shards listed in `shard_ids` (default: all of them), so several
+instances on one history split a large bot's shards between them; Discord
+sends each guild's events to one shard, DMs to shard 0 (docs/deployment.md).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import discord
 
 from chatcore import hookimpl
 from chatcore.adapter import Adapter, AdapterError, BotSurface
-from chatcore.config import Field
+from chatcore.config import ConfigError, Field
 from chatcore.message import BUSY_REPLY, Busy, Message, RateLimited, Reply
 from chatcore.text import split_message
 
@@ -38,13 +43,16 @@ _EMOJI_MODIFIERS = re.compile("[\U0001F3FB-\U0001F3FF\uFE0F]")
 _ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 
 
-class _Client(discord.Client):
+class _Events:
+    """The adapter's gateway events, on a plain or a sharded client."""
+
     def __init__(self, adapter: "DiscordAdapter", **options: Any) -> None:
         super().__init__(**options)
         self.adapter = adapter
 
     async def on_ready(self) -> None:
-        log.info("discord: logged in as %s (%s) in %d servers", self.user, self.user.id, len(self.guilds))
+        shards = f", shards {self.shard_ids} of {self.shard_count}" if self.shard_count else ""
+        log.info("discord: logged in as %s (%s) in %d servers%s", self.user, self.user.id, len(self.guilds), shards)
         self.adapter.ready.set()
 
     async def on_message(self, message: discord.Message) -> None:
@@ -57,6 +65,38 @@ class _Client(discord.Client):
         await self.adapter.on_reaction(payload, removed=True)
 
 
+class _Client(_Events, discord.Client):
+    pass
+
+
+class _ShardedClient(_Events, discord.AutoShardedClient):
+    pass
+
+
+def shard_settings(config: dict[str, Any]) -> tuple[list[int] | None, int | None]:
+    """(shard_ids, shard_count) from the adapter's config, checked; (None, None): one unsharded connection."""
+    ids, count = config.get("shard_ids"), config.get("shard_count")
+    if count is None:
+        if ids is not None:
+            raise ConfigError("needs shard_count too (the total number of shards across every instance)",
+                              key="adapters.discord.shard_ids")
+        return None, None
+    if type(count) is not int or count < 1:
+        raise ConfigError(f"must be a whole number of at least 1 (got {count!r})", key="adapters.discord.shard_count")
+    if ids is None:
+        return list(range(count)), count
+    # From an environment variable ("0,1"), a list arrives as strings.
+    ids = [int(i) if isinstance(i, str) and re.fullmatch(r"\s*\d+\s*", i) else i for i in ids]
+    if not ids or any(type(i) is not int for i in ids):
+        raise ConfigError(f"must be a non-empty list of shard numbers (got {ids!r})", key="adapters.discord.shard_ids")
+    if bad := [i for i in ids if not 0 <= i < count]:
+        raise ConfigError(f"shard ids run from 0 to shard_count - 1 = {count - 1}: {bad} out of range",
+                          key="adapters.discord.shard_ids")
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"lists a shard twice: {ids}", key="adapters.discord.shard_ids")
+    return sorted(ids), count
+
+
 class DiscordAdapter(Adapter):
     name = "discord"
     config_schema = {
@@ -64,6 +104,10 @@ class DiscordAdapter(Adapter):
         "channels": Field(list, [], help="Channel ids where every message is answered, not only mentions "
                                          "(needs the Message Content intent)."),
         "answer_dms": Field(bool, True, help="Answer direct messages."),
+        "shard_count": Field(int, None, help="Gateway shards across all instances (null: one unsharded "
+                                             "connection). Every instance sets the same number."),
+        "shard_ids": Field(list, None, help="The shards this instance runs, e.g. [0, 1] (null: all of them); "
+                                            "needs shard_count. DMs arrive on shard 0."),
     }
     guild_ready_timeout: float = 2.0  # discord.py's wait for guilds before on_ready; tests lower it
 
@@ -72,8 +116,13 @@ class DiscordAdapter(Adapter):
         self.channels = {int(c) for c in config.get("channels") or []}
         intents = discord.Intents.default()
         intents.message_content = bool(self.channels)
-        self.client = _Client(self, intents=intents, allowed_mentions=discord.AllowedMentions.none(),
-                              guild_ready_timeout=self.guild_ready_timeout)
+        options = dict(intents=intents, allowed_mentions=discord.AllowedMentions.none(),
+                       guild_ready_timeout=self.guild_ready_timeout)
+        shard_ids, shard_count = shard_settings(config)
+        if shard_count is None:
+            self.client: discord.Client = _Client(self, **options)
+        else:
+            self.client = _ShardedClient(self, shard_ids=shard_ids, shard_count=shard_count, **options)
         self.ready = asyncio.Event()
 
     async def start(self) -> None:

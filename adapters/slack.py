@@ -6,7 +6,8 @@ mention is answered). Bolt acknowledges each event before the listener runs,
 so Slack gets its ack within 3 s and generation happens after it. Slack
 retries unacknowledged events with the same `event_id`, and Socket Mode
 deliveries carry a retry header even the first time, so duplicates are
-dropped by `event_id`.
+dropped by `event_id`, through the bot (`BotSurface.first_delivery`), so that
+an event is answered once across every instance sharing one history.
 
 Replies go in the thread of the message (a thread is its own conversation;
 a top-level DM is answered in the DM itself), split to ~4000 characters,
@@ -20,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections import OrderedDict
 from typing import Any
 
 from aiohttp import web
@@ -42,7 +42,6 @@ log = logging.getLogger("chatcore.slack")
 FEEDBACK = {"+1": 1, "thumbsup": 1, "-1": -1, "thumbsdown": -1}
 RETRY = "repeat"  # 🔁: answer that again (/retry)
 ANSWERED_SUBTYPES = (None, "thread_broadcast", "file_share")
-SEEN_EVENTS = 10_000  # event ids remembered for de-duplication (Slack retries within minutes)
 
 
 def escape(text: str) -> str:
@@ -73,7 +72,6 @@ class SlackAdapter(Adapter):
         self.bot_user_id: str | None = None
         self.port: int | None = None  # HTTP mode: the port actually bound
         self.ready = asyncio.Event()
-        self._seen: OrderedDict[str, None] = OrderedDict()
         self._stopped = asyncio.Event()
         self._socket: AsyncSocketModeHandler | None = None
         self._runner: web.AppRunner | None = None
@@ -167,17 +165,15 @@ class SlackAdapter(Adapter):
 
     # --- events -------------------------------------------------------------------------------
 
-    def _first_delivery(self, body: dict[str, Any]) -> bool:
+    async def _first_delivery(self, body: dict[str, Any]) -> bool:
         event_id = body.get("event_id")
         if not event_id:
             return True
-        if event_id in self._seen:
-            log.debug("slack: dropping duplicate delivery of %s", event_id)
-            return False
-        self._seen[event_id] = None
-        if len(self._seen) > SEEN_EVENTS:
-            self._seen.popitem(last=False)
-        return True
+        # Event ids are Slack's, per app: two apps on one history never collide.
+        if await self.bot.first_delivery(f"{self.name}:{body.get('api_app_id') or ''}", event_id):
+            return True
+        log.debug("slack: dropping duplicate delivery of %s", event_id)
+        return False
 
     def to_message(self, event: dict[str, Any], *, mention: bool,
                    team: str | None = None) -> tuple[Message, str | None] | None:
@@ -220,7 +216,7 @@ class SlackAdapter(Adapter):
     async def _answer(self, body: dict[str, Any], event: dict[str, Any], *, mention: bool) -> None:
         # Bolt has already acked: this runs after Slack got its answer.
         translated = self.to_message(event, mention=mention, team=body.get("team_id"))
-        if translated is None or not self._first_delivery(body):
+        if translated is None or not await self._first_delivery(body):
             return
         message, thread = translated
         if not message.text:
@@ -264,11 +260,11 @@ class SlackAdapter(Adapter):
         if event.get("item_user") and event["item_user"] != self.bot_user_id:
             return
         name = (event.get("reaction") or "").split("::", 1)[0]
-        if name == RETRY and event.get("type") == "reaction_added" and self._first_delivery(body):
+        if name == RETRY and event.get("type") == "reaction_added" and await self._first_delivery(body):
             await self._retry(item["channel"], item["ts"], event["user"])
             return
         value = FEEDBACK.get(name)
-        if value is None or not self._first_delivery(body):
+        if value is None or not await self._first_delivery(body):
             return
         if event.get("type") == "reaction_removed":
             await self.bot.withdraw_feedback(self.name, f"{item['channel']}:{item['ts']}", event["user"], value)

@@ -47,6 +47,10 @@ class BotSurface(Protocol):
     async def record_delivery(self, reply: Reply, platform_message_id: str) -> None:
         """Remember which platform message carried `reply`, so reactions to it count as feedback."""
 
+    async def first_delivery(self, source: str, event_id: str) -> bool:
+        """True the first time a platform event is seen by any instance sharing this history (an hour's memory);
+        False for a redelivery (a Slack retry), which the adapter drops."""
+
     async def feedback(self, adapter: str, platform_message_id: str, user: str, value: int) -> bool:
         """A user rated the reply carried by a platform message (+1/-1); False if it is not one of ours."""
 

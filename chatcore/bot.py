@@ -205,6 +205,10 @@ class Bot:
         if reply.exchange_id is not None:
             await self.store.run(self.store.set_platform_message_id, reply.exchange_id, str(platform_message_id))
 
+    async def first_delivery(self, source: str, event_id: str) -> bool:
+        """True the first time any instance on this history sees this platform event; False for a redelivery."""
+        return await self.store.run(self.store.first_delivery, source, str(event_id))
+
     async def feedback(self, adapter: str, platform_message_id: str, user: str, value: int) -> bool:
         """A user rated the reply carried by a platform message; False if it is not one of ours."""
         exchange = await self.store.run(self.store.find_by_platform_message_id, adapter, str(platform_message_id))

@@ -14,6 +14,7 @@ import asyncio
 import fcntl
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from .config import ConfigError
 from .consent import check_config
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what the shell reports for `cat` when its reader goes
 
 
 class Failure(Exception):
@@ -45,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nchatcore: interrupted; finished exchanges are saved.", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader stopped early (`chatcore history export | head`): end quietly, as `cat` would.
+        # stdout goes to /dev/null so the interpreter's final flush cannot raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except Exception as exc:  # one readable line, not a traceback, for what users cause
         if not _is_user_error(exc):
             raise

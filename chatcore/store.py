@@ -34,6 +34,11 @@ user's ``consent`` when it was said, and whether it was ``trainable`` then;
 ``consent`` holds each user's /learn answer, ``users`` when a user was first
 seen (the quarantine guard), ``forgotten`` who ran /forget and when (lineage).
 
+Schema 5 (several instances on one history, see docs/deployment.md): ``rate_events``
+and ``rate_notices`` hold the per-sender rate limit, ``deliveries`` the platform event
+ids already answered (Slack retries), so both hold across processes. Their rows say
+when they expire: an expired row stops counting at once, and later calls delete it.
+
 Every method is thread-safe (one connection behind a lock). Async code calls them
 through `Store.run`, on the store's own thread, so a database locked by another
 process (an import, the trainer, an sqlite3 shell) delays the exchange, up to
@@ -83,6 +88,8 @@ BUSY_TIMEOUT_S = 30.0
 MAX_IMPORT_LINE_BYTES = 16 << 20
 # Lines parsed per transaction into the import's staging table.
 IMPORT_BATCH = 10_000
+# How often a store deletes expired rate-limit rows (an expired row stops counting at once anyway).
+RATE_PRUNE_S = 60.0
 
 
 class StoreError(Exception):
@@ -171,6 +178,25 @@ MIGRATIONS: list[tuple[str, ...]] = [
             at REAL NOT NULL
         )""",
         "CREATE INDEX retries_by_original ON retries (retry_of)",
+    ),
+    # 5: what several instances on one history share (new tables only): each row carries when it
+    # expires, so pruning needs no config and any instance may do it.
+    (
+        # one row per message a sender got through, for the sliding-window rate limit
+        "CREATE TABLE rate_events (limit_key TEXT NOT NULL, expires REAL NOT NULL)",
+        "CREATE INDEX rate_events_by_key ON rate_events (limit_key, expires)",
+        "CREATE INDEX rate_events_by_expiry ON rate_events (expires)",
+        # a sender already told to slow down, until their window frees a slot
+        "CREATE TABLE rate_notices (limit_key TEXT PRIMARY KEY, expires REAL NOT NULL)",
+        "CREATE INDEX rate_notices_by_expiry ON rate_notices (expires)",
+        # platform event ids already taken by an instance (Slack retries carry the same event_id)
+        """CREATE TABLE deliveries (
+            source TEXT NOT NULL,
+            event_id TEXT NOT NULL,
+            expires REAL NOT NULL,
+            PRIMARY KEY (source, event_id)
+        )""",
+        "CREATE INDEX deliveries_by_expiry ON deliveries (expires)",
     ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -342,6 +368,7 @@ class Store:
         # Guards `_thread` only: `_lock` may be held for seconds by a call waiting on a busy database.
         self._thread_lock = threading.Lock()
         self._errors: tuple[type[Exception], ...] = (sqlite3.Error,)
+        self._rates_pruned_at = float("-inf")  # see rate_limit
         if self.backend == "postgresql":
             self._open_postgresql(target)
             return
@@ -924,6 +951,47 @@ class Store:
                 "DELETE FROM conversations WHERE started_at < ? AND NOT EXISTS "
                 "(SELECT 1 FROM exchanges e WHERE e.conversation_id = conversations.id)", (cutoff,)).rowcount
         return {"exchanges": exchanges, "conversations": conversations}
+
+    # --- what several instances share (rate limits, delivery de-duplication) ----------------
+
+    def rate_limit(self, limit_key: str, messages: int, seconds: float,
+                   now: float | None = None) -> tuple[float, bool] | None:
+        """Count a message from `limit_key` against `messages` per sliding `seconds`, across every process on this store.
+
+        None: it may go (and now counts). Else (seconds until a slot frees, whether to tell the
+        sender): told once per window, silent after. One short write transaction, indexed.
+        """
+        now = time.time() if now is None else float(now)
+        if messages <= 0:
+            return None
+        with self._write() as db:
+            if now >= self._rates_pruned_at + RATE_PRUNE_S:
+                # Expired rows stop counting at once (the queries say so); deleting them is housekeeping.
+                db.execute("DELETE FROM rate_events WHERE expires <= ?", (now,))
+                db.execute("DELETE FROM rate_notices WHERE expires <= ?", (now,))
+                self._rates_pruned_at = now
+            # Counted and taken in one statement (one round trip on PostgreSQL): the usual case.
+            if db.execute("INSERT INTO rate_events (limit_key, expires) SELECT ?, ? WHERE "
+                          "(SELECT COUNT(*) FROM rate_events WHERE limit_key = ? AND expires > ?) < ?",
+                          (limit_key, now + seconds, limit_key, now, messages)).rowcount:
+                return None
+            first_free = db.execute("SELECT MIN(expires) FROM rate_events WHERE limit_key = ? AND expires > ?",
+                                    (limit_key, now)).fetchone()[0]
+            if db.execute("SELECT 1 FROM rate_notices WHERE limit_key = ? AND expires > ?",
+                          (limit_key, now)).fetchone():
+                return first_free - now, False
+            db.execute("INSERT OR REPLACE INTO rate_notices (limit_key, expires) VALUES (?, ?)", (limit_key, first_free))
+            return first_free - now, True
+
+    def first_delivery(self, source: str, event_id: str, *, keep_s: float = 3600.0,
+                       now: float | None = None) -> bool:
+        """True the first time (source, event_id) is seen by any process on this store within `keep_s`; False for a repeat."""
+        now = time.time() if now is None else float(now)
+        with self._write() as db:
+            db.execute("DELETE FROM deliveries WHERE expires <= ?", (now,))
+            inserted = db.execute("INSERT OR IGNORE INTO deliveries (source, event_id, expires) VALUES (?, ?, ?)",
+                                  (source, str(event_id), now + keep_s)).rowcount
+        return inserted == 1
 
     # --- fine-tune counter -----------------------------------------------------------------
 

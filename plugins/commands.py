@@ -4,6 +4,8 @@ Over the limit, `message_received` raises `RateLimited`: the first refusal in a
 window carries a polite notice, later ones none (chat adapters stay quiet; HTTP
 answers 429 every time). Senders whose id is free to change (HTTP without an API
 key, anonymous requests) are counted by client address (`Message.limit_key`).
+The counts live in the history store (`Store.rate_limit`), so the limit holds
+across every `chatcore run` process sharing one history.
 Commands act on the sender's data, so without an identity (`Message.anonymous`)
 only those registered with ``anonymous=True`` run.
 
@@ -14,8 +16,6 @@ third-party plugin would; `/help` is built from the handlers' docstrings.
 from __future__ import annotations
 
 import time
-import weakref
-from collections import deque
 from typing import Any
 
 from chatcore import DROP, hookimpl
@@ -23,6 +23,7 @@ from chatcore.plugin_manager import await_me_maybe
 from chatcore.config import Field
 from chatcore.consent import describe
 from chatcore.message import RateLimited, Reply
+from chatcore.store import Store
 
 
 @hookimpl
@@ -49,15 +50,13 @@ def register_commands(register):
 
 
 @hookimpl(tryfirst=True)
-def message_received(bot, message):
-    limiter = _limiters.get(bot)
-    if limiter is None:
-        limiter = _limiters[bot] = RateLimiter(bot.config.get("plugins.commands.rate_limit.messages"),
-                                               bot.config.get("plugins.commands.rate_limit.seconds"))
-    if not bot.is_admin(message):
-        verdict = limiter.check(message.limit_key)
-        if verdict is not None:
-            raise RateLimited(limiter.retry_after(message.limit_key), None if verdict is DROP else verdict)
+async def message_received(bot, message):
+    limiter = RateLimiter(bot.config.get("plugins.commands.rate_limit.messages"),
+                          bot.config.get("plugins.commands.rate_limit.seconds"), store=bot.store)
+    if limiter.messages > 0 and not bot.is_admin(message):
+        refused = await bot.store.run(limiter.refusal, message.limit_key)
+        if refused is not None:
+            raise refused
     prefix = bot.config.get("plugins.commands.prefix")
     text = message.text.strip()
     if not text.startswith(prefix) or len(text) == len(prefix):
@@ -70,7 +69,7 @@ def message_received(bot, message):
         # a one-off id owns no data: acting on "my data" without an identity could only hit someone else's
         return (f"{prefix}{command.name} needs to know who you are, and this message came without a user id "
                 f"(over HTTP: send a \"user\"). Nothing was changed.")
-    return _run(command, bot, message, args.strip())
+    return await _run(command, bot, message, args.strip())
 
 
 async def _run(command, bot, message, args: str) -> str | Reply:
@@ -79,36 +78,28 @@ async def _run(command, bot, message, args: str) -> str | Reply:
 
 
 class RateLimiter:
-    """A sliding window per user; the first refusal in a window is answered, the rest dropped."""
+    """A sliding window per sender, counted in the history store; the first refusal in a window is answered, the rest dropped."""
 
-    def __init__(self, messages: int, seconds: float, clock=time.monotonic) -> None:
+    def __init__(self, messages: int, seconds: float, clock=time.time, store: Store | None = None) -> None:
+        # Wall-clock time: instances on several machines compare their timestamps in one table.
         self.messages, self.seconds, self.clock = messages, seconds, clock
-        self.sent: dict[str, deque[float]] = {}
-        self.warned_until: dict[str, float] = {}
+        self.store = store if store is not None else Store(":memory:")
 
-    def check(self, user_key: str) -> Any:
+    def refusal(self, limit_key: str) -> RateLimited | None:
+        """None if `limit_key` may send now (the message then counts), else the refusal to raise."""
         if self.messages <= 0:
             return None
-        now = self.clock()
-        times = self.sent.setdefault(user_key, deque())
-        while times and times[0] <= now - self.seconds:
-            times.popleft()
-        if len(times) < self.messages:
-            times.append(now)
+        over = self.store.rate_limit(limit_key, self.messages, self.seconds, now=self.clock())
+        if over is None:
             return None
-        wait = self.retry_after(user_key)
-        if self.warned_until.get(user_key, 0) > now:
-            return DROP
-        self.warned_until[user_key] = times[0] + self.seconds
-        return f"You're sending messages faster than I can keep up with. Please wait {wait} s and try again."
+        wait, tell = max(1, round(over[0])), over[1]
+        notice = f"You're sending messages faster than I can keep up with. Please wait {wait} s and try again."
+        return RateLimited(wait, notice if tell else None)
 
-    def retry_after(self, user_key: str) -> int:
-        """Whole seconds until `user_key` may send again (at least 1)."""
-        times = self.sent.get(user_key)
-        return max(1, round(times[0] + self.seconds - self.clock())) if times else 1
-
-
-_limiters: "weakref.WeakKeyDictionary[Any, RateLimiter]" = weakref.WeakKeyDictionary()
+    def check(self, limit_key: str) -> Any:
+        """None if allowed, the notice for the first refusal in a window, `DROP` for the later ones."""
+        refused = self.refusal(limit_key)
+        return None if refused is None else refused.notice or DROP
 
 
 # --- commands --------------------------------------------------------------------

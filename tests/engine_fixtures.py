@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
 from chatcore.model import GPT, GPTConfig
+from chatcore.prompt import render_exchange
+from chatcore.tokenizer import Tokenizer
+
 
 @contextmanager
 def torch_threads(n: int) -> Iterator[None]:
@@ -35,6 +40,33 @@ def tiny_model(seed: int = 0, std: float | None = None, **overrides) -> GPT:
             for p in model.parameters():
                 if p.dim() >= 2:
                     p.normal_(0.0, std)
+    return model.eval()
+
+
+def sample_corpus(path: Path) -> tuple[list[list[int]], int]:
+    """The sample conversations as training documents over their own compact vocabulary (trains in seconds)."""
+    tok = Tokenizer()
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    docs = [tok.encode(render_exchange(r["user"], r["assistant"])) for r in rows]
+    compact = {t: i for i, t in enumerate(sorted({t for d in docs for t in d}))}
+    return [[compact[t] for t in d] for d in docs], len(compact)
+
+
+def trained_model(docs: Sequence[Sequence[int]], vocab: int, steps: int = 100) -> GPT:
+    """A 2-layer GPT trained on `docs` (one thread, seeded): small, but it has learned something."""
+    with torch_threads(1):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=64, vocab_size=vocab, n_layer=2, n_head=4, n_embd=64))
+        stream = torch.tensor([t for d in docs for t in d])
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(steps):
+            starts = torch.randint(0, len(stream) - 65, (8,), generator=gen)
+            batch = torch.stack([stream[s : s + 65] for s in starts])
+            _, loss = model(batch[:, :-1].contiguous(), batch[:, 1:].contiguous())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     return model.eval()
 
 

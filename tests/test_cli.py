@@ -67,3 +67,14 @@ def test_help_everywhere(args):
     out = subprocess.run([sys.executable, "-m", "chatcore.cli", *args, "--help"], capture_output=True, text=True,
                          timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0 and "usage: chatcore" in out.stdout
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(config, shared_data):
+    assert main(["history", "import", "-c", str(config), str(shared_data / "sample_conversations.jsonl")]) == 0
+    # the export (350 exchanges, ~100 KB) outgrows the pipe buffer long after the reader has gone
+    proc = subprocess.run(
+        f"{sys.executable} -m chatcore.cli history export -c {config} | head -n 1",
+        shell=True, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.stdout.count("\n") == 1 and proc.stdout.startswith("{")
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr

@@ -78,7 +78,7 @@ def test_migrates_a_version_1_database(tmp_path):
     db.close()
 
     with Store(path) as s:
-        assert s.schema_version == SCHEMA_VERSION == 4
+        assert s.schema_version == SCHEMA_VERSION == 5
         # Every old row survives, with its params, timestamps and conversation structure.
         old = list(s.exchanges())
         assert [e.user_text for e in old] == ["hello", "how are you?", "new topic: café ☕", "what is 2+2?", "and 3+3?"]
@@ -111,7 +111,7 @@ def test_refuses_newer_schema_and_leaves_it_alone(tmp_path):
     db.execute("PRAGMA user_version = 99")
     db.close()
     before = path.read_bytes()
-    with pytest.raises(StoreError, match=r"schema version 99, newer than this chatcore knows \(4\)"):
+    with pytest.raises(StoreError, match=r"schema version 99, newer than this chatcore knows \(5\)"):
         Store(path)
     assert path.read_bytes() == before
 
@@ -409,7 +409,7 @@ def test_stats(store):
     st = store.stats()
     assert (st["exchanges"], st["imported"], st["conversations"], st["users"]) == (4, 1, 4, 3)
     assert st["since_finetune"] == 4 and st["last_finetune"] is None and st["opted_out"] == 0
-    assert st["first_at"] <= st["last_at"] and st["db_bytes"] > 0 and st["schema_version"] == 4
+    assert st["first_at"] <= st["last_at"] and st["db_bytes"] > 0 and st["schema_version"] == 5
 
 
 # --- import / export ---------------------------------------------------------------------------------

@@ -4,10 +4,13 @@ The real `discord.Client` talks to it through its own HTTP and gateway code:
 point `discord.http.Route.BASE` and `DiscordWebSocket.DEFAULT_GATEWAY` at it
 (`install`). It answers HELLO/IDENTIFY/heartbeats, sends READY and one
 GUILD_CREATE, lets a test dispatch gateway events, and records every REST call.
+Several connections may identify as shards (``[shard_id, shard_count]``): each
+gets READY, the guild goes to the shard Discord would give it
+(``(guild_id >> 22) % shard_count``), and so do its events; DMs go to shard 0.
 
 What it does not emulate: permissions, rate limits (no 429s), resume after a
 dropped connection, zlib/zstd transport compression (it sends text frames,
-which discord.py accepts), sharding, slash commands, attachments and embeds.
+which discord.py accepts), the identify rate limit, slash commands, attachments and embeds.
 """
 
 from __future__ import annotations
@@ -66,7 +69,10 @@ class FakeDiscord:
         self.dm_channel_id = SNOWFLAKE + 3001
         self.calls: list[Call] = []
         self.unhandled: list[Call] = []
-        self.identify: dict[str, Any] | None = None
+        self.identify: dict[str, Any] | None = None  # the latest IDENTIFY payload
+        self.identifies: list[dict[str, Any]] = []  # every one, in order
+        self.shards: dict[int, web.WebSocketResponse] = {}  # shard id -> the connection that identified as it
+        self.shard_count = 1
         self.heartbeats = 0
         self.ready = asyncio.Event()  # READY was sent
         self._ws: web.WebSocketResponse | None = None
@@ -94,8 +100,8 @@ class FakeDiscord:
                             yarl.URL(self.url.replace("http", "ws", 1) + "/gateway"))
 
     async def close(self) -> None:
-        if self._ws is not None:
-            await self._ws.close()
+        for ws in {*self.shards.values(), self._ws} - {None}:
+            await ws.close()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -104,10 +110,15 @@ class FakeDiscord:
     def next_id(self) -> int:
         return next(self._ids)
 
-    async def dispatch(self, event: str, data: dict[str, Any]) -> None:
-        assert self._ws is not None, "no client connected to the fake gateway"
+    def shard_of(self, guild_id: int | str | None) -> int:
+        """The shard Discord sends a guild's events to (DMs: shard 0)."""
+        return 0 if guild_id is None else (int(guild_id) >> 22) % self.shard_count
+
+    async def dispatch(self, event: str, data: dict[str, Any], ws: web.WebSocketResponse | None = None) -> None:
+        ws = ws or self.shards.get(self.shard_of(data.get("guild_id")))
+        assert ws is not None, "no client connected to the fake gateway runs the shard of this event"
         self._seq += 1
-        await self._ws.send_str(json.dumps({"op": 0, "t": event, "s": self._seq, "d": data}))
+        await ws.send_str(json.dumps({"op": 0, "t": event, "s": self._seq, "d": data}))
 
     def message_payload(self, content: str, *, author: dict[str, Any], channel_id: int | None = None,
                         dm: bool = False, mentions: list[dict[str, Any]] = (), type: int = 0) -> dict[str, Any]:
@@ -209,21 +220,29 @@ class FakeDiscord:
                 await ws.send_str(json.dumps({"op": 11}))
             elif op == 2:  # identify
                 self.identify = payload["d"]
+                self.identifies.append(self.identify)
                 if self.identify.get("token") != self.token:
                     await ws.close(code=4004, message=b"Authentication failed.")
                 elif self.identify.get("intents", 0) & PRIVILEGED and not self.allow_privileged:
                     await ws.close(code=4014, message=b"Disallowed intent(s).")
                 else:
-                    await self._ready(ws)
+                    shard_id, self.shard_count = self.identify.get("shard") or (0, 1)
+                    self.shards[shard_id] = ws
+                    await self._ready(ws, shard_id)
         return ws
 
-    async def _ready(self, ws: web.WebSocketResponse) -> None:
+    async def _ready(self, ws: web.WebSocketResponse, shard_id: int = 0) -> None:
         gateway_url = self.url.replace("http", "ws", 1) + "/gateway"
+        ours = self.shard_of(self.guild_id) == shard_id
         await self.dispatch("READY", {
-            "v": 10, "user": self.bot_user, "guilds": [{"id": str(self.guild_id), "unavailable": True}],
-            "session_id": "fake-session", "resume_gateway_url": gateway_url, "shard": [0, 1],
+            "v": 10, "user": self.bot_user, "guilds": [{"id": str(self.guild_id), "unavailable": True}] if ours else [],
+            "session_id": f"fake-session-{shard_id}", "resume_gateway_url": gateway_url,
+            "shard": [shard_id, self.shard_count],
             "application": {"id": "1000", "flags": 0}, "private_channels": [], "relationships": [],
-        })
+        }, ws)
+        if not ours:
+            self.ready.set()
+            return
         channel = lambda id, name: {"id": str(id), "type": 0, "name": name, "position": 0,  # noqa: E731
                                     "guild_id": str(self.guild_id), "permission_overwrites": [], "nsfw": False}
         await self.dispatch("GUILD_CREATE", {
@@ -240,5 +259,5 @@ class FakeDiscord:
             "members": [{"user": self.bot_user, "roles": [], "joined_at": _now(), "deaf": False, "mute": False,
                          "flags": 0}],
             "voice_states": [], "presences": [], "stage_instances": [], "guild_scheduled_events": [],
-        })
+        }, ws)
         self.ready.set()

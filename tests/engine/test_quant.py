@@ -7,17 +7,13 @@ corpus uses) to keep it fast, and evaluates on held-out conversations.
 """
 
 import copy
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from chatcore.model import GPT, GPTConfig
-from chatcore.prompt import render_exchange
 from chatcore.quant import Int8Linear, is_quantized, quality, quantize_int8
-from chatcore.tokenizer import Tokenizer
-from tests.engine_fixtures import torch_threads
+from tests.engine_fixtures import sample_corpus, torch_threads, trained_model
 
 
 # Stated tolerance (also in the benchmark's report): held-out perplexity within 2%
@@ -67,39 +63,12 @@ def test_refuses_what_it_cannot_quantize():
         Int8Linear(torch.nn.Linear(4, 4))(torch.zeros(1, 4, dtype=torch.bfloat16))
 
 
-def _corpus(path: Path):
-    tok = Tokenizer()
-    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    docs = [tok.encode(render_exchange(x["user"], x["assistant"])) for x in lines]
-    vocab = sorted({t for d in docs for t in d})
-    compact = {t: i for i, t in enumerate(vocab)}
-    return [[compact[t] for t in d] for d in docs], len(vocab)
-
-
-@pytest.fixture
-def one_thread():
-    # a model this small trains fastest on one thread, and oversubscribed cores (CI) hurt two
-    with torch_threads(1):
-        yield
-
-
-def test_quality_on_sample_conversations_within_tolerance(one_thread, sample_conversations):
-    docs, vocab = _corpus(sample_conversations)
+def test_quality_on_sample_conversations_within_tolerance(sample_conversations):
+    docs, vocab = sample_corpus(sample_conversations)
     train, held_out = docs[:300], docs[300:]
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=64, vocab_size=vocab, n_layer=2, n_head=4, n_embd=64))
-    stream = torch.tensor([t for d in train for t in d])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(100):
-        starts = torch.randint(0, len(stream) - 65, (8,), generator=gen)
-        batch = torch.stack([stream[s : s + 65] for s in starts])
-        _, loss = model(batch[:, :-1].contiguous(), batch[:, 1:].contiguous())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    model.eval()
-    q = quality(model, quantize_int8(copy.deepcopy(model)), held_out)
+    model = trained_model(train, vocab)
+    with torch_threads(1):
+        q = quality(model, quantize_int8(copy.deepcopy(model)), held_out)
     assert q.reference_ppl < vocab / 4  # it learned something, so agreement means something
     assert abs(q.ppl_change) <= PPL_TOLERANCE, q
     assert q.top1_agreement >= MIN_AGREEMENT, q
