@@ -288,6 +288,33 @@ RUNNERS = {
 }
 
 
+SPEC_PAIRS = 3  # plain/speculative pairs per prompt in a -spec worker
+
+
+def speculation_pairs(served, backend, p: int, new_tokens: int) -> dict:
+    """Plain and speculative decoding in turn on the same served engine (SPEC_PAIRS pairs): the ratios
+    come from back-to-back runs in one process, so load drifting on a shared machine cancels out."""
+    import statistics
+
+    speculator, out = backend.speculator, {"decode": [], "total": [], "same_reply": []}
+    drafted0, accepted0 = backend.drafted, backend.accepted
+    for _ in range(SPEC_PAIRS):
+        runs = {}
+        for mode in ("plain", "spec"):
+            backend.speculator = speculator if mode == "spec" else None
+            t0, first, end, n = served.run(prompt_ids(p), new_tokens)
+            runs[mode] = ((n - 1) / (end - first), n / (end - t0), served.reply, n, first - t0)
+        out["decode"].append(runs["spec"][0] / runs["plain"][0])
+        out["total"].append(runs["spec"][1] / runs["plain"][1])
+        out["same_reply"].append(runs["spec"][2] == runs["plain"][2])
+    backend.speculator = speculator
+    return dict(new_tokens=runs["spec"][3], ttft_s=round(runs["spec"][4], 4), decode_tok_s=round(runs["spec"][0], 3),
+                total_tok_s=round(runs["spec"][1], 3), plain_decode_tok_s=round(runs["plain"][0], 3),
+                decode_ratio=round(statistics.median(out["decode"]), 3),
+                total_ratio=round(statistics.median(out["total"]), 3), same_reply=all(out["same_reply"]),
+                drafted=backend.drafted - drafted0, accepted=backend.accepted - accepted0)
+
+
 def worker(name: str, native: Path, hf_dir: Path, prompts: list[int], new_tokens: int, threads: int) -> None:
     import torch
 
@@ -296,8 +323,12 @@ def worker(name: str, native: Path, hf_dir: Path, prompts: list[int], new_tokens
     model = load(native, hf_dir, threads)
     run(model, prompt_ids(8), 4)  # warm-up: kernels, allocator, lazy imports
     backend = getattr(getattr(model, "generator", None), "backend", None)
-    drafted0, accepted0 = getattr(backend, "drafted", 0), getattr(backend, "accepted", 0)
+    speculator = getattr(backend, "speculator", None)
     for p in prompts:
+        if speculator is not None:
+            print(json.dumps(dict(engine=name, prompt_tokens=p, **speculation_pairs(model, backend, p, new_tokens))),
+                  flush=True)
+            continue
         t0, first, end, n = run(model, prompt_ids(p), new_tokens)
         rec = dict(
             engine=name,
@@ -309,9 +340,6 @@ def worker(name: str, native: Path, hf_dir: Path, prompts: list[int], new_tokens
         )
         if isinstance(model, Served):
             rec["reply_sha1"] = hashlib.sha1(model.reply.encode()).hexdigest()[:12]
-        if getattr(backend, "speculator", None) is not None:
-            rec.update(drafted=backend.drafted - drafted0, accepted=backend.accepted - accepted0)
-            drafted0, accepted0 = backend.drafted, backend.accepted
         print(json.dumps(rec), flush=True)
     print(json.dumps(dict(engine=name, peak_rss_mb=round(peak_rss_mb(), 1))), flush=True)
 
@@ -340,7 +368,7 @@ def main() -> None:
         TOP_K = 1
     if args.speculative:
         SPECULATIVE.update(draft=args.speculative, k=args.spec_k)
-        if not args.worker:  # each -spec contestant runs right after its plain twin
+        if not args.worker:  # each -spec contestant runs right after its plain twin (and times plain itself too)
             args.engines = ",".join(e + ("," + e + "-spec" if e in ("chatcore", "chatcore-int8") else "")
                                     for e in args.engines.split(","))
     if args.worker:
@@ -422,11 +450,11 @@ def run_all(args, models: Path, prompts: list[int], new_tokens: int) -> None:
     for p in prompts:
         for ours in ("chatcore", "chatcore-int8"):
             spec = results.get((ours + "-spec", p))
-            dec, tot = ratio(ours + "-spec", ours, "decode_tok_s"), ratio(ours + "-spec", ours, "total_tok_s")
-            if spec and dec and spec.get("drafted"):
-                print(f"prompt {p:>4}, {ours}-spec vs {ours}: decode {dec:.2f}x, total {tot:.2f}x; "
+            if spec and spec.get("drafted"):
+                print(f"prompt {p:>4}, {ours}-spec vs plain, {SPEC_PAIRS} interleaved pairs (median): "
+                      f"decode {spec['decode_ratio']:.2f}x, total {spec['total_ratio']:.2f}x; "
                       f"{spec['accepted']}/{spec['drafted']} guesses stood ({spec['accepted'] / spec['drafted']:.0%}); "
-                      f"same reply: {spec.get('reply_sha1') == results.get((ours, p), {}).get('reply_sha1')}")
+                      f"same reply as plain: {spec['same_reply']}")
     print("peak RSS MB: " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()))
 
 

@@ -132,3 +132,19 @@ def test_config_turns_it_on(tmp_path):
     assert isinstance(drafter, DraftModel) and drafter.k == 2
     with pytest.raises(ValueError):
         build_engine({**cfg, "speculative": {"draft": "prompt_lookup", "k": 0}})
+
+
+def test_a_conversation_that_is_joined_and_left_mid_reply_keeps_its_greedy_tokens(engine):
+    base = SamplingParams(temperature=0, stop_at_newline=False)
+    jobs = [(ECHO, base.updated(max_new_tokens=40)), (PROMPTS[1], base.updated(max_new_tokens=6)),
+            (PROMPTS[3], base.updated(max_new_tokens=12))]
+    expected = [engine.generate(p, params) for p, params in jobs]
+    for name, speculator in drafters(engine).items():
+        engine.speculator = speculator
+        sched = BatchScheduler(engine, max_batch=4)
+        try:
+            got = _run_all(sched, jobs, stagger=0.05)  # the first guesses alone, is joined, then alone again
+        finally:
+            sched.close(timeout=5)
+            engine.speculator = None
+        assert got == expected, name
