@@ -39,7 +39,9 @@ length per row). On the CPU that shape is only reserved address space: memory
 is taken page by page as tokens are written and handed back when a row is
 reset (vAttention's idea: the OS page table is the block table), so the cache
 costs what the conversations in flight hold, not max_batch x max_len, while the
-model still reads each row as a plain strided view. Rows are independent: ``reset`` (drop), ``truncate`` (rewind to
+model still reads each row as a plain strided view.
+
+Rows are independent: ``reset`` (drop), ``truncate`` (rewind to
 a shorter prefix), ``copy_row`` (reuse one row's prefix in another),
 ``snapshot`` (copy a row's state out) and ``restore`` (fill a row from a
 snapshot, e.g. a conversation's cached prefix).
