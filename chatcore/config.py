@@ -80,7 +80,8 @@ CORE_SCHEMA: Schema = {
         "speculative": {
             "draft": Field(str, None, help="Speculative decoding of a lone conversation: prompt_lookup (guesses from "
                                            "the context), or the checkpoint of a small model of the same tokenizer; "
-                                           "null: off."),
+                                           "null: off. Pays with int8 weights when guesses often stand; fp32 on a "
+                                           "small CPU is slower with it."),
             "k": Field(int, 4, help="Tokens guessed per step."),
         },
     },
