@@ -4,7 +4,9 @@ Endpoints:
 
 - ``POST /chat``: ``{"message": "...", "user": "...", "conversation": "..."}`` -> ``{"response": "..."}``
 - ``POST /v1/chat/completions``: OpenAI chat completions, plain JSON or SSE (``"stream": true``)
-- ``GET /v1/models``: the one model this bot serves
+- ``GET /v1/models``: the one model this bot serves (``max_model_len``: its context, in tokens)
+- ``POST /v1/completions``: OpenAI's legacy completions on a raw prompt, for chatcore front ends
+  (``model.remote``, chatcore/remote.py) only: needs ``api_key`` (403 without one), no history, no hooks
 - ``POST /feedback``: ``{"id": "<chatcmpl id>", "value": 1 | -1, "user": "..."}`` rates a reply
 - ``GET /health``: liveness and the serving model (never needs the API key)
 
@@ -41,6 +43,7 @@ of ``allowed_origins`` (403 otherwise).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -122,6 +125,7 @@ class HttpAdapter(Adapter):
         app.router.add_post("/chat", self.chat)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/feedback", self.feedback)
         return app
 
@@ -215,7 +219,8 @@ class HttpAdapter(Adapter):
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
-            {"id": self.model_id, "object": "model", "created": 0, "owned_by": self.bot.name}]})
+            {"id": self.model_id, "object": "model", "created": 0, "owned_by": self.bot.name,
+             "max_model_len": self.bot.engine.block_size}]})
 
     async def chat(self, request: web.Request) -> web.Response:
         body = await _json_object(request)
@@ -291,6 +296,59 @@ class HttpAdapter(Adapter):
         await response.write_eof()
         return response
 
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        """A front end's prompt, rendered by its `chatcore.prompt`, generated as is (chatcore/remote.py).
+
+        Only for key holders: a raw prompt can say anything the renderer would refuse (forged turns,
+        another persona), so an anonymous client must never send one. The text is tokenized as plain
+        text like every prompt (``<|endoftext|>`` stays ordinary tokens); token-id prompts are refused."""
+        if not self.api_key:
+            raise ApiError(403, "raw prompts need adapters.http.api_key on this server (front ends send it as "
+                                "model.remote_api_key)", "permission_error", code="api_key_required")
+        body = await _json_object(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise ApiError(400, '"prompt" must be one string (the rendered prompt; token ids are not accepted)',
+                           param="prompt")
+        params = self._raw_params(body)
+        scope = _optional_str(body, "chatcore_scope")  # the front end's scope: its adapter lives here
+        if not isinstance(body.get("stream", False), (bool, type(None))):
+            raise ApiError(400, '"stream" must be true or false', param="stream")
+        info: dict[str, Any] = {}
+        completion = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
+
+        def chunk(text: str, finish_reason: str | None) -> dict[str, Any]:
+            return {**completion, "model": info.get("model", self.bot.public_model_id),
+                    "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
+
+        if not body.get("stream"):
+            text = "".join([delta async for delta in self.bot.complete(prompt, params, info, scope)])
+            return web.json_response(chunk(text, self._finish_reason(text, params)))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        parts: list[str] = []
+        try:
+            async for delta in self.bot.complete(prompt, params, info, scope):
+                if not response.prepared:  # only now: a busy queue can still answer 503 instead of a stream
+                    await response.prepare(request)
+                parts.append(delta)
+                await response.write(f"data: {json.dumps(chunk(delta, None))}\n\n".encode())
+        except ConnectionResetError:
+            return response  # the front end went away: generation stopped
+        except Exception:
+            if not response.prepared:
+                raise
+            log.exception("http: completion %s failed", completion["id"])
+            await response.write(b'data: {"error": {"message": "internal error", "type": "server_error"}}\n\n')
+            return response
+        if not response.prepared:
+            await response.prepare(request)
+        await response.write(f"data: {json.dumps(chunk('', self._finish_reason(''.join(parts), params)))}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
     async def feedback(self, request: web.Request) -> web.Response:
         body = await _json_object(request)
         completion_id, value = body.get("id"), body.get("value")
@@ -343,6 +401,26 @@ class HttpAdapter(Adapter):
                               seed=seed, stop=base.stop + tuple(stop or ()))
         try:
             return validate(params)  # whatever the engine would refuse is refused here, as a 400
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+
+    def _raw_params(self, body: dict[str, Any]) -> SamplingParams:
+        """A front end's sampler settings, complete: every field it sends replaces this server's own
+        (``top_k: null`` is no cut, ``stop`` replaces the configured stops), so its reply is local serving's."""
+        known = {"temperature", "top_k", "top_p", "repetition_penalty", "max_tokens", "stop_at_newline", "stop", "seed"}
+        given = {k: body[k] for k in known if k in body}
+        max_tokens = given.pop("max_tokens", self.bot.params.max_new_tokens)
+        if not _is_int(max_tokens) or not 0 <= max_tokens <= self.max_tokens_limit:
+            raise ApiError(400, f"max_tokens must be an integer from 0 to {self.max_tokens_limit}", param="max_tokens")
+        stop = given.pop("stop", list(self.bot.params.stop))
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or len(stop) > 16 or not all(isinstance(x, str) and x for x in stop):
+            raise ApiError(400, "stop must be a string or a list of up to 16 non-empty strings", param="stop")
+        if not isinstance(given.get("stop_at_newline", True), bool):
+            raise ApiError(400, "stop_at_newline must be true or false", param="stop_at_newline")
+        try:
+            return validate(dataclasses.replace(self.bot.params, **given, max_new_tokens=max_tokens, stop=tuple(stop)))
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
 

@@ -10,7 +10,7 @@ once. An adapter imports only this contract (`adapter`, `message`, `params`,
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar, Protocol
 
 from .message import Message, Reply
@@ -43,6 +43,12 @@ class BotSurface(Protocol):
                      params: SamplingParams | None = None) -> Reply | None:
         """Answer `message` (None: nothing to send); `on_delta` receives the text as it streams.
         Raises `chatcore.message.Busy` when the queue is full, `chatcore.message.RateLimited` over the rate limit."""
+
+    def complete(self, prompt: str, params: SamplingParams, info: dict[str, Any] | None = None,
+                 scope: str | None = None) -> AsyncIterator[str]:
+        """Stream the model's text after a raw, already rendered prompt (a front end's: `chatcore.remote`),
+        with `scope`'s adapter when it has one; sets ``info["model"]`` to the public id of the weights
+        that answered. Raises Busy."""
 
     async def record_delivery(self, reply: Reply, platform_message_id: str) -> None:
         """Remember which platform message carried `reply`, so reactions to it count as feedback."""

@@ -10,7 +10,7 @@ import random
 import re
 import logging
 from contextlib import aclosing
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,11 @@ SHUTDOWN_GRACE_S = 10.0
 
 # an absolute, home or relative file system path inside a model id (a Hugging Face repo id is not one)
 _PATH = re.compile(r"(?<![\w.-])(?:[A-Za-z]:[\\/]|~?/|\.{1,2}[\\/])[^\s()]*")
+
+
+def public_id(model_id: str) -> str:
+    """A model id as outsiders may see it: file system paths cut to their last part."""
+    return _PATH.sub(lambda m: m.group(0).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1], model_id)
 
 
 class Bot:
@@ -77,15 +82,19 @@ class Bot:
         pm.disable(config["plugins"]["disabled"])
         check_config(config)  # an unacknowledged Discord/Slack training policy stops the bot before it starts
         store = Store(config.store_url, timeout=config["store"]["busy_timeout_s"])  # first: a locked or read-only database fails before the model loads
-        if engine is None:
-            try:
-                engine = load_engine(config)
-            except BaseException:
-                store.close()
-                raise
         serving = config["serving"]
-        generator = Generator(engine, max_queue=serving["max_queue"], max_batch=serving["max_batch"],
-                              prefix_cache_mb=serving["prefix_cache_mb"])
+        try:
+            if config["model"]["remote"] and engine is None:  # a front end: generation runs on the serving box
+                from .remote import RemoteGenerator
+
+                generator: Any = RemoteGenerator.from_config(config)
+            else:
+                generator = Generator(engine if engine is not None else load_engine(config),
+                                      max_queue=serving["max_queue"], max_batch=serving["max_batch"],
+                                      prefix_cache_mb=serving["prefix_cache_mb"])
+        except BaseException:
+            store.close()
+            raise
         return cls(config, pm, store, generator)
 
     @property
@@ -99,8 +108,7 @@ class Bot:
     @property
     def public_model_id(self) -> str:
         """The serving model's id as outsiders may see it: no file system paths."""
-        return _PATH.sub(lambda m: m.group(0).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1],
-                         self.engine.model_id)
+        return public_id(self.engine.model_id)
 
     def health(self) -> dict[str, Any]:
         """What a health check needs: ``status`` ("ok" or "unavailable"), the public model id, and why not ok."""
@@ -157,10 +165,35 @@ class Bot:
         history = await self.store.run(self.store.history, message, limit=self.config["bot"]["history_turns"])
         return await self._generate(message, history, params, on_delta)
 
+    async def complete(self, prompt: str, params: SamplingParams, info: dict[str, Any] | None = None,
+                       scope: str | None = None) -> AsyncIterator[str]:
+        """Generate after `prompt` exactly as given (no hooks, history or store): a front end
+        (`chatcore.remote`) rendered it and keeps those; `scope` (its name) adds that scope's adapter here.
+        `info["model"]`: the public id of the weights that answered."""
+        answered: dict[str, Any] = {}
+        adapter = self.scope_adapter(self.scopes.by_name.get(scope)) if scope else None
+        probe = self.metrics.request("front_ends")  # counted and timed for /metrics like the bot's own messages
+        noted, parts = probe.wrap(None), []
+        try:
+            async with aclosing(self.generator.stream(prompt, params, adapter, answered)) as stream:
+                async for delta in stream:
+                    noted(delta)
+                    parts.append(delta)
+                    if info is not None:
+                        info["model"] = public_id(answered.get("model_id", self.engine.model_id))
+                    yield delta
+        except BaseException as exc:
+            probe.done("busy" if isinstance(exc, Busy) else "error")
+            raise
+        # no Message here: the front end holds it (the probe reads only the text)
+        probe.done("answered", Reply(text="".join(parts), message=None), self.engine.count_tokens)
+        if info is not None:
+            info["model"] = public_id(answered.get("model_id", self.engine.model_id))
+
     async def _generate(self, message: Message, history: list[tuple[str, str]], params: SamplingParams,
                       on_delta: Callable[[str], Any] | None = None, retry_of: int | None = None) -> Reply | None:
         """Prompt, generate, run the reply hooks and log a model reply to `message` after `history`."""
-        engine = self.generator.engine
+        engine = await self.generator.ready()  # Busy when a remote engine cannot be reached
         scope = self.scopes.resolve(message)
         self.scopes.note(message, scope)  # its exchanges train that scope's adapter
         prompt = build_prompt(message.text, history, engine.count_tokens,
@@ -169,8 +202,9 @@ class Bot:
         await self._call("prompt_built", bot=self, message=message, prompt=prompt)
 
         parts: list[str] = []
+        answered: dict[str, Any] = {}  # which weights answered: the stream says (a hot swap or a remote may differ)
         # aclosing: when on_delta raises (the client went away), the engine stops now, not at garbage collection.
-        async with aclosing(self.generator.stream(prompt.text, params, self.scope_adapter(scope))) as stream:
+        async with aclosing(self.generator.stream(prompt.text, params, self.scope_adapter(scope), answered)) as stream:
             async for delta in stream:
                 if not parts:
                     delta = delta.lstrip()  # the prompt ends at "Assistant:"; the reply's first space is format
@@ -179,7 +213,7 @@ class Bot:
                 parts.append(delta)
                 if on_delta is not None:
                     await await_me_maybe(on_delta(delta))
-        reply = Reply(text="".join(parts).strip(), message=message, model_id=engine.model_id)
+        reply = Reply(text="".join(parts).strip(), message=message, model_id=answered.get("model_id", engine.model_id))
         await self._call("reply_ready", bot=self, message=message, reply=reply)
         if not reply.text:
             return None
@@ -194,9 +228,12 @@ class Bot:
         return reply
 
     def scope_adapter(self, scope: Any) -> tuple[str, str] | None:
-        """(scope name, adapter file) when `scope` has a promoted adapter of its own (a thread: its channel's)."""
+        """(scope name, adapter file) when `scope` has a promoted adapter of its own (a thread: its channel's).
+        A front end (`chatcore.remote`) names the scope only: its serving box holds the adapters."""
         if scope is None:
             return None
+        if self.config["model"]["remote"]:
+            return scope.name, ""
         promoted = serving_checkpoint(adapter_dir(models_dir(self.config), scope))
         return None if promoted is None else (scope.name, str(promoted))
 
@@ -285,6 +322,10 @@ class Bot:
         if not self.adapters:
             raise AdapterError("no adapter is enabled: set adapters.<name>.enabled: true in the config")
         await self._call("startup", bot=self)
+        try:
+            await self.generator.ready()  # a remote engine says its model and context size now (chatcore.remote)
+        except Busy:
+            pass  # logged; each request asks again
         tasks = [asyncio.create_task(a.start(), name=f"adapter:{a.name}") for a in self.adapters]
         follower = asyncio.create_task(self.follow_registry(), name="registry")
         stopper = asyncio.create_task(self._stopping.wait())

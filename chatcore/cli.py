@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-store", action="store_true", help="train on the --jsonl files only")
     p.add_argument("--max-iters", type=int, help="override training.max_iters")
     p.add_argument("--threads", type=int, help="training threads (default: the config's, else all cores but one)")
+    p.add_argument("--nproc", type=int, help="train in this many processes under torchrun with DistributedDataParallel "
+                                             "(one GPU each on CUDA; default: training.nproc, 1)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(run=cmd_finetune)
 
@@ -339,6 +342,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     print(f"{args.file}: OK (adapters enabled: {', '.join(enabled) or 'none'})")
     for line in check_config(config):
         print(line)
+    if config["model"]["remote"]:
+        from .remote import front_end_note
+
+        print(f"model: {front_end_note(config)}")
     print(yaml.safe_dump(config.redacted(), sort_keys=False), end="")
     return EXIT_OK
 
@@ -355,8 +362,8 @@ def cmd_config_defaults(args: argparse.Namespace) -> int:
 
 
 def finetune(config: Any, *, jsonl: list[Path] = (), use_store: bool = True, max_iters: int | None = None,
-             threads: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run one fine-tune job in this process (holding the same lock as the bot's scheduler)."""
+             threads: int | None = None, progress: bool = True, nproc: int | None = None) -> dict[str, Any]:
+    """Run one fine-tune job in this process (holding the same lock as the bot's scheduler), or under torchrun."""
     from .registry import serving_checkpoint
     from .training.job import run_job, spec_from_config
     from .training.scheduler import LOCK_NAME, clean_leftovers
@@ -386,6 +393,10 @@ def finetune(config: Any, *, jsonl: list[Path] = (), use_store: bool = True, max
         spec.train["max_iters"] = max_iters
     if threads:
         spec.threads = threads
+    if nproc is not None:
+        spec.train["nproc"] = nproc
+    if int(spec.train.get("nproc") or 1) != 1:
+        return _finetune_distributed(models_dir, spec)
     models_dir.mkdir(parents=True, exist_ok=True)
     with open(models_dir / LOCK_NAME, "a") as lock:
         try:
@@ -396,12 +407,43 @@ def finetune(config: Any, *, jsonl: list[Path] = (), use_store: bool = True, max
         return run_job(spec)
 
 
+def _finetune_distributed(models_dir: Path, spec: Any) -> dict[str, Any]:
+    """The job under torchrun, through the bot's scheduler (same lock, job folder, log); its log is echoed here."""
+    from .training.scheduler import JobBusy, JobScheduler
+
+    try:
+        job = JobScheduler(models_dir, lock_url=spec.store).start(spec)
+    except JobBusy:
+        raise Failure("a fine-tune job is already running (the bot's, or another chatcore finetune)") from None
+    log_path, shown = job.dir / "log.txt", 0
+    try:
+        while True:
+            finished = not job.running
+            text = log_path.read_bytes()[shown:] if log_path.exists() else b""
+            shown += len(text)
+            sys.stderr.write(text.decode("utf-8", "replace"))
+            sys.stderr.flush()
+            if finished:
+                break
+            try:
+                job.proc.wait(0.5)
+            except subprocess.TimeoutExpired:
+                pass
+    except KeyboardInterrupt:
+        job.cancel()
+        raise
+    result = job.wait()
+    if result.get("status") in ("failed", "cancelled"):
+        raise Failure(f"fine-tune {result['status']}: {result.get('error')} (log: {log_path})")
+    return result
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     logging.getLogger("chatcore.training").setLevel(logging.INFO)
     _, config = load(args.config)
     try:
         result = finetune(config, jsonl=args.jsonl, use_store=not args.no_store, max_iters=args.max_iters,
-                          threads=args.threads, progress=sys.stderr.isatty())
+                          threads=args.threads, progress=sys.stderr.isatty(), nproc=args.nproc)
     except ValueError as exc:  # not enough data, bad training options
         raise Failure(str(exc)) from None
     if args.json:

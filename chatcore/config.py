@@ -46,6 +46,7 @@ class Field:
     secret: bool = False
     help: str = ""
     choices: tuple[Any, ...] | None = None
+    env_only: bool = False  # a secret that may only come from ``${VAR}``, never written in the file
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,12 @@ CORE_SCHEMA: Schema = {
                           help="auto: int8 weights on a CPU (faster decoding, <1% perplexity cost), none elsewhere; int8; none."),
         "download": Field(bool, True, help="Download GPT-2 from the Hugging Face hub when it is not cached."),
         "starter": Field(bool, True, help="Train and use the small offline starter model when no GPT-2 is available."),
+        "remote": Field(str, None, help="Another chatcore's OpenAI-compatible API, e.g. http://gpu-box:8080/v1: this "
+                                        "instance becomes a front end that loads no weights (chatcore/remote.py)."),
+        "remote_api_key": Field(str, None, secret=True, env_only=True,
+                                help="The serving box's adapters.http.api_key: ${CHATCORE_REMOTE_KEY}."),
+        "remote_timeout_s": Field((int, float), 60, help="A remote silent this long (connecting, or between "
+                                                         "tokens) gets the user the busy answer."),
         "speculative": {
             "draft": Field(str, None, help="Speculative decoding of a lone conversation: prompt_lookup (guesses from "
                                            "the context), or the checkpoint of a small model of the same tokenizer; "
@@ -242,7 +249,9 @@ def render_defaults(schema: Schema) -> str:
                 notes.append("one of: " + ", ".join(scalar(c) for c in spec.choices))
             if spec.required:
                 notes.append("required" + (" when enabled" if "enabled" in node else ""))
-            if spec.secret:
+            if spec.env_only:
+                notes.append("secret: from the environment only, e.g. ${MY_SECRET}")
+            elif spec.secret:
                 notes.append("secret: set it from the environment, e.g. ${MY_SECRET}")
             for note in notes:
                 lines.append(f"{indent}# {note}")
@@ -332,6 +341,10 @@ def _validate(node: yaml.Node, schema: Schema, prefix: str, file: str | None,
         value, from_env = _value(value_node, spec, path, file, environ)
         if from_env:
             secrets.add(path)  # whatever the key, a value from the environment is never printed
+        elif spec.env_only and value is not None:
+            raise ConfigError("must come from the environment: write ${VARIABLE} here and set the variable "
+                              "(a key written in a file ends up in backups and repositories)",
+                              key=path, file=file, line=_line(value_node))
         _check(value, spec, path, file, _line(value_node), enforce, shown=not from_env)
         out[key] = value
     return out

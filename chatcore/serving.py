@@ -175,12 +175,17 @@ class Generator:
         """Serve `engine` from the next request on."""
         self._engine = engine
 
-    async def stream(self, prompt: str, params: SamplingParams,
-                     adapter: tuple[str | None, str] | None = None) -> AsyncIterator[str]:
+    async def ready(self) -> Any:
+        """The engine that will serve the next request (a remote one, `chatcore.remote`, asks its server first)."""
+        return self._engine
+
+    async def stream(self, prompt: str, params: SamplingParams, adapter: tuple[str | None, str] | None = None,
+                     info: dict[str, Any] | None = None) -> AsyncIterator[str]:
         """Yield the reply's text as it is generated; stopping early cancels the work.
 
         `adapter` = (scope, LoRA adapter file) adds that adapter to this request (batched
-        engines only: `chatcore.batching`); an engine served one at a time ignores it."""
+        engines only: `chatcore.batching`); an engine served one at a time ignores it.
+        `info["model_id"]` is set to the id of the weights that answer (a swap may come in between)."""
         if self._closed:
             raise RuntimeError("the generator is closed")
         loop = asyncio.get_running_loop()
@@ -189,11 +194,14 @@ class Generator:
         def sink(item: Any) -> None:  # called on the worker thread
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
+        backend = self.backend
         try:
-            handle = self.backend.submit(prompt, params, sink, adapter=adapter)  # Busy / ValueError surface here
+            handle = backend.submit(prompt, params, sink, adapter=adapter)  # Busy / ValueError surface here
         except Busy:
             self.busy += 1
             raise
+        if info is not None:
+            info["model_id"] = backend.engine.model_id
         try:
             while (item := await queue.get()) is not DONE:
                 if isinstance(item, BaseException):

@@ -249,6 +249,8 @@ class RegistryWatch:
     def engine_if_needed(self, current: Any) -> Engine | None:
         """A fully loaded engine for what the registry says serves now; None when that already serves
         (or the registry is unreadable: the current model keeps serving)."""
+        if self.config["model"].get("remote"):
+            return None  # a front end (chatcore.remote) loads no weights: its serving box follows its own registry
         try:
             promoted = Registry(models_dir(self.config)).current()
         except RegistryError as exc:

@@ -85,6 +85,9 @@ def register_config(register):
                             help="Start weights: the configured model (forgotten users leave the model too) "
                                  "or the model serving now."),
         "val_fraction": Field((int, float), 0.1, help="Share of conversations held out for the gate."),
+        "poll_minutes": Field((int, float), None,
+                              help="Also check the history this often: on a serving box, whose front ends "
+                                   "(model.remote) log the exchanges (null: only when this instance logs one)."),
         "on_forget": Field(str, "retrain_next", choices=("retrain_next", "retrain_now"),
                            help="When /forget hits a user the serving model was trained on: retrain_next (the "
                                 "next fine-tune starts from the base without them) or retrain_now (start one now)."),
@@ -110,6 +113,7 @@ class State:
         self.scheduler = JobScheduler(self.models_dir, threads=cfg.get("threads"), lock_url=bot.config.store_url)
         self.job: Job | None = None
         self.task: asyncio.Task | None = None
+        self.poller: asyncio.Task | None = None  # poll_history, on a serving box
         self.last_attempt = 0.0
         if cfg.get("every", 50) < MIN_SENSIBLE:
             log.warning("plugins.auto_finetune.every is %d: fine-tuning on fewer than %d exchanges "
@@ -197,13 +201,19 @@ def _source(engine: Any) -> str | None:
 
 @hookimpl
 async def startup(bot):
-    """Remove what crashed fine-tunes left behind (temporary files, orphan candidates)."""
-    await asyncio.to_thread(state_of(bot).scheduler.clean)
+    """Remove what crashed fine-tunes left behind (temporary files, orphan candidates); start `poll_history`."""
+    st = state_of(bot)
+    await asyncio.to_thread(st.scheduler.clean)
+    minutes = st.cfg.get("poll_minutes")
+    if minutes and not bot.config.get("model.remote"):
+        st.poller = asyncio.create_task(poll_history(bot, float(minutes) * 60), name="auto_finetune:poll")
 
 
 @hookimpl
 def shutdown(bot):
     st = _states.get(bot)
+    if st is not None and st.poller is not None:
+        st.poller.cancel()
     if st is not None and st.running:
         log.info("cancelling the running fine-tune job")
         st.job.cancel(grace=5)
@@ -211,12 +221,19 @@ def shutdown(bot):
 
 @hookimpl
 async def exchange_logged(bot, exchange):
+    if bot.config.get("model.remote"):
+        return  # a front end has no weights: the serving box fine-tunes (chatcore.remote.front_end_note)
+    scopes = getattr(bot, "scopes", None)
+    scope = scopes.scope_of(exchange.adapter, exchange.channel) if scopes is not None else None
+    await consider(bot, scope if scope is not None and scope.finetune else None)  # a scope counts for its adapter
+
+
+async def consider(bot: Any, scope: Any = None) -> None:
+    """Start a fine-tune of `scope`'s adapter (None: the bot-wide model) when enough new exchanges wait."""
     st = state_of(bot)
     if not st.cfg.get("enabled", True) or st.running:
         return
-    scopes = getattr(bot, "scopes", None)
-    scope = scopes.scope_of(exchange.adapter, exchange.channel) if scopes is not None else None
-    if scope is not None and scope.finetune:  # counted per scope: its own adapter
+    if scope is not None:
         if await bot.store.run(scope_exchanges_since_finetune, bot, scope) >= st.cfg.get("every", 50):
             try:
                 await start_job(bot, scope)
@@ -242,6 +259,15 @@ async def exchange_logged(bot, exchange):
         log.warning("fine-tune not started: %s", exc)
 
 
+async def poll_history(bot: Any, every_s: float) -> None:
+    """A serving box's look at the history its front ends log to (chatcore.remote): no `exchange_logged`
+    fires here for their exchanges, so the same counts are checked every `every_s` seconds."""
+    while True:
+        await asyncio.sleep(every_s)
+        for scope in [s for s in bot.scopes.scopes if s.finetune] + [None]:
+            await consider(bot, scope)
+
+
 @hookimpl
 async def user_forgotten(bot, user_key, deleted):
     """retrain_now: a serving model trained on this user is replaced by a fine-tune without them, now."""
@@ -262,6 +288,10 @@ async def user_forgotten(bot, user_key, deleted):
 async def start_job(bot: Any, scope: Any = None) -> Job:
     """Start a fine-tune job now (the bot-wide model, or a scope's adapter); its result is handled
     in the background. Raises JobBusy."""
+    if bot.config.get("model.remote"):
+        from chatcore.remote import front_end_note
+
+        raise RuntimeError(front_end_note(bot.config))
     st = state_of(bot)
     if st.running:
         raise JobBusy("a fine-tune job is already running")

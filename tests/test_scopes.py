@@ -106,9 +106,9 @@ def test_a_thread_is_served_with_its_channels_promoted_adapter(tmp_path):
         seen = []
         stream = bot.bot.generator.stream
 
-        def recording(prompt, params, adapter=None):
+        def recording(prompt, params, adapter=None, info=None):
             seen.append(adapter)
-            return stream(prompt, params, adapter)
+            return stream(prompt, params, adapter, info)
 
         bot.bot.generator.stream = recording
         bot.ask("hi", adapter="discord", channel="555", parent="100", workspace="7")  # a thread of #100

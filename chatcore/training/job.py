@@ -13,6 +13,10 @@ provenance); judge it against the serving model (`spec.serving`) on the
 held-out split; record the promotion or rejection in the registry and mark the
 fine-tune in the store so the exchange counter restarts.
 
+Under torchrun (``training.nproc`` > 1, see `chatcore.training.distributed`) every
+rank runs this job up to the end of training; rank 0 alone then goes on to the
+preference stage, the candidate, the gate and the registry, and writes ``result.json``.
+
 The result (a JSON-able dict, also ``result.json`` in the job folder) has
 ``status`` = ``promoted`` | ``rejected`` | ``failed`` | ``cancelled``, the metrics and
 the data report. A cancelled or failed job writes no candidate and changes nothing
@@ -121,12 +125,20 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
     from ..store import is_postgres_url
     from .gate import GateConfig, judge_file
     from .preference import preference_metrics
+    from .distributed import close as leave_process_group
+    from .distributed import from_env
     from .train import Resume, TrainConfig, set_threads, train
 
     t0 = time.time()
-    set_threads(spec.threads)
+    ranks = from_env()  # rank 0 of 1 unless torchrun started this process
+    set_threads(max(1, spec.threads // ranks.world) if spec.threads else None)  # the budget is the job's, not a rank's
     models_dir = Path(spec.models_dir).expanduser()
     train_cfg = TrainConfig.from_dict(spec.train)
+    if train_cfg.nproc != ranks.world:
+        log.warning("training.nproc is %d but this job runs in %d process(es) (torchrun starts the others: "
+                    "`chatcore finetune --nproc N`); training in %d, with the same global batch",
+                    train_cfg.nproc, ranks.world, ranks.world)
+        train_cfg.nproc = ranks.world  # the provenance says how it was trained
     guard_cfg = GuardConfig.from_dict(spec.guards)
     gate_cfg = GateConfig.from_dict(spec.gate)
     lora_cfg = None
@@ -160,6 +172,9 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
     if data.train_exchanges == 0 or data.val_exchanges == 0:
         raise ValueError(f"not enough data to fine-tune: {data.train_exchanges} training and "
                          f"{data.val_exchanges} validation exchange(s) after the guards ({data.guard_report})")
+    if ranks.world > 1 and not ranks.same(data.hash):
+        raise RuntimeError("the training processes read different data (the history changed while they read it); "
+                           "run the job again")
     if data.train_exchanges + data.val_exchanges < MIN_SENSIBLE:
         log.warning("fine-tuning on %d exchange(s), fewer than %d: the model will mostly overfit them; "
                     "training anyway", data.train_exchanges + data.val_exchanges, MIN_SENSIBLE)
@@ -168,15 +183,23 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
     model, base_meta = load_model(spec.base)
     check_servable(model, spec.base)  # a base that cannot serve cannot give a candidate that can
     lineage = inherit_lineage(data.lineage, base_meta)
-    serving = copy.deepcopy(model) if spec.serving in (None, spec.base) else load_model(spec.serving)[0]
-    serving.eval()
+    serving = None
+    if ranks.main:  # only rank 0 judges
+        serving = copy.deepcopy(model) if spec.serving in (None, spec.base) else load_model(spec.serving)[0]
+        serving.eval()
     if lora_cfg is not None:
         from ..lora import apply_lora
 
         apply_lora(model, lora_cfg)
 
     resume = Resume(models_dir / RESUME_NAME, resume_key(spec, train_cfg, data.hash, model.config))
-    outcome = train(model, data, train_cfg, progress=spec.progress, should_stop=should_stop, resume=resume)
+    model.to(ranks.device)
+    outcome = train(model, data, train_cfg, progress=spec.progress, should_stop=should_stop, resume=resume,
+                    ranks=ranks)
+    model.to("cpu")
+    leave_process_group()
+    if not ranks.main:  # rank 0 has the same weights and writes everything
+        return {"status": "trained", "rank": ranks.rank}
     prefs_train, prefs_held, pref_outcome = preference_stage(spec, store, guard_cfg, train_cfg.seed, model, tok,
                                                              should_stop)
 
@@ -316,6 +339,20 @@ def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _die_with_launcher() -> None:
+    """Under torchrun: end with the launcher, which holds the job lock (Linux; a no-op elsewhere).
+
+    A rank outliving a killed launcher would train on, unlocked, and rank 0 could still promote."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the launcher died before the line above
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m chatcore.training.job")
     parser.add_argument("spec")
@@ -339,6 +376,11 @@ def main(argv: list[str] | None = None) -> int:
 
     spec = JobSpec(**json.loads(spec_path.read_text(encoding="utf-8")))
     result_path = spec_path.with_name("result.json")
+    rank = int(os.environ.get("RANK", "0"))  # set by torchrun; rank 0 alone reports
+    if "RANK" in os.environ:
+        _die_with_launcher()
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
     try:
         result = run_job(spec, should_stop=lambda: stop["flag"])
         rc = 0
@@ -348,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         result, rc = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}, 1
     result["job"] = spec_path.parent.name
-    _write_json_atomic(result_path, result)
+    if rank == 0:
+        _write_json_atomic(result_path, result)
     return rc
 
 

@@ -36,6 +36,9 @@ class TrainConfig:
     max_seconds: float | None = None
     method: str = "full"  # or "lora": train a low-rank adapter (chatcore.lora), the base stays frozen
     lora: dict[str, Any] = field(default_factory=dict)  # rank, alpha, dropout, targets (chatcore.lora.LoRAConfig)
+    # Processes training together under torchrun with DistributedDataParallel (chatcore.training.distributed):
+    # each takes its rows of the same global batch_size, so the other options mean the same at any count.
+    nproc: int = 1
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "TrainConfig":
@@ -64,6 +67,11 @@ class TrainConfig:
             raise ValueError("training.dropout must lie in [0, 1)")
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise ValueError("training.max_seconds must be positive")
+        if not isinstance(self.nproc, int) or self.nproc < 1:
+            raise ValueError("training.nproc must be a whole number of at least 1")
+        if self.nproc > self.batch_size:
+            raise ValueError(f"training.nproc ({self.nproc}) may not exceed training.batch_size ({self.batch_size}): "
+                             "each process trains on its rows of one global batch")
 
 
 @dataclass

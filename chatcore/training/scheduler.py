@@ -21,7 +21,10 @@
 - Resumable: a killed or cancelled job continues from its last evaluation
   (``<models>/.finetune-resume.pt``, see `chatcore.training.train.Resume`).
 
-The worker is ``python -m chatcore.training.job SPEC.json`` (see `job.py`); each
+The worker is ``python -m chatcore.training.job SPEC.json`` (see `job.py`), or
+``torchrun`` running N of them when ``training.nproc`` is N
+(`chatcore.training.distributed`): the launcher then holds the lock, and a rank
+that dies fails the whole job before any candidate exists. Each
 job has a folder ``<models>/jobs/<id>/`` with ``spec.json``, ``log.txt`` and,
 when it ends, ``result.json``.
 """
@@ -43,6 +46,7 @@ from typing import Any
 
 from ..store import is_postgres_url, without_password
 from .job import RESUME_NAME, JobSpec
+from .options import TrainConfig
 
 LOCK_NAME = ".finetune.lock"
 
@@ -169,6 +173,11 @@ class JobScheduler:
         return held
 
     def start(self, spec: JobSpec) -> Job:
+        nproc = TrainConfig.from_dict(spec.train).nproc  # bad options fail here, before any lock or folder
+        if nproc > 1:
+            from .distributed import check_nproc
+
+            check_nproc(nproc)
         self.models_dir.mkdir(parents=True, exist_ok=True)
         held = self._hold_instance_lock()
         lock = open(self.lock_path, "a+")
@@ -191,10 +200,16 @@ class JobScheduler:
             (folder / "spec.json").write_text(json.dumps(asdict(spec), indent=2), encoding="utf-8")
             env = {**os.environ, "OMP_NUM_THREADS": str(spec.threads), "MKL_NUM_THREADS": str(spec.threads),
                    "PYTHONUNBUFFERED": "1", **secret}
+            command = [sys.executable, "-m", "chatcore.training.job", str(folder / "spec.json"),
+                       "--lock-fd", str(lock.fileno())]
+            if nproc > 1:
+                from .distributed import torchrun_command, torchrun_env
+
+                command = torchrun_command(nproc, "chatcore.training.job", [str(folder / "spec.json")])
+                env.update(torchrun_env(nproc, spec.threads))
             with open(folder / "log.txt", "ab") as logf:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "chatcore.training.job", str(folder / "spec.json"),
-                     "--lock-fd", str(lock.fileno())],
+                    command,
                     stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                     pass_fds=(lock.fileno(),), env=env,  # same cwd: relative paths in the spec still hold
                 )

@@ -35,6 +35,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .data import Dataset, TokenData, eval_batches, get_batch
+from .distributed import Ranks
 from .options import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -139,20 +140,43 @@ def loss_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: TokenData, batch_size: int = 8, block_size: int = 128,
-             max_batches: int | None = None, vocab: OutputVocab | None = None) -> float:
-    """Mean loss per target token over the whole split (or its first `max_batches` batches)."""
+             max_batches: int | None = None, vocab: OutputVocab | None = None,
+             ranks: Ranks | None = None) -> float:
+    """Mean loss per target token over the whole split (or its first `max_batches` batches).
+
+    With `ranks`, each rank scores every world-th batch and the sums are added up over ranks."""
     if len(data) < 2:
         return float("nan")
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     block = min(block_size, model.config.block_size)
-    for x, y in eval_batches(data, batch_size, block, max_batches):
-        s, n = loss_sum(model, x, y, vocab)
+    device = next(model.parameters()).device
+    for b, (x, y) in enumerate(eval_batches(data, batch_size, block, max_batches)):
+        if ranks is not None and b % ranks.world != ranks.rank:
+            continue
+        s, n = loss_sum(model, x.to(device), y.to(device), vocab)
         total += float(s)
         count += n
     model.train(was_training)
+    if ranks is not None and ranks.world > 1:
+        total, count = ranks.sum(total, count)
     return total / count if count else float("nan")
+
+
+class _StepLoss(nn.Module):
+    """A step's summed loss as a module: DistributedDataParallel's forward (which arms its gradient all-reduce) computes it."""
+
+    def __init__(self, model: nn.Module, vocab: OutputVocab | None, full_forward: bool) -> None:
+        super().__init__()
+        self.model, self.vocab, self.full_forward = model, vocab, full_forward
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.full_forward:  # the model's own forward: full logits (the seed's way)
+            logits, _ = self.model(x)
+            return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.reshape(-1), ignore_index=-1,
+                                   reduction="sum")
+        return loss_sum(self.model, x, y, self.vocab)[0]
 
 
 def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -274,33 +298,50 @@ class _Progress:
 
 def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, progress: bool = True,
           should_stop: Callable[[], bool] | None = None, vocab: OutputVocab | None = None,
-          resume: Resume | None = None) -> TrainOutcome:
+          resume: Resume | None = None, ranks: Ranks | None = None) -> TrainOutcome:
     """Fine-tune `model` in place; on return it holds the weights of its best evaluation.
 
     With `resume`, every evaluation is saved there, and a saved state of the same run
-    is continued from (same batches, dropout masks and optimizer state as if never stopped)."""
+    is continued from (same batches, dropout masks and optimizer state as if never stopped).
+    With `ranks` of a distributed run (`chatcore.training.distributed`), each rank trains on
+    its rows of the same global batch under DistributedDataParallel, and only rank 0 writes."""
     t0 = time.perf_counter()  # the budget covers the set-up too (a first fused AdamW takes seconds)
     cfg.validate()
     if len(data.train) < 2:
         raise ValueError("no training data left after the guards")
-    torch.manual_seed(cfg.seed)  # dropout masks
+    ranks = ranks or Ranks()
+    if ranks.world > cfg.batch_size:
+        raise ValueError(f"{ranks.world} ranks need training.batch_size of at least {ranks.world} (one row each)")
+    torch.manual_seed(cfg.seed + ranks.rank)  # dropout masks: each rank's own (rank 0's are one process's)
     gen = torch.Generator().manual_seed(cfg.seed)  # batch sampling
     block = min(cfg.block_size, model.config.block_size)
     set_dropout(model, cfg.dropout)
     model.train()
     opt = make_optimizer(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
+    ddp = None
+    if ranks.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # it starts every rank from rank 0's weights (GPT has no buffers to keep in step)
+        ddp = DistributedDataParallel(_StepLoss(model, vocab, not (cfg.head_on_targets_only or vocab is not None)),
+                                      device_ids=[ranks.device] if ranks.device.type == "cuda" else None)
 
     def val() -> float:
         return evaluate(model, data.val, batch_size=max(cfg.batch_size, 8), block_size=block,
-                        max_batches=cfg.eval_max_batches, vocab=vocab)
+                        max_batches=cfg.eval_max_batches, vocab=vocab, ranks=ranks)
 
     saved = resume.load() if resume is not None else None
+    if ranks.world > 1:  # all resume from the same evaluation, or all start fresh
+        found = saved["iter"] if saved is not None else -1
+        if ranks.max(found) != [-x for x in ranks.max(-found)]:
+            raise RuntimeError("the training processes found different resume states (is the models folder "
+                               "shared by all of them?)")
     e0 = time.perf_counter()
     if saved is not None:
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
-        torch.set_rng_state(saved["rng"])
+        torch.set_rng_state(saved["rng"] if ranks.world == 1 else saved["rngs"][ranks.rank])
         gen.set_state(saved["gen"])
         start, initial, history = saved["iter"], saved["initial"], saved["history"]
         best, best_iter, bad_evals = saved["best"], saved["best_iter"], saved["bad_evals"]
@@ -323,13 +364,16 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, progress: bool =
         stopped = "early_stop"
     tokens = 0
     budget = cfg.max_seconds
-    bar = _Progress(cfg, progress)
+    bar = _Progress(cfg, progress and ranks.main)
     warm_end = None  # when the warm-up ended: the cosine spans the rest of the budget
     while it < cfg.max_iters and not finished:
         it += 1
-        if should_stop is not None and should_stop():
-            raise Cancelled(f"cancelled at iteration {it}")
+        stop = should_stop is not None and should_stop()
         elapsed = time.perf_counter() - t0
+        if ranks.world > 1:  # one clock and one stop for all: the ranks must take the same steps at the same rates
+            stop, elapsed, eval_cost = ranks.max(stop, elapsed, eval_cost)
+        if stop:
+            raise Cancelled(f"cancelled at iteration {it}")
         done = None
         if budget is not None and it > cfg.warmup_iters:
             warm_end = elapsed if warm_end is None else warm_end
@@ -337,8 +381,16 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, progress: bool =
         lr = get_lr(it - 1, cfg, done)
         for g in opt.param_groups:
             g["lr"] = lr
-        x, y = get_batch(data.train, cfg.batch_size, block, gen)
-        if cfg.head_on_targets_only or vocab is not None:
+        x, y = get_batch(data.train, cfg.batch_size, block, gen)  # the global batch: every rank draws the same
+        batch_tokens = x.numel()
+        if ddp is not None:
+            n_all = int((y != -1).sum())
+            if n_all == 0:
+                continue
+            # This rank's rows, scaled so that DDP's average of the ranks' gradients is the
+            # gradient of the global batch's mean loss: exactly one process's step.
+            loss = ddp(ranks.shard(x).to(ranks.device), ranks.shard(y).to(ranks.device)) * (ranks.world / n_all)
+        elif cfg.head_on_targets_only or vocab is not None:
             s, n = loss_sum(model, x, y, vocab)
             if n == 0:
                 continue
@@ -350,13 +402,16 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, progress: bool =
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
-        tokens += x.numel()
+        tokens += batch_tokens
         train_loss = loss.item()
-        ema = train_loss if ema is None else 0.9 * ema + 0.1 * train_loss
         now = time.perf_counter()
         step_cost, elapsed = now - t0 - elapsed, now - t0
         # stop when another step and the final evaluation would not fit (costs as last measured)
         out_of_time = budget is not None and elapsed + step_cost + eval_cost >= budget
+        if ranks.world > 1:  # the global batch's mean loss; out of time when any rank is
+            total, late = ranks.sum(train_loss, out_of_time)
+            train_loss, out_of_time = total / ranks.world, late > 0
+        ema = train_loss if ema is None else 0.9 * ema + 0.1 * train_loss
         if out_of_time:
             stopped = "time_budget"
         bar.update(it, elapsed, ema, lr)
@@ -372,9 +427,10 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, progress: bool =
                 best_state = trained_state(model)
             else:
                 bad_evals += 1
-            if resume is not None:  # the best weights are stored only when they are not the current ones
+            rngs = ranks.gather(torch.get_rng_state()) if resume is not None and ranks.world > 1 else None
+            if resume is not None and ranks.main:  # the best weights are stored only when they are not the current ones
                 resume.save(dict(iter=it, model=model.state_dict(), optimizer=opt.state_dict(),
-                                 rng=torch.get_rng_state(), gen=gen.get_state(), initial=initial,
+                                 rng=torch.get_rng_state(), rngs=rngs, gen=gen.get_state(), initial=initial,
                                  history=history, best=best, best_iter=best_iter, bad_evals=bad_evals,
                                  best_state=None if best_iter == it else best_state,
                                  train_loss=train_loss, ema=ema))
