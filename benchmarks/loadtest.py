@@ -15,6 +15,22 @@ the history store with exactly the text the client received.
     python benchmarks/loadtest.py                 # 32 clients, 60 s
     python benchmarks/loadtest.py --quick         # 8 clients, 10 s, tiny model
     python benchmarks/loadtest.py --json          # one JSON object with the results
+
+Several instances (``--instances N`` or ``--history``): N real ``chatcore run`` processes,
+each with the HTTP adapter on its own loopback port, all on one history URL and one shared
+models folder (``bot.data_dir``), as on N machines sharing a volume; client i talks to
+instance i mod N, authenticated with the API key (so its exchanges train). ``--history
+temp`` starts a throwaway PostgreSQL cluster (tests/pgcluster.py); a postgresql:// URL
+should name an empty database: the run imports the sample conversations into it and
+marks them as already learned from. With ``--finetune-every N`` (default 100) auto
+fine-tuning is on (tiny training settings), the clients keep talking until every
+instance serves the promoted model, and the report adds the fine-tune jobs started and
+each instance's final model. Reported per instance and in total: answered, busy, errors,
+p50/p95 latency; and whether every answered exchange is stored exactly once (rows read
+back from the history with SQL).
+
+    python benchmarks/loadtest.py --instances 2 --history temp --model tiny --seconds 20
+    python benchmarks/loadtest.py --instances 2 --history postgresql://chatcore@127.0.0.1:5432/loadtest
 """
 
 from __future__ import annotations
@@ -23,6 +39,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -47,6 +64,7 @@ class Record:
     text: str
     reply: str = ""
     detail: str = ""
+    instance: str = ""
 
 
 class Server:
@@ -122,13 +140,16 @@ class Server:
         return self.call(read())
 
 
-async def client(i: int, url: str, deadline: float, lines: list[str], out: list[Record]) -> None:
+async def client(i: int, url: str, deadline: float, lines: list[str], out: list[Record], *,
+                 api_key: str | None = None, prefix: str = "", instance: str = "", until=None) -> None:
+    """Send messages back to back until `deadline` (and, when given, until `until()` is true)."""
     endpoint = "/chat" if i % 2 == 0 else "/v1/chat/completions"
     timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
         j = 0
-        while time.monotonic() < deadline:
-            text = f"[client {i} #{j}] {lines[(i * 31 + j) % len(lines)]}"
+        while time.monotonic() < deadline or (until is not None and not until()):
+            text = f"{prefix}[client {i} #{j}] {lines[(i * 31 + j) % len(lines)]}"
             j += 1
             t0 = time.perf_counter()
             try:
@@ -139,6 +160,7 @@ async def client(i: int, url: str, deadline: float, lines: list[str], out: list[
             except Exception as exc:  # connection errors, bad JSON: all count as errors
                 rec = Record(i, endpoint, "error", 0.0, text, detail=f"{type(exc).__name__}: {exc}")
             rec.latency = time.perf_counter() - t0
+            rec.instance = instance
             out.append(rec)
             if rec.outcome == "busy":
                 await asyncio.sleep(float(rec.detail or 1))
@@ -175,7 +197,8 @@ async def _stream(session, url: str, i: int, text: str) -> Record:
 
 
 def _refusal(i: int, endpoint: str, text: str, r, body) -> Record:
-    if r.status == 503 and (body or {}).get("error", {}).get("code") == "busy":
+    busy = r.status == 503 and (body or {}).get("error", {}).get("code") == "busy"
+    if busy or r.status == 429:  # the model queue is full, or a rate limit: both say when to retry
         return Record(i, endpoint, "busy", 0, text, detail=r.headers.get("Retry-After", "1"))
     return Record(i, endpoint, "error", 0, text, detail=f"HTTP {r.status}: {body}")
 
@@ -185,6 +208,152 @@ def percentile(values: list[float], q: float) -> float | None:
         return None
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def summary(records: list[Record], wall: float) -> dict:
+    """answered / busy / errors, requests per second and latency percentiles of some requests."""
+    answered = [r.latency for r in records if r.outcome == "answered"]
+    busy = [r for r in records if r.outcome == "busy"]
+    return dict(requests=len(records), answered=len(answered), busy=len(busy),
+                errors=sum(r.outcome == "error" for r in records), answered_per_s=round(len(answered) / wall, 2),
+                p50_s=percentile(answered, 0.5), p95_s=percentile(answered, 0.95),
+                busy_p50_s=percentile([r.latency for r in busy], 0.5))
+
+
+def run_instances(args: argparse.Namespace, lines: list[str]) -> tuple[dict, list[Record]]:
+    """N `chatcore run` processes on one history and one models folder (see the module docstring)."""
+    import secrets
+
+    from chatcore import checkpoint
+    from chatcore.model import GPT, GPTConfig
+    from chatcore.registry import Registry
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.instances import finetune_jobs, free_port, instance_config, seed_history, start_instances, stored_replies
+
+    cluster = None
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        url = args.history
+        if url == "temp":
+            from tests.pgcluster import Cluster, find_bin
+
+            if (bin_dir := find_bin()) is None:
+                sys.exit("--history temp needs the PostgreSQL server binaries (initdb, pg_ctl)")
+            cluster = Cluster(bin_dir).start()
+            url = cluster.new_database()
+        instances = []
+        try:
+            torch.manual_seed(0)
+            model = GPT(GPTConfig(block_size=256, n_layer=2, n_head=2, n_embd=64)) if args.model == "tiny" else build_model()
+            base = checkpoint.save(model, tmp / f"{args.model}-random", base_model=f"{args.model}-random")
+            shared, key, run = tmp / "shared", secrets.token_hex(16), secrets.token_hex(3)
+            every = args.finetune_every or 10**9  # 0: never crosses (the plugin stays quiet)
+            configs = [instance_config(name=f"instance{n}", data_dir=shared, history_url=url, port=free_port(),
+                                       api_key=key, checkpoint=base, every=every, max_new_tokens=args.max_tokens,
+                                       max_queue=args.max_queue, threads=args.threads) for n in range(args.instances)]
+            instances = start_instances(configs, tmp)
+            if args.finetune_every:
+                seed_history(url, Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sample_conversations.jsonl")
+            models = shared / "models"
+
+            def settled() -> bool:
+                """A fine-tune's verdict is in and every instance serves what the registry says."""
+                jobs = list((models / "jobs").glob("*/result.json")) if (models / "jobs").is_dir() else []
+                serving = Registry(models).current() if jobs else None
+                return bool(jobs) and all((h := inst.health()) and (serving is None or h["model"].startswith(serving.stem))
+                                          for inst in instances)
+
+            records: list[Record] = []
+            started = time.perf_counter()
+
+            async def go() -> None:
+                done = asyncio.Event()
+                if not args.finetune_every:
+                    done.set()
+                deadline, cap = time.monotonic() + args.seconds, time.monotonic() + args.seconds + args.finetune_wait
+
+                async def watch() -> None:  # off the event loop: the clients' latencies stay honest
+                    while not await asyncio.to_thread(settled):
+                        await asyncio.sleep(1)
+                    done.set()
+
+                watcher = asyncio.create_task(watch()) if not done.is_set() else None
+                await asyncio.gather(*(client(i, instances[i % len(instances)].url, deadline, lines, records,
+                                              api_key=key, prefix=f"[lt{run}]", instance=instances[i % len(instances)].name,
+                                              until=lambda: done.is_set() or time.monotonic() > cap)
+                                       for i in range(args.clients)))
+                if watcher is not None:
+                    watcher.cancel()
+
+            asyncio.run(go())
+            wall = time.perf_counter() - started
+            finals = {inst.name: (inst.health() or {}).get("model") for inst in instances}
+            stored = stored_replies(url, f"[lt{run}]")
+            jobs = finetune_jobs(url, models)
+        finally:
+            codes = [inst.stop() for inst in instances]
+            logs = [inst.log() for inst in instances]
+            if cluster is not None:
+                cluster.stop()
+
+    logged = [r for r in records if r.outcome == "answered" and r.reply.strip()]  # empty replies: not logged
+    result = dict(
+        instances=args.instances, history="throwaway PostgreSQL cluster" if cluster else _redact(url),
+        clients=args.clients, seconds=args.seconds, wall_s=round(wall, 1), model=f"{args.model}-random",
+        threads=args.threads, max_tokens=args.max_tokens, max_queue=args.max_queue,
+        total=summary(records, wall),
+        per_instance={inst.name: summary([r for r in records if r.instance == inst.name], wall) for inst in instances},
+        answered_exchanges_logged=len(logged),
+        empty_replies=sum(r.outcome == "answered" and not r.reply.strip() for r in records),
+        stored_once=sum(stored.get(r.text) == [r.reply.strip()] for r in logged),
+        missing=sum(r.text not in stored for r in logged),
+        duplicated=sum(len(stored.get(r.text, [])) > 1 for r in logged),
+        different=sum(len(stored.get(r.text, [])) == 1 and stored[r.text] != [r.reply.strip()] for r in logged),
+        stored_for_refused=sum(r.text in stored for r in records if r.outcome != "answered"),
+        finetune_every=args.finetune_every,
+        finetune_jobs_started=len(jobs["jobs"]),
+        finetune_started_in_logs=sum(len(re.findall(r"fine-tune job \S+ started", log)) for log in logs),
+        promoted=jobs["promoted"], rejected=jobs["rejected"],
+        final_models=finals, exit_codes=codes,
+        load_average=round(os.getloadavg()[0], 1),
+    )
+    result["mismatches"] = [(r, stored.get(r.text)) for r in logged if stored.get(r.text) != [r.reply.strip()]]
+    return result, records
+
+
+def _redact(url: str) -> str:
+    from chatcore.postgres import redact
+
+    return redact(url)
+
+
+def print_instances(result: dict, records: list[Record], mismatches: list) -> None:
+    def line(name: str, s: dict) -> str:
+        lat = (f"; latency p50 {s['p50_s']:.2f} s, p95 {s['p95_s']:.2f} s" if s["p50_s"] is not None else "")
+        return (f"  {name}: requests {s['requests']}, answered {s['answered']} ({s['answered_per_s']}/s), "
+                f"busy {s['busy']}, errors {s['errors']}{lat}")
+
+    r = result
+    print(f"{r['instances']} instances on {r['history']}, {r['clients']} clients x {r['seconds']:.0f} s "
+          f"(ran {r['wall_s']} s), {r['model']}, {r['threads']} thread(s) each, max_new_tokens {r['max_tokens']}, "
+          f"max_queue {r['max_queue']}; load average {r['load_average']}")
+    for name, s in r["per_instance"].items():
+        print(line(name, s))
+    print(line("total", r["total"]))
+    print(f"  history: {r['stored_once']} of {r['answered_exchanges_logged']} answered exchanges stored exactly once "
+          f"(missing {r['missing']}, duplicated {r['duplicated']}, another reply {r['different']}, "
+          f"refused but stored {r['stored_for_refused']}; "
+          f"{r['empty_replies']} empty replies, not logged by design)")
+    if r["finetune_every"]:
+        print(f"  fine-tune every {r['finetune_every']}: {r['finetune_jobs_started']} job(s) started "
+              f"({r['finetune_started_in_logs']} in the instances' logs), promoted {r['promoted'] or 'none'}, "
+              f"rejected {r['rejected'] or 'none'}")
+    print(f"  final models: {r['final_models']}; exit codes {r['exit_codes']}")
+    for rec in [x for x in records if x.outcome == "error"][:5]:
+        print(f"  error: {rec.instance} client {rec.client} {rec.endpoint}: {rec.detail}", file=sys.stderr)
+    for rec, rows in mismatches[:5]:
+        print(f"  not stored once as answered: {rec.text!r} -> {rec.reply!r}, stored {rows!r}", file=sys.stderr)
 
 
 def main() -> None:
@@ -198,13 +367,31 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="8 clients, 10 s, tiny model")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--instances", type=int, default=1, help="chatcore run processes (above 1: needs --history)")
+    ap.add_argument("--history", help="the instances' history: a postgresql:// URL, or temp (a throwaway cluster)")
+    ap.add_argument("--finetune-every", type=int, default=100,
+                    help="with --history: auto fine-tune threshold (0: off)")
+    ap.add_argument("--finetune-wait", type=float, default=180,
+                    help="with fine-tuning: how long past --seconds the clients may wait for the swap")
     args = ap.parse_args()
+    if args.instances > 1 and not args.history:
+        ap.error("--instances above 1 needs --history (a postgresql:// URL, or temp)")
     args.clients = args.clients or (8 if args.quick else 32)
     args.seconds = args.seconds or (10 if args.quick else 60)
     args.model = args.model or ("tiny" if args.quick else "gpt2")
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     lines = [c["user"][:200] for c in conversations()]
+    if args.history:
+        result, records = run_instances(args, lines)
+        mismatches = result.pop("mismatches")
+        if args.json:
+            print(json.dumps(result, default=str))
+        else:
+            print_instances(result, records, mismatches)
+        bad = (result["total"]["errors"] or mismatches or result["stored_for_refused"]
+               or not result["total"]["answered"] or (args.finetune_every and result["finetune_jobs_started"] != 1))
+        sys.exit(1 if bad else 0)
 
     with tempfile.TemporaryDirectory() as data_dir:
         server = Server(args, data_dir)

@@ -363,8 +363,10 @@ class Bot:
                 await asyncio.wait_for(nudged.wait(), self.registry_poll_s)
             except asyncio.TimeoutError:
                 pass
+            announced = nudged.is_set()
             nudged.clear()
-            if not await asyncio.to_thread(watch.changed):
+            # Announced: read registry.json even if its stat looks unchanged (a shared NFS folder caches attributes).
+            if not await asyncio.to_thread(watch.changed) and not announced:
                 continue
             try:
                 engine = await asyncio.to_thread(watch.engine_if_needed, self.generator.engine)

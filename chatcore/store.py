@@ -425,7 +425,10 @@ class Store:
     def _version(self, db) -> int:
         if self.backend == "sqlite":
             return db.execute("PRAGMA user_version").fetchone()[0]
-        if db.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
+        # A query on the catalog, not to_regclass: a session that looked before another instance created the
+        # table and then waited for the write lock would still find it missing in its catalog cache.
+        if not db.execute("SELECT COUNT(*) FROM pg_catalog.pg_tables WHERE schemaname = current_schema() "
+                          "AND tablename = 'schema_version'").fetchone()[0]:
             return 0
         return db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
 
@@ -881,9 +884,9 @@ class Store:
     def excluded_users(self) -> dict[str, float]:
         """Users training must leave out now (forgotten or opted out, /learn off) and since when."""
         with self._translated() as db:
-            rows = db.execute(
+            rows = db.execute(  # the subquery's alias: PostgreSQL before 16 refuses one without
                 "SELECT user_key, MIN(at) FROM (SELECT user_key, at FROM opted_out UNION ALL "
-                "SELECT user_key, at FROM consent WHERE state = 'no') GROUP BY user_key").fetchall()
+                "SELECT user_key, at FROM consent WHERE state = 'no') AS gone GROUP BY user_key").fetchall()
         return dict(rows)
 
     def forgotten(self) -> dict[str, float]:

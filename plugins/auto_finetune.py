@@ -203,7 +203,10 @@ def _source(engine: Any) -> str | None:
 async def startup(bot):
     """Remove what crashed fine-tunes left behind (temporary files, orphan candidates); start `poll_history`."""
     st = state_of(bot)
-    await asyncio.to_thread(st.scheduler.clean)
+    # A job running on another instance holds only the database lock where the shared folder's file locks
+    # do not reach across machines (busy() asks both): its files are no leftovers.
+    if not await asyncio.to_thread(st.scheduler.busy):
+        await asyncio.to_thread(st.scheduler.clean)
     minutes = st.cfg.get("poll_minutes")
     if minutes and not bot.config.get("model.remote"):
         st.poller = asyncio.create_task(poll_history(bot, float(minutes) * 60), name="auto_finetune:poll")

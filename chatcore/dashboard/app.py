@@ -33,6 +33,7 @@ from ..config import ConfigError
 from ..lineage import HoldsForgottenData, check_serve
 from ..metrics import CONTENT_TYPE
 from ..registry import CANDIDATE_PREFIX, Registry, RegistryError
+from ..store import is_postgres_url
 
 log = logging.getLogger("chatcore.dashboard")
 
@@ -403,8 +404,14 @@ class Dashboard:
 
     async def _serve(self, checkpoint: Path | None) -> str:
         """Hot-swap the running bot to what the registry now says serves, now rather than at the bot's next
-        registry poll: the same `RegistryWatch` step, fully loaded off the event loop, then swapped in."""
+        registry poll: the same `RegistryWatch` step, fully loaded off the event loop, then swapped in.
+        Instances sharing a PostgreSQL history are told too (NOTIFY), as after a fine-tune's promotion."""
         bot = self.bot
+        if is_postgres_url(bot.config.store_url):
+            from ..postgres import announce_registry_change
+
+            await asyncio.to_thread(announce_registry_change, bot.config.store_url,
+                                    checkpoint.name if checkpoint else "base")
         try:
             engine = await asyncio.to_thread(bot.registry_watch.engine_if_needed, bot.generator.engine)
         except Exception as exc:  # the registry changed; the running model keeps answering
