@@ -13,6 +13,8 @@ another.
     python benchmarks/engine.py            # full run (the seed's loop takes minutes at 512 tokens)
     python benchmarks/engine.py --quick    # 24 new tokens: a smoke run
     python benchmarks/engine.py --json     # one JSON object per measurement
+    python benchmarks/engine.py --speculative prompt_lookup --greedy --engines chatcore,chatcore-int8
+                                           # speculative decoding (chatcore-spec, chatcore-int8-spec) vs plain
 
 chatcore is measured through the path a user's request takes: weights loaded by
 `build_engine` on the main thread, the reply streamed by `chatcore.serving.Generator`
@@ -24,11 +26,16 @@ converted from the Hugging Face directory by its Transformers converter.
 Columns: TTFT (prompt in -> first new token out), decode tok/s (the tokens after
 the first, per second of decoding), total tok/s (all new tokens over the whole
 call), peak RSS of the process. Ratios: chatcore (served) / each other contestant.
+With ``--speculative DRAFT`` (``prompt_lookup`` or a draft checkpoint), each served
+chatcore contestant also runs as ``-spec`` with ``model.speculative: {draft: DRAFT,
+k: --spec-k}``: its ratio to plain decoding and the share of guesses that stood.
+Random weights say little about how often a trained model agrees with a drafter.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -151,10 +158,12 @@ class Served:
         prompt = self.engine.tokenizer.decode(ids)
 
         async def go():
-            t0, first = time.perf_counter(), None
-            async for _ in self.generator.stream(prompt, params):
+            t0, first, parts = time.perf_counter(), None, []
+            async for part in self.generator.stream(prompt, params):
+                parts.append(part)
                 if first is None:
                     first = time.perf_counter()
+            self.reply = "".join(parts)  # -spec contestants compare theirs with plain decoding's
             return t0, first, time.perf_counter(), new_tokens
 
         return self.loop.run_until_complete(go())
@@ -162,6 +171,16 @@ class Served:
 
 def load_chatcore(native: Path, hf_dir: Path, threads: int):
     return Served(load_chatcore_direct(native, hf_dir, threads))
+
+
+SPECULATIVE: dict = {}  # model.speculative for the -spec contestants (set from the command line)
+
+
+def load_chatcore_spec(native: Path, hf_dir: Path, threads: int, quantize: str = "none"):
+    from chatcore.weights import build_engine
+
+    return Served(build_engine({"checkpoint": str(native), "device": "cpu", "dtype": "float32", "threads": threads,
+                                "quantize": quantize, "speculative": SPECULATIVE}))
 
 
 def load_chatcore_int8(native: Path, hf_dir: Path, threads: int):
@@ -258,6 +277,8 @@ def run_transformers(hf, ids, new_tokens):
 RUNNERS = {
     "chatcore": (load_chatcore, run_chatcore),
     "chatcore-int8": (load_chatcore_int8, run_chatcore),
+    "chatcore-spec": (load_chatcore_spec, run_chatcore),
+    "chatcore-int8-spec": (lambda native, hf_dir, threads: load_chatcore_spec(native, hf_dir, threads, "int8"), run_chatcore),
     "chatcore-direct": (load_chatcore_direct, run_chatcore_direct),
     "chatcore-int8-direct": (load_chatcore_int8_direct, run_chatcore_direct),
     "ct2-float32": (lambda native, hf_dir, threads: load_ct2(native.parent, threads, "float32"), run_ct2),
@@ -267,6 +288,33 @@ RUNNERS = {
 }
 
 
+SPEC_PAIRS = 3  # plain/speculative pairs per prompt in a -spec worker
+
+
+def speculation_pairs(served, backend, p: int, new_tokens: int) -> dict:
+    """Plain and speculative decoding in turn on the same served engine (SPEC_PAIRS pairs): the ratios
+    come from back-to-back runs in one process, so load drifting on a shared machine cancels out."""
+    import statistics
+
+    speculator, out = backend.speculator, {"decode": [], "total": [], "same_reply": []}
+    drafted0, accepted0 = backend.drafted, backend.accepted
+    for _ in range(SPEC_PAIRS):
+        runs = {}
+        for mode in ("plain", "spec"):
+            backend.speculator = speculator if mode == "spec" else None
+            t0, first, end, n = served.run(prompt_ids(p), new_tokens)
+            runs[mode] = ((n - 1) / (end - first), n / (end - t0), served.reply, n, first - t0)
+        out["decode"].append(runs["spec"][0] / runs["plain"][0])
+        out["total"].append(runs["spec"][1] / runs["plain"][1])
+        out["same_reply"].append(runs["spec"][2] == runs["plain"][2])
+    backend.speculator = speculator
+    return dict(new_tokens=runs["spec"][3], ttft_s=round(runs["spec"][4], 4), decode_tok_s=round(runs["spec"][0], 3),
+                total_tok_s=round(runs["spec"][1], 3), plain_decode_tok_s=round(runs["plain"][0], 3),
+                decode_ratio=round(statistics.median(out["decode"]), 3),
+                total_ratio=round(statistics.median(out["total"]), 3), same_reply=all(out["same_reply"]),
+                drafted=backend.drafted - drafted0, accepted=backend.accepted - accepted0)
+
+
 def worker(name: str, native: Path, hf_dir: Path, prompts: list[int], new_tokens: int, threads: int) -> None:
     import torch
 
@@ -274,7 +322,13 @@ def worker(name: str, native: Path, hf_dir: Path, prompts: list[int], new_tokens
     load, run = RUNNERS[name]
     model = load(native, hf_dir, threads)
     run(model, prompt_ids(8), 4)  # warm-up: kernels, allocator, lazy imports
+    backend = getattr(getattr(model, "generator", None), "backend", None)
+    speculator = getattr(backend, "speculator", None)
     for p in prompts:
+        if speculator is not None:
+            print(json.dumps(dict(engine=name, prompt_tokens=p, **speculation_pairs(model, backend, p, new_tokens))),
+                  flush=True)
+            continue
         t0, first, end, n = run(model, prompt_ids(p), new_tokens)
         rec = dict(
             engine=name,
@@ -284,6 +338,8 @@ def worker(name: str, native: Path, hf_dir: Path, prompts: list[int], new_tokens
             decode_tok_s=round((n - 1) / (end - first), 3) if n > 1 else None,
             total_tok_s=round(n / (end - t0), 3),
         )
+        if isinstance(model, Served):
+            rec["reply_sha1"] = hashlib.sha1(model.reply.encode()).hexdigest()[:12]
         print(json.dumps(rec), flush=True)
     print(json.dumps(dict(engine=name, peak_rss_mb=round(peak_rss_mb(), 1))), flush=True)
 
@@ -298,11 +354,23 @@ def main() -> None:
     ap.add_argument("--engines", default=",".join(CONTESTANTS))
     ap.add_argument("--seed-tokens", type=int, default=None,
                     help="new tokens for the seed's loop only (it needs minutes at 512 tokens); default: --new-tokens")
+    ap.add_argument("--speculative", default=None,
+                    help="also run chatcore-spec / chatcore-int8-spec with this draft: prompt_lookup or a checkpoint")
+    ap.add_argument("--spec-k", type=int, default=4, help="tokens guessed per step (--speculative)")
+    ap.add_argument("--greedy", action="store_true", help="greedy decoding (top-k 1) in every contestant")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--models", help=argparse.SUPPRESS)
     args = ap.parse_args()
     new_tokens = args.new_tokens or (24 if args.quick else 150)
     prompts = [int(p) for p in args.prompts.split(",")]
+    global TOP_K
+    if args.greedy:
+        TOP_K = 1
+    if args.speculative:
+        SPECULATIVE.update(draft=args.speculative, k=args.spec_k)
+        if not args.worker:  # each -spec contestant runs right after its plain twin (and times plain itself too)
+            args.engines = ",".join(e + ("," + e + "-spec" if e in ("chatcore", "chatcore-int8") else "")
+                                    for e in args.engines.split(","))
     if args.worker:
         d = Path(args.models)
         worker(args.worker, d / "gpt2-random.safetensors", d / "hf", prompts, new_tokens, args.threads)
@@ -327,6 +395,8 @@ def run_all(args, models: Path, prompts: list[int], new_tokens: int) -> None:
         n = args.seed_tokens if name == "seed-loop" and args.seed_tokens else new_tokens
         cmd = [sys.executable, __file__, "--worker", name, "--models", str(models), "--prompts", args.prompts,
                "--new-tokens", str(n), "--threads", str(args.threads)]
+        cmd += ["--greedy"] * args.greedy + (["--speculative", args.speculative, "--spec-k", str(args.spec_k)]
+                                             if args.speculative else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         if proc.returncode != 0:
             sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
@@ -377,6 +447,14 @@ def run_all(args, models: Path, prompts: list[int], new_tokens: int) -> None:
                     parts.append(f"{other}: decode {dec:.2f}x, TTFT {ttft:.2f}x, total {tot:.2f}x")
             if parts:
                 print(f"prompt {p:>4}, {ours} (served) vs " + "; ".join(parts))
+    for p in prompts:
+        for ours in ("chatcore", "chatcore-int8"):
+            spec = results.get((ours + "-spec", p))
+            if spec and spec.get("drafted"):
+                print(f"prompt {p:>4}, {ours}-spec vs plain, {SPEC_PAIRS} interleaved pairs (median): "
+                      f"decode {spec['decode_ratio']:.2f}x, total {spec['total_ratio']:.2f}x; "
+                      f"{spec['accepted']}/{spec['drafted']} guesses stood ({spec['accepted'] / spec['drafted']:.0%}); "
+                      f"same reply as plain: {spec['same_reply']}")
     print("peak RSS MB: " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()))
 
 

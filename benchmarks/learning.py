@@ -23,6 +23,7 @@ under ``--workdir``.
     python benchmarks/learning.py                        # prepare (once) and run the default recipe
     python benchmarks/learning.py --set learning_rate=1e-3 --set max_iters=200
     python benchmarks/learning.py --preference            # also the preference stage (synthetic labels)
+    python benchmarks/learning.py --set method=lora --set learning_rate=2e-3   # a LoRA adapter instead
     python benchmarks/learning.py --json                  # one JSON object per measurement
 
 Preference labels for ``--preference``: a reply of the training split voted good,
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     from chatcore.checkpoint import load
     from chatcore.tokenizer import Tokenizer
     from chatcore.training.data import load_jsonl, tokenize
-    from chatcore.training.job import JobSpec, run_job
+    from chatcore.training.job import JobSpec, load_model, run_job
     from chatcore.training.train import set_threads
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     result = run_job(spec)
     wall = time.perf_counter() - t0
-    cand, _ = load(result["candidate"])
+    cand, _ = load_model(result["candidate"])  # a LoRA candidate (method=lora) is its base with the adapter merged
     after = measure(cand, tok, eval_data, general_data, eval_prefs)
     training = result["training"]
     row = {"run": args.label or " ".join(args.set + args.pref_set) or "defaults", "preference": args.preference,

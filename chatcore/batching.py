@@ -10,7 +10,9 @@ request. Each iteration of its loop:
 3. runs one chunk (`prefill_chunk` tokens) of the oldest unfinished prompt, so a
    long prompt delays the others by one chunk per step, not by its whole length;
 4. decodes one token for every other running request in a single batched
-   forward (per-row positions and lengths: rows never see each other).
+   forward (per-row positions and lengths: rows never see each other); a lone
+   conversation with a drafter (``engine.speculator``, `chatcore.speculative`)
+   checks several guessed tokens in that forward instead.
 
 A request leaves as soon as it finishes (end-of-text, newline, stop string,
 max tokens); the next waiting one takes its row on the next iteration. Nobody
@@ -43,6 +45,7 @@ from .message import Busy
 from .prefix_cache import PrefixCache
 from .reply_text import ReplyText, prompt_window, slide_window, turn_marker_ids
 from .sampling import SamplingParams, make_generator, sample, validate
+from .speculative import accept_or_resample, distribution, is_greedy
 
 log = logging.getLogger("chatcore.batching")
 
@@ -101,7 +104,10 @@ class BatchScheduler:
         self.device = self.model.device
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.prefix_cache = prefix_cache
+        # on the CPU the cache takes memory only for the tokens the running rows hold (chatcore.model.KVCache)
         self.cache = self.model.new_cache(max_batch, max_len=self.block_size)
+        self.speculator = getattr(engine, "speculator", None)
+        self.drafted = self.accepted = 0  # guessed tokens checked and kept (speculative decoding)
         # per-row LoRA adapters (chatcore.lora): loaded on first use, their prefixes flushed when they go
         self.adapters = AdapterPool(self.model, int(adapter_budget_mb * 2**20),
                                     on_unload=lambda key: prefix_cache and prefix_cache.clear(namespace=key))
@@ -263,6 +269,8 @@ class BatchScheduler:
             if not r.todo:
                 self._sampled([r], logits)
         decoding = [r for r in self._running if r.pending is not None and not r.todo]
+        if self.speculator is not None and len(self._running) == 1 and decoding and self._speculate(decoding[0]):
+            return
         if decoding:
             decoding = self._compact(decoding)
             logits = self._forward(decoding, [[r.pending] for r in decoding])
@@ -298,7 +306,45 @@ class BatchScheduler:
             r.row = hole
         return sorted(decoding, key=lambda r: r.row)
 
-    def _forward(self, requests: list[Request], tokens: list[list[int]]) -> torch.Tensor:
+    def _speculate(self, r: Request) -> bool:
+        """One step of speculative decoding for ``r`` (see chatcore.speculative); False: nothing to guess."""
+        # room for the pending token and k guesses, and the cache never fills mid-step (no slide among accepted tokens)
+        k = min(self.speculator.k, r.params.max_new_tokens - len(r.reply) - 1,
+                self.block_size - self.cache.length(r.row) - 2)
+        if k < 1 or r.adapter_key is not None:
+            return False
+        guesses, q = self.speculator.propose(r.fed + [r.pending], k, r.params, r.reply, r.generator, self._exempt)
+        guesses = guesses[:k]
+        if not guesses:
+            return False
+        kept = self.cache.length(r.row) + 1  # the pending token, then each guess that stands
+        logits = self._forward([r], [[r.pending] + guesses], last_only=False)[0]
+        self.steps += 1
+        self.step_rows += 1
+        picked: list[int] = []
+        for i, x in enumerate(guesses + [None]):
+            previous = r.reply + picked
+            if is_greedy(r.params):  # the model's own pick decides: plain greedy decoding's tokens
+                tok = int(sample(logits[i : i + 1], r.params, [r.generator], [previous], self._exempt)[0])
+            else:
+                p = distribution(logits[i], r.params, previous, self._exempt)
+                tok = accept_or_resample(x, p, None if q is None else q[i], r.generator) if x is not None \
+                    else int(sample(logits[i : i + 1], r.params, [r.generator], [previous], self._exempt)[0])
+            picked.append(tok)
+            if tok != x:
+                break
+        self.drafted += len(guesses)
+        self.accepted += len(picked) - 1
+        kept += len(picked) - 1
+        self.cache.truncate(r.row, kept)  # the rejected guesses' keys and values are dropped
+        del r.fed[kept:]
+        for tok in picked:  # each as plain decoding would take it: stop rules, max tokens, end-of-text
+            self._accept(r, tok)
+            if r not in self._running:
+                break
+        return True
+
+    def _forward(self, requests: list[Request], tokens: list[list[int]], last_only: bool = True) -> torch.Tensor:
         T = max(len(t) for t in tokens)
         idx = torch.zeros(len(tokens), T, dtype=torch.long)
         for i, t in enumerate(tokens):
@@ -309,12 +355,13 @@ class BatchScheduler:
                 groups.setdefault(r.adapter_key, []).append(i)
         with route(self.model, list(groups.items())) if groups else nullcontext():  # base matmuls once; each group adds its own update
             logits = self.model.forward_cached(
-                idx.to(self.device), self.cache, rows=[r.row for r in requests], n_new=[len(t) for t in tokens]
+                idx.to(self.device), self.cache, rows=[r.row for r in requests], n_new=[len(t) for t in tokens],
+                last_only=last_only,
             )
         for r, t in zip(requests, tokens):
             r.fed.extend(t)
             r.pending = None
-        return logits[:, : self._vocab]  # the model's vocabulary may be padded: never pick a padding id
+        return logits[..., : self._vocab]  # the model's vocabulary may be padded: never pick a padding id
 
     def _sampled(self, requests: list[Request], logits: torch.Tensor) -> None:
         """Pick each request's next token and act on it."""

@@ -84,6 +84,13 @@ CORE_SCHEMA: Schema = {
                                 help="The serving box's adapters.http.api_key: ${CHATCORE_REMOTE_KEY}."),
         "remote_timeout_s": Field((int, float), 60, help="A remote silent this long (connecting, or between "
                                                          "tokens) gets the user the busy answer."),
+        "speculative": {
+            "draft": Field(str, None, help="Speculative decoding of a lone conversation: prompt_lookup (guesses from "
+                                           "the context), or the checkpoint of a small model of the same tokenizer; "
+                                           "null: off. Pays with int8 weights when guesses often stand; fp32 on a "
+                                           "small CPU is slower with it."),
+            "k": Field(int, 4, help="Tokens guessed per step."),
+        },
     },
     "generation": {
         "temperature": Field((int, float), 0.8, help="0 is greedy; higher is more varied."),

@@ -108,6 +108,7 @@ class Engine:
         self.meta = meta or {}
         self.block_size = model.config.block_size
         self._exempt = turn_marker_ids(self.tokenizer)
+        self.speculator = None  # a drafter (chatcore.speculative) for batching's lone conversations; None: off
 
     def count_tokens(self, text: str) -> int:
         return self.tokenizer.count(text)

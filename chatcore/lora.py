@@ -22,8 +22,10 @@ native checkpoint (`chatcore.checkpoint`).
 Serving many adapters in one batch: `attach` loads an adapter's tensors into
 every target layer under a key (no parameters, the model's state dict is
 unchanged); `route(model, groups)` says, for the next forward, which batch rows
-use which key. The base matmul runs once for the whole batch; each group of rows
-adds its own adapter's low-rank update.
+use which key. The base matmul runs once for the whole batch; the rows with an
+adapter then add their own adapter's low-rank update, all of them in one pair of
+batched matmuls per layer over per-row stacked A and B (stacked again only when the
+batch's mix of adapters changes).
 """
 
 from __future__ import annotations
@@ -91,8 +93,10 @@ class LoRALinear(nn.Linear):
         self.scale = 0.0
         self.lora_dropout = 0.0
         self.served: dict[Any, tuple[torch.Tensor, torch.Tensor, float]] = {}  # key -> (A, B, scale)
-        self.groups: list[tuple[Any, torch.Tensor]] = []  # (key, batch rows) for the next forward
-        self._stacked: tuple | None = None  # per-row A^T, B^T, scale of the last mix of adapters
+        # for the next forward (set by `route`): the batch rows with an adapter here, and each one's key
+        self.rows: torch.Tensor | slice | None = None
+        self.row_keys: tuple = ()
+        self._stacked: tuple | None = None  # (row_keys, A^T [n, in, r], scale * B^T [n, r, out]) of the last mix
         if cfg is not None:
             w = base.weight
             self.lora_A = nn.Parameter(torch.empty(cfg.rank, self.in_features, device=w.device, dtype=w.dtype))
@@ -102,35 +106,78 @@ class LoRALinear(nn.Linear):
             self.lora_dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x)
-        if self.lora_A is not None:
-            h = nn.functional.dropout(x, self.lora_dropout, self.training) if self.lora_dropout else x
-            y = y + self.scale * ((h @ self.lora_A.t()) @ self.lora_B.t())
-        if len(self.groups) == 1:
-            key, rows = self.groups[0]
-            a, b, s = self.served[key]
-            y.index_add_(0, rows, (x.index_select(0, rows) @ a.t()) @ b.t(), alpha=s)
-        elif self.groups:
-            self._add_many(x, y)
+        if self.lora_A is None:
+            y = super().forward(x)
+        else:
+            # On 2-D views, the update added in place by the matmul's own accumulate with the scale
+            # as its alpha: no output-sized multiply, sum or copy, forward or backward (the base
+            # weight is frozen, so its matmul saves only what the input's gradient needs).
+            x2 = x.reshape(-1, self.in_features)
+            h = nn.functional.dropout(x2, self.lora_dropout, self.training) if self.lora_dropout else x2
+            y = nn.functional.linear(x2, self.weight, self.bias)
+            y = _Update.apply(y, h, self.lora_A, self.lora_B, self.scale).view(*x.shape[:-1], self.out_features)
+        if self.rows is not None:
+            self._add_served(x, y)
         return y
 
-    def _add_many(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Rows of several adapters: one batched matmul pair over per-row (A, B), not one pair per adapter."""
-        keys = tuple(k for k, rows in self.groups for _ in range(len(rows)))
-        if self._stacked is None or self._stacked[0] != keys:
-            # kept while the batch's adapters stay the same (decode steps): stacked once, not every step
-            pairs = [self.served[k] for k in keys]
-            if len({a.shape[0] for a, _, _ in pairs}) > 1:  # different ranks: one adapter at a time
-                for key, rows in self.groups:
-                    a, b, s = self.served[key]
-                    y.index_add_(0, rows, (x.index_select(0, rows) @ a.t()) @ b.t(), alpha=s)
-                return
-            scales = torch.tensor([s for _, _, s in pairs], device=x.device, dtype=x.dtype)
-            self._stacked = (keys, torch.stack([a.t() for a, _, _ in pairs]),
-                             torch.stack([b.t() for _, b, _ in pairs]), scales[:, None, None])
-        _, at, bt, scales = self._stacked
-        rows = torch.cat([rows for _, rows in self.groups])
-        y.index_add_(0, rows, torch.bmm(torch.bmm(x.index_select(0, rows), at), bt) * scales)
+    def _add_served(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Each routed batch row adds its own adapter's update: one bmm pair for all of them, not a loop."""
+        if self._stacked is None or self._stacked[0] != self.row_keys:
+            # stacked once per mix of adapters (a decode run keeps it), the scale folded into B
+            r = max(self.served[k][0].shape[0] for k in self.row_keys)  # lower ranks padded with zeros
+            at = x.new_zeros(len(self.row_keys), self.in_features, r)
+            bt = x.new_zeros(len(self.row_keys), r, self.out_features)
+            for i, k in enumerate(self.row_keys):
+                a, b, s = self.served[k]
+                at[i, :, : a.shape[0]] = a.t()
+                bt[i, : a.shape[0]] = b.t() * s
+            self._stacked = (self.row_keys, at, bt)
+        _, at, bt = self._stacked
+        x, y = x.reshape(x.shape[0], -1, self.in_features), y.view(y.shape[0], -1, self.out_features)  # [rows, T, .]
+        with _one_thread():
+            if isinstance(self.rows, slice):  # the batch's first rows, in order: added in place, no gather
+                y[self.rows].baddbmm_(torch.bmm(x[self.rows], at), bt)
+            else:
+                y.index_add_(0, self.rows, torch.bmm(torch.bmm(x.index_select(0, self.rows), at), bt))
+
+
+@contextmanager
+def _one_thread():
+    """Rank-r products are microseconds of work: run them on one thread. Sent to the thread pool, each
+    waits for every worker to be scheduled, which on a busy machine costs more than a base matmul."""
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+
+
+class _Update(torch.autograd.Function):
+    """``y += scale * (h A^T) B^T`` in place (the matmul's own accumulate, the scale as its alpha), and its
+    gradients: no output-sized multiply, sum or copy, and every rank-r product on one thread."""
+
+    @staticmethod
+    def forward(ctx, y, h, a, b, scale):
+        with _one_thread():
+            ha = h @ a.t()
+            y.addmm_(ha, b.t(), alpha=scale)
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(h, a, b, ha)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        h, a, b, ha = ctx.saved_tensors
+        with _one_thread():
+            g_ha = (g @ b).mul_(ctx.scale)  # [N, r]
+            g_h = g_ha @ a if ctx.needs_input_grad[1] else None
+            g_a = g_ha.t() @ h if ctx.needs_input_grad[2] else None
+            g_b = torch.mm(g.t(), ha).mul_(ctx.scale) if ctx.needs_input_grad[3] else None
+        return g, g_h, g_a, g_b, None
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -308,6 +355,7 @@ def attach(model: GPT, key: Any, adapter: LoRAAdapter) -> None:
     layers = dict(lora_layers(model))
     for name, (a, b) in _pairs(model, adapter).items():
         layers[name].served[key] = (a.to(dev, dt), b.to(dev, dt), adapter.config.scale)
+        layers[name]._stacked = None  # a key attached again may hold other tensors
 
 
 def detach(model: nn.Module, key: Any) -> None:
@@ -321,14 +369,21 @@ def route(model: nn.Module, groups: Sequence[tuple[Any, Sequence[int] | torch.Te
     """For forwards inside the block, batch ``rows`` of each ``(key, rows)`` add that adapter's update."""
     layers = [m for _, m in lora_layers(model)]
     dev = next(model.parameters()).device
-    plan = [(k, torch.as_tensor(r, dtype=torch.long, device=dev)) for k, r in groups if k is not None and len(r)]
+    key_of = {int(r): k for k, rows in groups if k is not None for r in torch.as_tensor(rows).tolist()}
+    plans: dict[frozenset, tuple] = {}  # layers serving the same adapters share one plan
     try:
         for m in layers:
-            m.groups = [(k, r) for k, r in plan if k in m.served]
+            mine = frozenset(k for k in set(key_of.values()) if k in m.served)
+            if mine not in plans:
+                rows = sorted(r for r, k in key_of.items() if k in mine)
+                every = rows == list(range(len(rows)))  # rows 0..n-1: a slice (no gather) if the batch has n rows
+                plans[mine] = (slice(0, len(rows)) if every else torch.tensor(rows, dtype=torch.long, device=dev),
+                               tuple(key_of[r] for r in rows))
+            m.rows, m.row_keys = plans[mine] if mine else (None, ())
         yield
     finally:
         for m in layers:
-            m.groups = []
+            m.rows, m.row_keys = None, ()
 
 
 class AdapterPool:

@@ -33,9 +33,15 @@ Cached decoding::
 Each new token attends to its row's cached tokens and to the new tokens before
 it; rows never see each other. ``cache.lengths[row]`` grows by ``n_new``.
 
-``KVCache`` holds preallocated ``k`` and ``v`` of shape
+``KVCache`` holds ``k`` and ``v`` of shape
 ``[n_layer, max_batch, n_head, max_len, head_dim]`` plus ``lengths`` (one valid
-length per row). Rows are independent: ``reset`` (drop), ``truncate`` (rewind to
+length per row). On the CPU that shape is only reserved address space: memory
+is taken page by page as tokens are written and handed back when a row is
+reset (vAttention's idea: the OS page table is the block table), so the cache
+costs what the conversations in flight hold, not max_batch x max_len, while the
+model still reads each row as a plain strided view.
+
+Rows are independent: ``reset`` (drop), ``truncate`` (rewind to
 a shorter prefix), ``copy_row`` (reuse one row's prefix in another),
 ``snapshot`` (copy a row's state out) and ``restore`` (fill a row from a
 snapshot, e.g. a conversation's cached prefix).
@@ -45,6 +51,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import mmap
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -198,8 +206,10 @@ class GPT(nn.Module):
 
     # --- cached decoding -----------------------------------------------------------
 
-    def new_cache(self, max_batch: int = 1, max_len: int | None = None, zeroed: bool = True) -> "KVCache":
-        return KVCache(self.config, max_batch, max_len, device=self.device, dtype=self.dtype, zeroed=zeroed)
+    def new_cache(self, max_batch: int = 1, max_len: int | None = None, zeroed: bool = True,
+                  on_demand: bool = True) -> "KVCache":
+        return KVCache(self.config, max_batch, max_len, device=self.device, dtype=self.dtype, zeroed=zeroed,
+                       on_demand=on_demand)
 
     def forward_cached(
         self,
@@ -268,7 +278,10 @@ class GPT(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values for up to ``max_batch`` independent rows."""
+    """Keys and values for up to ``max_batch`` independent rows.
+
+    ``on_demand`` (CPU only): memory is taken as tokens are written and returned on
+    ``reset``; otherwise the whole shape is allocated up front (other devices)."""
 
     def __init__(
         self,
@@ -278,29 +291,73 @@ class KVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
         zeroed: bool = True,
+        on_demand: bool = True,
     ):
         self.max_len = max_len or config.block_size
         self.max_batch = max_batch
         hd = config.n_embd // config.n_head
         shape = (config.n_layer, max_batch, config.n_head, self.max_len, hd)
-        # Zeroed by default: ragged batches mask stale slots, and a masked NaN would
-        # still poison the attention sum. A single row filled in order never reads a
-        # slot before writing it, so it may skip the zeroing (and the memory stays
-        # untouched until used).
-        alloc = torch.zeros if zeroed else torch.empty
-        self.k = alloc(shape, device=device, dtype=dtype)
-        self.v = alloc(shape, device=device, dtype=dtype)
+        self._map: mmap.mmap | None = None
+        if on_demand and torch.device(device or "cpu").type == "cpu" and hasattr(mmap, "MAP_PRIVATE"):  # not Windows
+            self.k, self.v = self._reserve(shape, dtype)
+        else:
+            # Zeroed by default: ragged batches mask stale slots, and a masked NaN would
+            # still poison the attention sum. A single row filled in order never reads a
+            # slot before writing it, so it may skip the zeroing.
+            alloc = torch.zeros if zeroed else torch.empty
+            self.k = alloc(shape, device=device, dtype=dtype)
+            self.v = alloc(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(max_batch, dtype=torch.long)  # on the CPU: read every step
+
+    def _reserve(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """k and v in one anonymous mapping: zero-filled, and resident only where written.
+
+        Each (layer, row) block is padded to whole pages, so resetting a row can hand
+        its pages back (``_release``) without touching its neighbours.
+        """
+        L, B, H, T, D = shape
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        per_page = mmap.PAGESIZE // itemsize
+        row_items = -(-H * T * D // per_page) * per_page  # one (layer, row) block, rounded up to pages
+        # private: MADV_DONTNEED on a shared mapping would keep the contents (and the memory)
+        self._map = mmap.mmap(-1, 2 * L * B * row_items * itemsize, flags=mmap.MAP_PRIVATE)
+        if hasattr(self._map, "madvise") and hasattr(mmap, "MADV_NOHUGEPAGE"):
+            self._map.madvise(mmap.MADV_NOHUGEPAGE)  # a 2 MiB huge page would hold ~85 rows' worth of one token
+        self._row_bytes = row_items * itemsize
+        flat = torch.frombuffer(self._map, dtype=dtype).view(2, L, B, row_items)
+        kv = flat[..., : H * T * D].unflatten(-1, (H, T, D))
+        return kv[0], kv[1]
+
+    def _release(self, rows: Sequence[int]) -> None:
+        """Hand the pages of ``rows`` back to the OS; they read as zeros until written again."""
+        if self._map is None or not rows:
+            return
+        if sys.platform != "linux":  # elsewhere MADV_DONTNEED may keep the old contents: zero them instead
+            idx = torch.as_tensor(list(rows), dtype=torch.long)
+            self.k[:, idx] = 0
+            self.v[:, idx] = 0
+            return
+        L, B = self.k.shape[:2]
+        if len(rows) == B:
+            self._map.madvise(mmap.MADV_DONTNEED)
+            return
+        for half in range(2):
+            for layer in range(L):
+                for row in rows:
+                    self._map.madvise(mmap.MADV_DONTNEED, ((half * L + layer) * B + row) * self._row_bytes, self._row_bytes)
 
     def length(self, row: int) -> int:
         return int(self.lengths[row])
 
     def reset(self, rows: Sequence[int] | int | None = None) -> None:
-        """Drop rows (all by default): their lengths become 0; the memory is reused."""
+        """Drop rows (all by default): their lengths become 0 and their memory is returned."""
         if rows is None:
+            self._release(range(self.max_batch))
             self.lengths.zero_()
         else:
-            self.lengths[torch.as_tensor(rows, dtype=torch.long)] = 0
+            rows_t = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+            self._release(rows_t.tolist())
+            self.lengths[rows_t] = 0
 
     def truncate(self, row: int, length: int) -> None:
         """Keep only the first ``length`` tokens of ``row`` (rewind to a shared prefix)."""
@@ -335,7 +392,8 @@ class KVCache:
         self.lengths[row] = n
 
     def nbytes(self) -> int:
-        return self.k.element_size() * self.k.numel() * 2
+        """Bytes reserved for k and v (on demand: address space, resident only where written)."""
+        return len(self._map) if self._map is not None else self.k.element_size() * self.k.numel() * 2
 
 
 class _Step:

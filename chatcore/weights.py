@@ -25,6 +25,7 @@ fine-tune starts from (`base_checkpoint` names it without loading it).
     dtype: auto        # auto (float32 on cpu, bfloat16/float16 on accelerators), float32, bfloat16, float16
     threads: null      # torch CPU threads (null: torch's default)
     quantize: auto     # auto (int8 on a CPU, none elsewhere), int8, none
+    speculative: {draft: null, k: 4}  # draft: prompt_lookup or a small model's checkpoint (chatcore.speculative)
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from .checkpoint import CheckpointError, ColumnMajor, Transform
 from .engine import Engine, decode_column_major, pick_device, pick_dtype
 from .model import GPT
 from .registry import Registry, RegistryError, serving_checkpoint
+from .speculative import make_speculator
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("chatcore")
@@ -103,8 +105,16 @@ def build_engine(model_cfg: dict | None = None, starter: Starter | None = None,
     if loader is not None:
         loader.finish(model, meta.get("source") or model_id)
         model_id += " int8"  # stored with every exchange: which weights answered
-    return Engine(model, tokenizer, model_id=model_id, device=device, dtype=dtype,
-                  threads=cfg.get("threads"), meta=meta)
+    engine = Engine(model, tokenizer, model_id=model_id, device=device, dtype=dtype,
+                    threads=cfg.get("threads"), meta=meta)
+
+    def load_draft(path: str) -> tuple[GPT, int]:
+        """The draft model loads like the served one (device, dtype, quantization), with no drafter of its own."""
+        draft = build_engine({**cfg, "checkpoint": path, "speculative": None}, None, engine.tokenizer)
+        return draft.model, draft.tokenizer.n_vocab
+
+    engine.speculator = make_speculator(cfg.get("speculative"), load_draft)
+    return engine
 
 
 def quantize_int8_here(quantize: str | None, device, dtype) -> bool:

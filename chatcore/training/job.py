@@ -67,6 +67,14 @@ class JobSpec:
     scope_channels: list[str] = field(default_factory=list)  # their "adapter:channel" keys
 
 
+def stop_if_asked(should_stop: Callable[[], bool] | None, where: str) -> None:
+    """Raise `Cancelled` if the job was asked to stop (SIGTERM, `Job.cancel`)."""
+    if should_stop is not None and should_stop():
+        from .train import Cancelled
+
+        raise Cancelled(f"cancelled {where}")
+
+
 def spec_from_config(config: Any, base: str, serving: str | None = None, **overrides: Any) -> JobSpec:
     """A job for a bot's config: store, models folder and the ``plugins.auto_finetune`` sections."""
     section = config.get("plugins.auto_finetune") or {}
@@ -118,7 +126,7 @@ def candidate_path(models_dir: Path) -> Path:
 
 
 def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
-    from ..checkpoint import check_servable, save
+    from ..checkpoint import check_servable, save, sidecar_path
     from ..tokenizer import Tokenizer
     from .data import GuardConfig, build_dataset, from_store, load_jsonl
     from ..registry import Registry
@@ -204,6 +212,8 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
         return {"status": "trained", "rank": ranks.rank}
     prefs_train, prefs_held, pref_outcome = preference_stage(spec, store, guard_cfg, train_cfg.seed, model, tok,
                                                              should_stop)
+    # a stop that arrives after the last step still means "write nothing" (Job.cancel's promise)
+    stop_if_asked(should_stop, "after training: no candidate written")
 
     # candidate: written atomically (temp name + rename inside checkpoint.save)
     cand = candidate_path(models_dir)
@@ -248,6 +258,10 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
         "up_to_id": up_to_id,
         "seconds": round(time.time() - t0, 1),
     }
+    if should_stop is not None and should_stop():
+        cand.unlink(missing_ok=True)
+        sidecar_path(cand).unlink(missing_ok=True)
+        stop_if_asked(should_stop, "during the gate: the candidate was removed, serving is unchanged")
     if verdict.promoted:
         registry.promote(cand, metrics=result["gate"])
     else:

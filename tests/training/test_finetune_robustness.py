@@ -232,3 +232,28 @@ def test_hf_export_with_untied_head_is_refused(tmp_path):
     idx = torch.tensor([[464, 2068, 7586, 21831, 18045, 625, 262]])
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0][0, -1], tied(idx).logits[0, -1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("when", ["after training", "during the gate"])
+def test_a_cancel_after_the_last_step_writes_and_promotes_nothing(tmp_path, one_thread, monkeypatch, when):
+    """SIGTERM once training is over (a job's last seconds) still cancels: no candidate, registry untouched."""
+    from chatcore.training import gate, train as train_module
+    from chatcore.training.train import Cancelled
+
+    base = checkpoint.save(tiny(), tmp_path / "base")
+    data = jsonl(tmp_path / "data.jsonl", range(0, 60))
+    models = tmp_path / "models"
+    stop = {"flag": False}
+    target, name = (train_module, "train") if when == "after training" else (gate, "judge_file")
+    original = getattr(target, name)
+
+    def then_signal(*args, **kwargs):  # the signal handler sets the flag while this step runs
+        result = original(*args, **kwargs)
+        stop["flag"] = True
+        return result
+
+    monkeypatch.setattr(target, name, then_signal)
+    with pytest.raises(Cancelled):
+        run_job(spec(models, base, data, max_iters=4, eval_interval=2), should_stop=lambda: stop["flag"])
+    assert candidates(models) == [] and not list(models.glob("finetuned_*.json"))
+    assert Registry(models).current() is None
