@@ -41,9 +41,9 @@ def test_replay_goes_to_the_training_side_only(sample_conversations, general_fil
     train_before, val_before, lineage = len(data.train), data.val.tokens.clone(), dict(data.lineage)
     cfg = TrainConfig.from_dict({"replay": 0.1, "replay_source": str(general_file)})
     add_replay(data, tok, cfg)
-    extra = tokenize(general_exchanges(round(0.1 * data.train_exchanges), cfg.seed, general_file), tok)
+    extra = tokenize(general_exchanges(round(0.1 * data.train_exchanges), cfg.seed, general_file), tok, cfg.loss_on)
     assert len(data.train) == train_before + len(extra)
-    assert data.train.mask[train_before:].tolist() == extra.mask.tolist()  # reply tokens, like the rest
+    assert data.train.mask[train_before:].tolist() == extra.mask.tolist()  # the loss as configured
     assert data.val.tokens.equal(val_before) and data.lineage == lineage  # the gate's data and the lineage unchanged
 
 
