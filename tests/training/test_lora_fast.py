@@ -32,6 +32,7 @@ def adapter(model, seed: int, rank: int = 4, targets=lora.TARGETS) -> lora.LoRAA
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_the_training_forward_is_base_plus_scaled_update_with_dropout_on_the_update_only(dropout):
+    torch.manual_seed(0)
     base = torch.nn.Linear(24, 40)
     base.requires_grad_(False)
     layer = lora.LoRALinear(base, lora.LoRAConfig(rank=4, alpha=12, dropout=dropout)).train()
@@ -49,7 +50,8 @@ def test_the_training_forward_is_base_plus_scaled_update_with_dropout_on_the_upd
     want_y = base(x2) + 3.0 * (h @ a.t()) @ b.t()
     want_y.square().sum().backward()
     for g, w in zip(got, (want_y.detach(), x2.grad, a.grad, b.grad)):
-        assert torch.allclose(g, w, atol=1e-4, rtol=1e-4)
+        # the same sums in another order: fp32 rounding, relative to the tensor's scale (gradients reach ~1e3)
+        assert (g - w).abs().max() <= 1e-5 * w.abs().max(), (g - w).abs().max()
 
 
 def test_a_lora_step_gives_no_gradient_or_optimizer_state_to_the_frozen_base():
