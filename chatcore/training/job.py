@@ -191,6 +191,7 @@ def run_job(spec: JobSpec, should_stop: Callable[[], bool] | None = None) -> dic
 
     # models
     model, base_meta = load_model(spec.base)
+    train_cfg = train_cfg.for_width(model.config.n_embd)  # the learning rates it trains with, as the provenance says
     check_servable(model, spec.base)  # a base that cannot serve cannot give a candidate that can
     lineage = inherit_lineage(data.lineage, base_meta)
     serving = None

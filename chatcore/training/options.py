@@ -5,8 +5,11 @@ Torch-free, so validating a config (`chatcore config check`) never loads torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
+
+
+RECIPE_WIDTH = 96  # n_embd of the offline starter, on which the default learning rate was measured
 
 
 @dataclass
@@ -14,8 +17,11 @@ class TrainConfig:
     # The default recipe, measured with benchmarks/learning.py on the offline starter model
     # (a few hundred exchanges; the runs table is in its docstring): a higher peak than the
     # seed's 3e-4 with a short warm-up, the loss on the whole text, replayed general text.
-    learning_rate: float = 1e-3
-    min_lr: float = 1e-4  # cosine floor: 10% of the peak
+    # Unset, the peak is 1e-3 on a model as wide as the starter and shrinks as 1/width on
+    # wider ones (`for_width`: Adam moves every weight by about lr, so a layer's output moves
+    # with its fan-in; muP's rule): 1.25e-4 on GPT-2 small, a usual rate for fine-tuning it.
+    learning_rate: float | None = None
+    min_lr: float | None = None  # cosine floor; unset: 10% of the peak
     batch_size: int = 2
     block_size: int = 128
     max_iters: int = 400
@@ -48,6 +54,11 @@ class TrainConfig:
     # each takes its rows of the same global batch_size, so the other options mean the same at any count.
     nproc: int = 1
 
+    def for_width(self, n_embd: int) -> "TrainConfig":
+        """These options with the unset learning rates filled in for a model `n_embd` wide."""
+        lr = self.learning_rate if self.learning_rate is not None else 1e-3 * min(1.0, RECIPE_WIDTH / n_embd)
+        return replace(self, learning_rate=lr, min_lr=self.min_lr if self.min_lr is not None else lr / 10)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "TrainConfig":
         d = dict(d or {})
@@ -69,7 +80,9 @@ class TrainConfig:
         for name in ("batch_size", "block_size", "max_iters", "eval_interval", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"training.{name} must be at least 1")
-        if not 0 <= self.min_lr <= self.learning_rate:
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            raise ValueError("training.learning_rate must be positive")
+        if self.min_lr is not None and not 0 <= self.min_lr <= (self.learning_rate or self.min_lr):
             raise ValueError("training.min_lr must lie between 0 and learning_rate")
         if not 0 <= self.dropout < 1:
             raise ValueError("training.dropout must lie in [0, 1)")

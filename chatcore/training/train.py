@@ -190,6 +190,7 @@ def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    cfg = cfg.for_width(model.config.n_embd)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -307,6 +308,7 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, progress: bool =
     With `ranks` of a distributed run (`chatcore.training.distributed`), each rank trains on
     its rows of the same global batch under DistributedDataParallel, and only rank 0 writes."""
     t0 = time.perf_counter()  # the budget covers the set-up too (a first fused AdamW takes seconds)
+    cfg = cfg.for_width(model.config.n_embd)
     cfg.validate()
     if len(data.train) < 2:
         raise ValueError("no training data left after the guards")

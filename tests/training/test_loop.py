@@ -50,7 +50,7 @@ def trained(dataset):
 
 
 def test_schedule_is_warmup_then_cosine_to_ten_percent():
-    cfg = TrainConfig()
+    cfg = TrainConfig().for_width(96)  # as wide as the starter
     assert get_lr(0, cfg) < get_lr(10, cfg) < get_lr(19, cfg) <= 1e-3
     assert get_lr(20, cfg) == pytest.approx(1e-3, rel=1e-3)
     assert get_lr(399, cfg) == pytest.approx(1e-4, rel=1e-2)
@@ -184,3 +184,14 @@ def test_output_vocab_loss_is_the_exact_full_vocabulary_loss(dataset):
     (s / n).backward()
     rest = vocab.index < 0
     assert model.transformer.wte.weight.grad[rest].abs().sum() == 0
+
+
+def test_unset_learning_rates_shrink_with_width_and_set_ones_stay():
+    assert TrainConfig().for_width(64).learning_rate == pytest.approx(1e-3)  # narrower than the starter: no raise
+    gpt2 = TrainConfig().for_width(768)
+    assert gpt2.learning_rate == pytest.approx(1.25e-4) and gpt2.min_lr == pytest.approx(1.25e-5)
+    mine = TrainConfig(learning_rate=3e-5).for_width(768)
+    assert mine.learning_rate == 3e-5 and mine.min_lr == pytest.approx(3e-6)  # the floor follows the set peak
+    with pytest.raises(ValueError, match="min_lr"):
+        TrainConfig.from_dict({"learning_rate": 1e-4, "min_lr": 1e-3})
+

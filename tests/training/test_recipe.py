@@ -87,7 +87,7 @@ def test_the_auto_fine_tune_and_chatcore_finetune_get_the_recipe(tmp_path):
     shipped = Path(__file__).resolve().parents[2] / "config" / "default.yaml"
     for path in (None, shipped):
         spec = spec_from_config(load_config(path, schema), base="gpt2")
-        assert spec.train["learning_rate"] == TrainConfig().learning_rate and spec.train["replay"] == TrainConfig().replay
+        assert spec.train.get("learning_rate") == TrainConfig().learning_rate and spec.train["replay"] == TrainConfig().replay
         assert TrainConfig.from_dict(spec.train) == TrainConfig()
         assert PreferenceConfig.from_dict(spec.preference) == PreferenceConfig()
     assert TrainConfig().replay > 0 and TrainConfig().loss_on == "all"
