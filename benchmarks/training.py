@@ -5,9 +5,9 @@ for every variant). Variants:
 
 - ``seed``: the seed's way: full logits, loss on the whole text, plain
   ``torch.optim.AdamW`` (no fused kernel);
-- ``fused``: chatcore's loop with the whole-text loss (``loss_on: all``): fused AdamW;
-- ``chatcore``: chatcore's default (``loss_on: assistant``): fused AdamW, and the
-  output head computed only where a reply token is the target (full fine-tuning);
+- ``fused``: chatcore's loop with the whole-text loss (``loss_on: all``, today's default recipe): fused AdamW;
+- ``chatcore``: chatcore's loop with the loss on replies only (``loss_on: assistant``): fused AdamW,
+  and the output head computed only where a reply token is the target (full fine-tuning);
 - ``lora``: the same loop with ``training.method: lora`` (rank 8, alpha 16, on
   c_attn, c_proj, c_fc and the MLP's c_proj; chatcore/lora.py): the base is frozen.
 
