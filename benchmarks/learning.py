@@ -160,6 +160,28 @@ def measure(model, tok, eval_data, general_data, prefs) -> dict:
             "pref_accuracy": pref["accuracy"], "pref_margin": pref["margin"]}
 
 
+def stage_only(spec, start: Path, base_model, tok) -> dict:
+    """The preference stage alone on an earlier candidate, shaped like `run_job`'s result (its gate: held-out labels)."""
+    from chatcore.checkpoint import save
+    from chatcore.training.job import load_model, preference_stage
+    from chatcore.training.options import GuardConfig, TrainConfig
+    from chatcore.training.preference import preference_metrics
+
+    model, _ = load_model(str(start))
+    seed = TrainConfig.from_dict(spec.train).seed
+    _, held, outcome = preference_stage(spec, None, GuardConfig(), seed, model, tok, None)
+    cand = Path(spec.models_dir) / "stage.safetensors"
+    cand.parent.mkdir(parents=True, exist_ok=True)
+    save(model, cand, base_model=spec.base)
+    base_acc = preference_metrics(base_model, tok, held, 128)["accuracy"]
+    cand_acc = preference_metrics(model, tok, held, 128)["accuracy"]
+    return {"candidate": str(cand), "status": "stage only",
+            "gate": {"reason": f"held-out labels {cand_acc:.3f} vs base {base_acc:.3f}"},
+            "training": {"iters": 0, "best_iter": None, "stopped": f"from {start.name}", "tokens_per_s": 0.0},
+            "preference": outcome.as_dict() if outcome else {"stopped": "disabled"},
+            "data": {"train_exchanges": None}}
+
+
 def parse_sets(pairs: list[str]) -> dict:
     out = {}
     for item in pairs:
@@ -183,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label-negatives", type=int, default=1, help="pairs per training prompt for --preference")
     parser.add_argument("--replay", type=int, default=0, help="general exchanges (from the base's corpus) mixed in")
     parser.add_argument("--label", default="", help="a name for this run in the table")
+    # A sweep of preference options need not repeat the same supervised fine-tune: give the
+    # candidate of an earlier run (its models/ folder, kept under --workdir) and only the
+    # preference stage runs on it, with the job's labels and split (`job.preference_stage`);
+    # before is still the base. Not the whole job (no gate): confirm a choice without it.
+    parser.add_argument("--stage-from", type=Path, metavar="CANDIDATE",
+                        help="skip the fine-tune: run the preference stage on this earlier candidate")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--verbose", action="store_true", help="log the fine-tune's progress to stderr")
     args = parser.parse_args(argv)
@@ -239,7 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     model, _ = load(base)
     before = measure(model, tok, eval_data, general_data, eval_prefs)
     t0 = time.perf_counter()
-    result = run_job(spec)
+    if args.stage_from:
+        result = stage_only(spec, args.stage_from, model, tok)
+    else:
+        result = run_job(spec)
     wall = time.perf_counter() - t0
     cand, _ = load_model(result["candidate"])  # a LoRA candidate (method=lora) is its base with the adapter merged
     after = measure(cand, tok, eval_data, general_data, eval_prefs)

@@ -164,6 +164,11 @@ class PreferenceConfig:
     desirable_weight: float = 1.0  # KTO's lambda_D
     undesirable_weight: float = 1.0  # KTO's lambda_U
     sft_weight: float = 0.0  # weight of the preferred replies' own NLL per token (RPO-style), against forgetting
+    # Log-ratios to the reference per reply token (as the metric and the gate score replies) rather
+    # than summed over the reply: summed, a long reply's ratio outweighs a short one's, and the
+    # stage can win pairs by what the per-token score does not see. Per token, ratios are ~1/length
+    # as large, so `beta` wants to be larger (SimPO's range: 1-10).
+    per_token: bool = False
     block_size: int = 128
     grad_clip: float = 1.0
     seed: int = 1337

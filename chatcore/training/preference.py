@@ -14,6 +14,8 @@ Training (after the supervised fine-tune, on the same model): KTO (Ethayarajh et
 al., 2024) for unpaired labels and DPO (Rafailov et al., 2023) for pairs, against
 a frozen reference: the model as the preference stage found it (the supervised
 result), so what the stage may change is measured from what it was given. The
+log-ratios are summed over a reply's tokens, or with `per_token` averaged over them
+(the metric's scale). The
 drift cap: every `eval_interval` steps the mean per-token KL(policy || reference)
 over the training replies is measured; past `max_kl` the stage goes back to the
 last state under the cap and stops.
@@ -310,6 +312,10 @@ def train_preferences(model: nn.Module, tok: TokenizerLike, prefs: Preferences, 
                   for i, e in enumerate(prefs.labelled)]
     drift_items = [s for s, _ in singles][:32] + [c for c, _ in pairs][: max(0, 32 - len(singles))]
 
+    def per(logp: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """Summed log-probabilities as the losses see them: per reply token with `per_token`."""
+        return logp / count.clamp(min=1) if cfg.per_token else logp
+
     set_dropout(model, 0.0)  # the log-ratios must compare like with like
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -331,8 +337,10 @@ def train_preferences(model: nn.Module, tok: TokenizerLike, prefs: Preferences, 
             with torch.no_grad():
                 ref, _, _ = token_logps(reference, items)
                 mis = [mismatched[i] for i in ix]
-                kl = (token_logps(model, mis)[0] - token_logps(reference, mis)[0]).mean()
-            loss = loss + kto_loss(pol, ref, labels, kl, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
+                pol_mis, count_mis, _ = token_logps(model, mis)
+                kl = (per(pol_mis, count_mis) - per(token_logps(reference, mis)[0], count_mis)).mean()
+            loss = loss + kto_loss(per(pol, count), per(ref, count), labels, kl, cfg.beta, cfg.desirable_weight,
+                                   cfg.undesirable_weight)
             if cfg.sft_weight and bool((labels > 0).any()):
                 loss = loss + cfg.sft_weight * chosen_nll(pol[labels > 0], count[labels > 0])
         if pairs:
@@ -342,7 +350,8 @@ def train_preferences(model: nn.Module, tok: TokenizerLike, prefs: Preferences, 
             with torch.no_grad():
                 ref, _, _ = token_logps(reference, items)
             k = len(ix)
-            loss = loss + dpo_loss(pol[:k], pol[k:], ref[:k], ref[k:], cfg.beta)
+            pol_n, ref_n = per(pol, count), per(ref, count)
+            loss = loss + dpo_loss(pol_n[:k], pol_n[k:], ref_n[:k], ref_n[k:], cfg.beta)
             if cfg.sft_weight:
                 loss = loss + cfg.sft_weight * chosen_nll(pol[:k], count[:k])
         opt.zero_grad(set_to_none=True)

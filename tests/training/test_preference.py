@@ -219,3 +219,27 @@ def test_a_job_runs_the_preference_stage_gates_on_labels_and_writes_loss_curves(
     assert curves["iter"] == [0, 3, 6] and curves["train"][0] is None and len(curves["val"]) == 3
     assert all(isinstance(v, float) for v in curves["val"] + curves["train"][1:])
     assert sidecar["provenance"]["preference"]["steps"] == 2
+
+
+def test_per_token_log_ratios_are_what_dpo_and_kto_see():
+    """`per_token`: the losses take log-ratios per reply token, the scale the metric and the gate score on."""
+    pairs = synthetic(12, seed=3)
+    pairs = Preferences([], [Pair(p.prompt, p.chosen, p.rejected + " and that is all I will say", p.conversation)
+                             for p in pairs.pairs])  # rejected replies longer: per token and summed disagree
+    reference = tiny(1)
+    for per_token in (False, True):
+        model = tiny(2)
+        items_c = [encode(TOK, p.prompt, p.chosen, 64) for p in pairs.pairs]
+        items_r = [encode(TOK, p.prompt, p.rejected, 64) for p in pairs.pairs]
+        with torch.no_grad():
+            (pc, nc, _), (pr, nr, _) = token_logps(model, items_c), token_logps(model, items_r)
+            (rc, _, _), (rr, _, _) = token_logps(reference, items_c), token_logps(reference, items_r)
+        if per_token:
+            pc, pr, rc, rr = pc / nc, pr / nr, rc / nc, rr / nr
+        cfg = PreferenceConfig(**{**CFG, "min_labels": 1, "max_steps": 1, "eval_interval": 1, "batch_size": 4,
+                                  "learning_rate": 1e-9, "per_token": per_token})
+        # the stage's first batch: its generator, seeded, draws the pair indices
+        ix = torch.randint(len(pairs.pairs), (4,), generator=torch.Generator().manual_seed(cfg.seed))
+        want = float(dpo_loss(pc[ix], pr[ix], rc[ix], rr[ix], cfg.beta))
+        outcome = train_preferences(model, TOK, pairs, cfg, reference=reference)
+        assert outcome.history[0]["loss"] == pytest.approx(want, rel=1e-4)
