@@ -58,7 +58,43 @@ such pairs bought +7 points only by lowering every reply's likelihood. The gate'
 rejection in the last row is an artefact of these synthetic labels: a held-out pair's
 replies are training replies of other pairs (chosen there, or rejected five times), so
 the job's own held-out labels leaked (since fixed: each side's negatives now come from
-that side; not re-measured).
+that side; re-measured below).
+
+Preference stage, re-measured (2026-12-01, 10:30-11:20, load 7-13 on 2 cores). The
+starter was rebuilt with ``--base-minutes 3`` at a lower load and came out stronger
+(reply loss 6.328, general 5.904, preference accuracy 0.480), so the supervised fine-tune
+gains less on it (-11.4%, as the stronger-base row above). All rows use 5 pairs per
+training prompt (1,230 training / 170 held-out pairs). ``stage`` rows ran the preference
+stage alone on that run's supervised candidate (``--stage-from``), with the evaluation
+read every 50 steps (the stage has a constant learning rate, so a row at step N equals a
+run with ``max_steps=N``); "held" is the job's held-out labels, candidate vs base (the
+gate's check; ties pass). Changes are against the base, as above.
+
+| run | reply loss | general | pref. acc. | held / gate |
+|---|---|---|---|---|
+| job: defaults + ``--preference --label-negatives 5 --pref-set min_labels=1000000`` (stage skipped: the SFT alone) | -11.4% | -2.7% | 0.480->0.491 | rejected (0.441 vs 0.453) |
+| stage: the old row's options (summed, beta 0.1, lr 5e-4, sft_weight 1, max_kl 1), 150 steps | -5.6% | +3.7% | ->0.514 | 0.424 (would be rejected) |
+| stage: summed, beta 0.1, lr 5e-4, sft_weight 0.1, max_kl 1: @50 / @100 / @150 / @250 | -8.5 / -4.5 / -6.3 / -0.3% | +1.7 / +5.0 / +3.4 / +9.8% | ->0.494 / 0.503 / 0.514 / 0.500 | 0.435 / 0.453 / 0.441 / 0.453 |
+| stage: ``per_token``, beta 2, the same: @50 / @100 / @150 / @200 / @300 | -6.5 / -5.1 / -4.3 / -2.7 / +2.7% | +3.2 / +4.9 / +4.7 / +6.0 / +11.3% | ->0.494 / 0.529 / 0.526 / 0.503 / 0.497 | 0.441 / 0.459 / 0.453 / 0.453 / 0.453 |
+| the same, stage seed 2: @50 / @100 / @150 / @200 / @300 | -8.6 / -3.6 / -5.6 / -1.8 / +2.3% | -0.1 / +5.5 / +3.5 / +7.3 / +11.1% | ->0.491 / 0.514 / 0.511 / 0.537 / 0.529 | 0.459 / 0.435 / 0.418 / 0.429 / 0.441 |
+| stage: ``per_token``, beta 2, lr 5e-4, max_kl 1, sft_weight 0.3: @50 / @100 / @150 | -8.6 / -6.0 / -7.1% | +1.7 / +3.9 / +2.3% | ->0.494 / 0.517 / 0.511 | 0.435 / 0.453 / 0.429 |
+| the same, sft_weight 1.0: @50 / @100 / @150 | -9.8 / -8.1 / -6.7% | +0.5 / +2.0 / +2.8% | ->0.497 / 0.494 / 0.517 | 0.424 / 0.429 / 0.424 |
+| stage: ``per_token``, beta 2, lr 1e-3, sft_weight 0.1, no cap: @50 / @100 / @200 | -1.4 / +1.2 / +2.4% | +9.0 / +9.3 / +10.6% | ->0.506 / 0.520 / 0.526 | 0.447 / 0.453 / 0.435 |
+| upper bound: the stage trained on the 350 evaluation pairs themselves (per_token, beta 2, lr 5e-4, no cap, sft_weight 0): @50 / @100 | -3.6 / +13.1% | +2.6 / +17.0% | ->0.546 / 0.709 | 0.465 / 0.447 |
+| job: defaults + ``--preference --label-negatives 5 --pref-set per_token=true --pref-set beta=2 --pref-set learning_rate=5e-4 --pref-set max_steps=100 --pref-set sft_weight=0.1 --pref-set max_kl=1`` (wall 433 s at load 3-8; the stage 33 s) | -5.0% | +4.9% | 0.480->0.529 | rejected (the gate's general text +5.5%) |
+
+No setting came near +10 points from the training labels: per token, 100 steps gives
++4.9 and +3.4 (two stage seeds; +4.1 +- 0.8), bought with half the fine-tune's reply-loss
+gain and ~5% general text; the single best point, +5.7 (seed 2 at 200 steps), costs +7.3%
+general text; past that accuracy wanders while the model degrades.
+Per-token log-ratios beat summed ones at the same steps (0.529 vs 0.503 at 100, 0.526
+vs 0.514 at 150). The starter cannot learn what the labels reward, prompt/reply fit,
+from a few hundred prompts: trained on the evaluation pairs themselves it reaches 0.709
+only by wrecking its text (+13% reply, +17% general), and that does not carry over to
+the job's held-out prompts (0.447 vs 0.453), i.e. it memorises pairs. Note also that
+the supervised fine-tune alone fails the gate's preference check (0.441 vs 0.453 on 170
+comparisons, a standard error of ~4 points): with ``max_preference_regression`` 0 the
+check rejects about half of neutral candidates.
 """
 
 from __future__ import annotations

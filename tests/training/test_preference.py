@@ -237,7 +237,7 @@ def test_per_token_log_ratios_are_what_dpo_and_kto_see():
         if per_token:
             pc, pr, rc, rr = pc / nc, pr / nr, rc / nc, rr / nr
         cfg = PreferenceConfig(**{**CFG, "min_labels": 1, "max_steps": 1, "eval_interval": 1, "batch_size": 4,
-                                  "learning_rate": 1e-9, "per_token": per_token})
+                                  "learning_rate": 1e-9, "per_token": per_token, "sft_weight": 0.0})
         # the stage's first batch: its generator, seeded, draws the pair indices
         ix = torch.randint(len(pairs.pairs), (4,), generator=torch.Generator().manual_seed(cfg.seed))
         want = float(dpo_loss(pc[ix], pr[ix], rc[ix], rr[ix], cfg.beta))
