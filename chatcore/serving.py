@@ -130,7 +130,8 @@ class Generator:
     `max_queue`: with batching, requests waiting for a free batch row (past it,
     `stream` raises `Busy`); one at a time, requests in flight, the running one
     included. `max_batch`: conversations decoding together.
-    `prefix_cache_mb`: memory for reusable conversation states (0: off).
+    `prefill_chunk` / `prefill_tokens`: prompt tokens run per step, per prompt / over the prompts
+    run together (`chatcore.batching`). `prefix_cache_mb`: memory for reusable conversation states (0: off).
     """
 
     def __init__(
@@ -140,11 +141,13 @@ class Generator:
         max_queue: int = 64,
         max_batch: int = 8,
         prefill_chunk: int = 128,
+        prefill_tokens: int = 512,
         prefix_cache_mb: float = 256,
     ) -> None:
         self._max_queue = max_queue
         self._max_batch = max_batch
         self._prefill_chunk = prefill_chunk
+        self._prefill_tokens = prefill_tokens
         self._prefix_cache_bytes = int(prefix_cache_mb * 2**20)
         self._engine = engine
         self._backend: Any = None
@@ -248,6 +251,7 @@ class Generator:
                 max_batch=self._max_batch,
                 max_queue=self._max_queue,
                 prefill_chunk=self._prefill_chunk,
+                prefill_tokens=self._prefill_tokens,
                 prefix_cache=prefixes,
             )
         return _Serial(engine, self._max_queue)

@@ -25,6 +25,7 @@ fine-tune starts from (`base_checkpoint` names it without loading it).
     dtype: auto        # auto (float32 on cpu, bfloat16/float16 on accelerators), float32, bfloat16, float16
     threads: null      # torch CPU threads (null: torch's default)
     quantize: auto     # auto (int8 on a CPU, none elsewhere), int8, none
+    cpu_layout: auto   # float32 on a CPU: auto/packed (oneDNN-packed matrices, chatcore.cpu_linear), plain
     speculative: {draft: null, k: 4}  # draft: prompt_lookup or a small model's checkpoint (chatcore.speculative)
 """
 
@@ -38,7 +39,7 @@ from typing import Any
 
 import torch
 
-from . import hf, lora
+from . import cpu_linear, hf, lora
 from .checkpoint import CheckpointError, ColumnMajor, Transform
 from .engine import Engine, decode_column_major, pick_device, pick_dtype
 from .model import GPT
@@ -107,6 +108,8 @@ def build_engine(model_cfg: dict | None = None, starter: Starter | None = None,
         model_id += " int8"  # stored with every exchange: which weights answered
     engine = Engine(model, tokenizer, model_id=model_id, device=device, dtype=dtype,
                     threads=cfg.get("threads"), meta=meta)
+    if cpu_linear.packed_here(cfg.get("cpu_layout", "auto"), device, dtype, quantized=loader is not None):
+        cpu_linear.pack_linears(engine.model)  # after the checks and the layout: the served weights, repacked
 
     def load_draft(path: str) -> tuple[GPT, int]:
         """The draft model loads like the served one (device, dtype, quantization), with no drafter of its own."""
