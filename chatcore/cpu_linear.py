@@ -119,20 +119,43 @@ def pack_linears(model: nn.Module, batch_size: int | None = None, head: bool = F
         raise ValueError("pack_linears: the model must be float32 on the CPU")
     if not available():
         raise RuntimeError("this torch build has no oneDNN CPU kernels; serve the plain layout")
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or isinstance(module, PackedLinear):
-            continue
-        if not (name.startswith("transformer.h.") or (head and name == "lm_head")):
-            continue
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, PackedLinear)
+             and (name.startswith("transformer.h.") or (head and name == "lm_head"))]
+    for name in names:  # by name, one at a time: each dense matrix is freed as soon as its packed copy exists
+        parent, _, attr = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        module = getattr(owner, attr)
+        if isinstance(module, LoRALinear) and module.lora_A is not None:
+            raise ValueError(f"{name} trains an adapter: merge it first (chatcore.lora.merge)")
         packed = PackedLinear(module, batch_size)
         if isinstance(module, LoRALinear):
-            if module.lora_A is not None:
-                raise ValueError(f"{name} trains an adapter: merge it first (chatcore.lora.merge)")
             packed.served = module.served
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, packed)
+        setattr(owner, attr, packed)
+        del module, packed
+        _give_back_freed_memory()
     model.cpu_layout = "packed"  # for /status and the benchmark table
     return model
+
+
+def _give_back_freed_memory() -> None:
+    """Return the heap's free pages to the OS (glibc only; elsewhere nothing to do).
+
+    The dense matrix and its row-major copy are freed as each packed one (a differently
+    sized, aligned block) is made; glibc keeps such holes mapped, and without this the
+    process peaked ~130 MB above plain loading (GPT-2 124M) and kept ~150 MB it never used."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def is_packed(model: nn.Module) -> bool:
