@@ -82,6 +82,13 @@ class Adapter:
         self.bot = bot
         self.config = config
 
+    @classmethod
+    def check_config(cls, config: dict[str, Any]) -> None:
+        """Raise ConfigError for settings that are wrong together (each key's type is already checked).
+
+        `chatcore config check` and every start run it for each enabled adapter, so a mistake is
+        found before deploying, not when the platform connects."""
+
     async def start(self) -> None:
         """Connect and serve until `stop` is called (or the input ends)."""
         raise NotImplementedError
