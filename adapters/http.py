@@ -28,7 +28,8 @@ Who is asking: with ``api_key`` the request is authenticated and its ``user``
 is trusted as the key holder's end user. Without one (the default) ``user`` is
 self-declared: the message is marked unauthenticated (``Message.authenticated``,
 untrusted for training) and rate limits count by client address, so rotating
-``user`` buys nothing. A request without ``user`` is anonymous: a one-off
+``user`` buys nothing (behind a reverse proxy, list it in ``trusted_proxies`` so
+the address is the client's, read from X-Forwarded-For, not the proxy's). A request without ``user`` is anonymous: a one-off
 identity that shares nothing with anyone, and commands about "my data"
 (/forget, /reset, ...) are refused for it.
 
@@ -45,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -58,7 +60,7 @@ from aiohttp import web
 
 from chatcore import hookimpl
 from chatcore.adapter import Adapter, BotSurface
-from chatcore.config import Field
+from chatcore.config import ConfigError, Field
 from chatcore.message import Busy, Message, RateLimited
 from chatcore.params import SEED_MAX, SEED_MIN, SamplingParams, validate
 
@@ -99,7 +101,14 @@ class HttpAdapter(Adapter):
                                               "proxy or on 0.0.0.0 with a DNS name); others are refused (403)."),
         "allowed_origins": Field(list, [], help="Web origins (https://app.example) whose pages may call the bot "
                                                 "from a browser; other cross-site requests are refused (403)."),
+        "trusted_proxies": Field(list, [], help="Addresses or networks of your reverse proxies (e.g. 127.0.0.1, "
+                                                "10.0.0.0/8): behind them the client is read from X-Forwarded-For, "
+                                                "so each client gets its own rate limit."),
     }
+
+    @classmethod
+    def check_config(cls, config: dict[str, Any]) -> None:
+        trusted_networks(config.get("trusted_proxies") or [])
 
     def __init__(self, bot: BotSurface, config: dict[str, Any]) -> None:
         super().__init__(bot, config)
@@ -111,6 +120,7 @@ class HttpAdapter(Adapter):
         self.allowed_hosts: set[str] | None = (None if host in ANY_ADDRESS and not allowed
                                                else {*LOOPBACK_HOSTS, host, *allowed})
         self.allowed_origins = {str(o).lower().rstrip("/") for o in config.get("allowed_origins") or []}
+        self.trusted_proxies = trusted_networks(config.get("trusted_proxies") or [])
         self.port: int | None = None  # the port actually bound
         self.ready = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -369,7 +379,24 @@ class HttpAdapter(Adapter):
             user = f"anonymous-{uuid.uuid4().hex}"
         return Message(text=text, adapter=self.name, channel=conversation or "default", user=user, is_direct=True,
                        authenticated=self.api_key is not None, anonymous=anonymous,
-                       client=request.remote or "unknown")
+                       client=self._client(request))
+
+    def _client(self, request: web.Request) -> str:
+        """The asking client's address. Behind a trusted proxy it is the right-most address of
+        X-Forwarded-For that is not one of the proxies (what they appended; what is to its left,
+        the client wrote itself). From any other peer the header is ignored: it costs nothing to forge.
+
+        aiohttp-remotes was the library to reach for, but its XForwardedFiltered believes the header
+        from any peer, and XForwardedStrict refuses every request that did not come through the
+        exact proxy chain (a local health check included)."""
+        peer = request.remote or "unknown"
+        if not self.trusted_proxies or not _within(peer, self.trusted_proxies):
+            return peer
+        hops = [h.strip() for h in ",".join(request.headers.getall("X-Forwarded-For", [])).split(",") if h.strip()]
+        for hop in reversed(hops):
+            if not _within(hop, self.trusted_proxies):
+                return hop if _within(hop, None) else peer  # garbage in the header: count it against the proxy
+        return hops[0] if hops else peer
 
     def _params(self, body: dict[str, Any]) -> SamplingParams:
         """The request's sampler settings on top of the configured ones, checked."""
@@ -526,3 +553,24 @@ def _number(body: dict[str, Any], key: str, low: float, high: float) -> float | 
 @hookimpl
 def register_adapters(register):
     register("http", HttpAdapter)
+
+
+def trusted_networks(entries: list[Any]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """`trusted_proxies` as networks (an address is a network of one); ConfigError naming a bad entry."""
+    networks = []
+    for entry in entries:
+        try:
+            networks.append(ipaddress.ip_network(str(entry).strip(), strict=False))
+        except ValueError:
+            raise ConfigError(f"{entry!r} is not an IP address or network (e.g. 10.0.0.0/8)",
+                              key="adapters.http.trusted_proxies") from None
+    return networks
+
+
+def _within(address: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None) -> bool:
+    """Whether `address` parses as an IP address (networks None) or lies in one of `networks`."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return networks is None or any(ip in n for n in networks)
