@@ -46,7 +46,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
-import ipaddress
 import json
 import logging
 import math
@@ -59,8 +58,8 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from chatcore import hookimpl
-from chatcore.adapter import Adapter, BotSurface
-from chatcore.config import ConfigError, Field
+from chatcore.adapter import Adapter, BotSurface, client_address, trusted_networks
+from chatcore.config import Field
 from chatcore.message import Busy, Message, RateLimited
 from chatcore.params import SEED_MAX, SEED_MIN, SamplingParams, validate
 
@@ -108,7 +107,7 @@ class HttpAdapter(Adapter):
 
     @classmethod
     def check_config(cls, config: dict[str, Any]) -> None:
-        trusted_networks(config.get("trusted_proxies") or [])
+        trusted_networks(config.get("trusted_proxies") or [], "adapters.http.trusted_proxies")
 
     def __init__(self, bot: BotSurface, config: dict[str, Any]) -> None:
         super().__init__(bot, config)
@@ -120,7 +119,7 @@ class HttpAdapter(Adapter):
         self.allowed_hosts: set[str] | None = (None if host in ANY_ADDRESS and not allowed
                                                else {*LOOPBACK_HOSTS, host, *allowed})
         self.allowed_origins = {str(o).lower().rstrip("/") for o in config.get("allowed_origins") or []}
-        self.trusted_proxies = trusted_networks(config.get("trusted_proxies") or [])
+        self.trusted_proxies = trusted_networks(config.get("trusted_proxies") or [], "adapters.http.trusted_proxies")
         self.port: int | None = None  # the port actually bound
         self.ready = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -382,21 +381,8 @@ class HttpAdapter(Adapter):
                        client=self._client(request))
 
     def _client(self, request: web.Request) -> str:
-        """The asking client's address. Behind a trusted proxy it is the right-most address of
-        X-Forwarded-For that is not one of the proxies (what they appended; what is to its left,
-        the client wrote itself). From any other peer the header is ignored: it costs nothing to forge.
-
-        aiohttp-remotes was the library to reach for, but its XForwardedFiltered believes the header
-        from any peer, and XForwardedStrict refuses every request that did not come through the
-        exact proxy chain (a local health check included)."""
-        peer = request.remote or "unknown"
-        if not self.trusted_proxies or not _within(peer, self.trusted_proxies):
-            return peer
-        hops = [h.strip() for h in ",".join(request.headers.getall("X-Forwarded-For", [])).split(",") if h.strip()]
-        for hop in reversed(hops):
-            if not _within(hop, self.trusted_proxies):
-                return hop if _within(hop, None) else peer  # garbage in the header: count it against the proxy
-        return hops[0] if hops else peer
+        """The asking client's address (behind `trusted_proxies`, from X-Forwarded-For)."""
+        return client_address(request.remote, request.headers.getall("X-Forwarded-For", []), self.trusted_proxies)
 
     def _params(self, body: dict[str, Any]) -> SamplingParams:
         """The request's sampler settings on top of the configured ones, checked."""
@@ -554,23 +540,3 @@ def _number(body: dict[str, Any], key: str, low: float, high: float) -> float | 
 def register_adapters(register):
     register("http", HttpAdapter)
 
-
-def trusted_networks(entries: list[Any]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    """`trusted_proxies` as networks (an address is a network of one); ConfigError naming a bad entry."""
-    networks = []
-    for entry in entries:
-        try:
-            networks.append(ipaddress.ip_network(str(entry).strip(), strict=False))
-        except ValueError:
-            raise ConfigError(f"{entry!r} is not an IP address or network (e.g. 10.0.0.0/8)",
-                              key="adapters.http.trusted_proxies") from None
-    return networks
-
-
-def _within(address: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None) -> bool:
-    """Whether `address` parses as an IP address (networks None) or lies in one of `networks`."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return networks is None or any(ip in n for n in networks)
