@@ -15,16 +15,16 @@ another.
     python benchmarks/engine.py --json     # one JSON object per measurement
     python benchmarks/engine.py --speculative prompt_lookup --greedy --engines chatcore,chatcore-int8
                                            # speculative decoding (chatcore-spec, chatcore-int8-spec) vs plain
-    python benchmarks/engine.py --engines chatcore,chatcore-plain,ct2-float32,ct2-int8 --rounds 3
-                                           # fp32 packed (the default) vs torch's layout vs CTranslate2, interleaved
+    python benchmarks/engine.py --engines chatcore-packed,chatcore-plain,ct2-float32,chatcore-int8,ct2-int8 --rounds 3
+                                           # fp32 oneDNN-packed vs torch's layout vs CTranslate2, interleaved
 
 chatcore is measured through the path a user's request takes: weights loaded by
 `build_engine` on the main thread, the reply streamed by `chatcore.serving.Generator`
 (decoding on its batching thread). ``chatcore-direct`` drives the Engine on the
 calling thread: a reference only, not what a bot gets. ``chatcore`` serves fp32 as
-the bot does on a CPU with ``model.quantize: none`` (oneDNN-packed matrices,
-`chatcore.cpu_linear`); ``chatcore-plain`` the same with ``model.cpu_layout: plain``
-(torch's own layout, the earlier default). CTranslate2 (float32 and
+the bot does on a CPU with ``model.quantize: none`` (``model.cpu_layout: auto``);
+``chatcore-packed`` and ``chatcore-plain`` force oneDNN-packed matrices
+(`chatcore.cpu_linear`) and torch's own layout. CTranslate2 (float32 and
 int8, when ``pip install -e .[bench]`` installed it) runs the same weights,
 converted from the Hugging Face directory by its Transformers converter.
 
@@ -52,7 +52,7 @@ from pathlib import Path
 from _common import first_token_timer, peak_rss_mb  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
-CONTESTANTS = ("chatcore", "chatcore-plain", "chatcore-int8", "chatcore-direct", "chatcore-int8-direct",
+CONTESTANTS = ("chatcore", "chatcore-packed", "chatcore-plain", "chatcore-int8", "chatcore-direct", "chatcore-int8-direct",
                "ct2-float32", "ct2-int8", "seed-loop", "transformers")
 GPT2_VOCAB = ROOT.parent / "shared" / "data" / "gpt2"  # encoder.json + vocab.bpe: the tokenizer CTranslate2 converts
 
@@ -188,6 +188,11 @@ def load_chatcore_spec(native: Path, hf_dir: Path, threads: int, quantize: str =
                                 "quantize": quantize, "speculative": SPECULATIVE}))
 
 
+def load_chatcore_packed(native: Path, hf_dir: Path, threads: int):
+    """fp32 served with oneDNN-packed matrices (``model.cpu_layout: packed``, `chatcore.cpu_linear`)."""
+    return Served(load_chatcore_direct(native, hf_dir, threads, cpu_layout="packed"))
+
+
 def load_chatcore_plain(native: Path, hf_dir: Path, threads: int):
     """fp32 served with torch's own layout (``model.cpu_layout: plain``): the baseline of chatcore.cpu_linear."""
     return Served(load_chatcore_direct(native, hf_dir, threads, cpu_layout="plain"))
@@ -286,6 +291,7 @@ def run_transformers(hf, ids, new_tokens):
 
 RUNNERS = {
     "chatcore": (load_chatcore, run_chatcore),
+    "chatcore-packed": (load_chatcore_packed, run_chatcore),
     "chatcore-plain": (load_chatcore_plain, run_chatcore),
     "chatcore-int8": (load_chatcore_int8, run_chatcore),
     "chatcore-spec": (load_chatcore_spec, run_chatcore),
@@ -470,10 +476,10 @@ def run_all(args, models: Path, prompts: list[int], new_tokens: int) -> None:
         return ra[key] / rb[key] if ra and rb and ra.get(key) and rb.get(key) else None
 
     for p in prompts:
-        for ours in ("chatcore", "chatcore-plain", "chatcore-int8"):
+        for ours in ("chatcore", "chatcore-packed", "chatcore-plain", "chatcore-int8"):
             parts = []
-            others = ("chatcore-plain",) * (ours == "chatcore") + ("ct2-float32", "ct2-int8", "transformers", "seed-loop",
-                                                                  ours + "-direct")
+            others = ("chatcore-plain",) * (ours == "chatcore-packed") + ("ct2-float32", "ct2-int8", "transformers",
+                                                                         "seed-loop", ours + "-direct")
             for other in others:
                 dec, ttft = ratio(ours, other, "decode_tok_s"), ratio(ours, other, "ttft_s")
                 tot = ratio(ours, other, "total_tok_s")

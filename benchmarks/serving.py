@@ -456,7 +456,7 @@ def main() -> None:
     from chatcore.prompt import render_prompt
 
     model = build_model()
-    fp32 = make_engine(model)  # packed: what a CPU serves for model.quantize: none
+    fp32 = make_engine(model)  # oneDNN-packed (model.cpu_layout: packed)
     plain = make_engine(model, layout="plain") if not {"batch", "decode"} <= skip else None
     int8 = make_engine(model, int8=True)
     hf = hf_model(model) if not {"batch", "decode"} <= skip else None
@@ -484,7 +484,7 @@ def main() -> None:
             has_ct2 = True
         with tempfile.TemporaryDirectory(prefix="chatcore-ct2-") as d:
             contestants = {
-                "chatcore served fp32": lambda: served_batch(fp32, prompts, new_tokens, args.stagger),
+                "chatcore served fp32 packed": lambda: served_batch(fp32, prompts, new_tokens, args.stagger),
                 "chatcore served fp32 plain layout": lambda: served_batch(plain, prompts, new_tokens, args.stagger),
                 "chatcore served int8": lambda: served_batch(int8, prompts, new_tokens, args.stagger),
             }
@@ -500,7 +500,7 @@ def main() -> None:
                 mid = sorted(results, key=lambda r: r["tok_s"])[len(results) // 2]
                 emit("batch", name, **mid, rounds=len(results), tok_s_all=[round(r["tok_s"], 2) for r in results],
                      ttft_all=[round(r["ttft_p50_s"], 3) for r in results if r.get("ttft_p50_s")])
-        emit("batch", "chatcore continuous batching fp32 (direct)", **batched(fp32, prompts, new_tokens, args.stagger))
+        emit("batch", "chatcore continuous batching fp32 packed (direct)", **batched(fp32, prompts, new_tokens, args.stagger))
         emit("batch", "chatcore continuous batching int8 (direct)", **batched(int8, prompts, new_tokens, args.stagger))
         emit("batch", "chatcore one at a time fp32", **one_at_a_time(fp32, prompts, new_tokens))
         emit("batch", f"transformers static batch of {n_conv} fp32", **transformers_static(hf, fp32.tokenizer, prompts, new_tokens))
@@ -509,7 +509,7 @@ def main() -> None:
     if "decode" not in skip:
         ids = prompt_ids(32)
         emit("decode", "chatcore int8", **decode_chatcore(int8, ids, new_tokens))
-        emit("decode", "chatcore fp32", **decode_chatcore(fp32, ids, new_tokens))
+        emit("decode", "chatcore fp32 packed", **decode_chatcore(fp32, ids, new_tokens))
         emit("decode", "chatcore fp32 plain layout", **decode_chatcore(plain, ids, new_tokens))
         emit("decode", "transformers fp32", **decode_transformers(hf, ids, new_tokens))
     if "quality" not in skip:
@@ -547,7 +547,7 @@ def _ratios(out: list[dict], n_conv: int) -> list[dict]:
         r = _find(out, "batch", name)
         if r and tf:
             ratios.append(dict(ratio=f"{name} / transformers static batch", value=round(r["tok_s"] / tf["tok_s"], 3), target=2.0))
-    packed, plain = _find(out, "batch", "chatcore served fp32"), _find(out, "batch", "chatcore served fp32 plain layout")
+    packed, plain = _find(out, "batch", "chatcore served fp32 packed"), _find(out, "batch", "chatcore served fp32 plain layout")
     if packed and plain:
         ratios.append(dict(ratio="served fp32 packed / plain layout tok/s", value=round(packed["tok_s"] / plain["tok_s"], 3)))
         ratios.append(dict(ratio="served fp32 packed / plain layout TTFT (lower is better)",

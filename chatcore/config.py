@@ -78,7 +78,8 @@ CORE_SCHEMA: Schema = {
                           help="auto: int8 weights on a CPU (faster decoding, <1% perplexity cost), none elsewhere; int8; none."),
         "cpu_layout": Field(str, "auto", choices=("auto", "packed", "plain", None),
                             help="float32 weights on a CPU: packed (oneDNN's blocked layout: matrix products on "
-                                 "every core) or plain (torch's); auto: packed on a CPU in float32."),
+                                 "every core) or plain (torch's); auto: packed on AMD CPUs, where it measured "
+                                 "faster (chatcore/cpu_linear.py)."),
         "download": Field(bool, True, help="Download GPT-2 from the Hugging Face hub when it is not cached."),
         "starter": Field(bool, True, help="Train and use the small offline starter model when no GPT-2 is available."),
         "remote": Field(str, None, help="Another chatcore's OpenAI-compatible API, e.g. http://gpu-box:8080/v1: this "

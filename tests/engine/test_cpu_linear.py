@@ -166,7 +166,8 @@ def test_a_hot_swap_to_a_packed_engine_serves_the_same_replies(plain, packed):
     assert before == after == plain.generate(PROMPTS[2], GREEDY)
 
 
-def test_the_option_validates_and_applies_only_to_fp32_on_a_cpu():
+def test_the_option_validates_and_applies_only_to_fp32_on_a_cpu(monkeypatch):
+    monkeypatch.setattr(cpu_linear, "packed_by_default", lambda: True)
     cpu, f32 = torch.device("cpu"), torch.float32
     assert packed_here("auto", cpu, f32) and packed_here("packed", cpu, f32)
     assert not packed_here("plain", cpu, f32) and not packed_here(None, cpu, f32)
@@ -180,9 +181,12 @@ def test_the_option_validates_and_applies_only_to_fp32_on_a_cpu():
         packed_here("onednn", cpu, f32)
     with pytest.raises(ValueError, match="float32 on the CPU"):
         pack_linears(_model().to(torch.bfloat16))
+    monkeypatch.setattr(cpu_linear, "packed_by_default", lambda: False)  # a CPU where torch's layout was faster
+    assert not packed_here("auto", cpu, f32) and packed_here("packed", cpu, f32)
 
 
-def test_the_bot_serves_fp32_packed_on_a_cpu_unless_told_plain(tmp_path):
+def test_the_bot_serves_fp32_packed_where_auto_packs_unless_told_plain(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu_linear, "packed_by_default", lambda: True)
     base = checkpoint.save(tiny_model(n_layer=1), tmp_path / "base")
 
     def engine(extra: str):
@@ -199,3 +203,6 @@ def test_the_bot_serves_fp32_packed_on_a_cpu_unless_told_plain(tmp_path):
     draft = build_engine({"checkpoint": str(base), "device": "cpu", "quantize": "none",
                           "speculative": {"draft": str(base), "k": 3}})
     assert is_packed(draft.model) and is_packed(draft.speculator.model)  # the draft loads like the served model
+    monkeypatch.setattr(cpu_linear, "packed_by_default", lambda: False)
+    assert type(engine("  quantize: none\n").model.transformer.h[0].mlp.c_fc) is torch.nn.Linear
+    assert isinstance(engine("  quantize: none\n  cpu_layout: packed\n").model.transformer.h[0].mlp.c_fc, PackedLinear)
