@@ -87,7 +87,7 @@ def rss():
     out = {}
     for line in open("/proc/self/status"):
         key = line.split(":")[0]
-        if key in ("RssAnon", "RssFile", "VmRSS"):
+        if key in ("RssAnon", "RssFile", "VmRSS", "VmHWM"):
             out[key] = int(line.split()[1]) / 1024
     return out
 
@@ -109,16 +109,23 @@ print(json.dumps({"marks": marks, "rss_after_load_mb": after_load}))
 """
 
 
+MAKE_CHECKPOINT = r"""
+import sys, torch
+from chatcore import checkpoint
+from chatcore.model import GPT, GPTConfig
+torch.manual_seed(0)
+with torch.no_grad():
+    model = GPT(GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768))
+print(checkpoint.save(model, sys.argv[1], base_model="gpt2-random"))
+"""
+
+
 def make_checkpoint(folder: Path) -> Path:
-    import torch
-
-    from chatcore import checkpoint
-    from chatcore.model import GPT, GPTConfig
-
-    torch.manual_seed(0)
-    with torch.no_grad():
-        model = GPT(GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768))
-    return checkpoint.save(model, folder / "gpt2-random", base_model="gpt2-random")
+    """Saved by another process: this one stays small, so the peak RSS its children
+    inherit at fork (wait4's ru_maxrss counts it) is not the model's."""
+    out = subprocess.run([sys.executable, "-c", MAKE_CHECKPOINT, str(folder / "gpt2-random")], check=True,
+                         capture_output=True, text=True, cwd=str(ROOT))
+    return Path(out.stdout.strip().splitlines()[-1])
 
 
 def write_config(folder: Path, ckpt: Path, quantize: str, tokens: int, threads: int | None) -> Path:
@@ -247,7 +254,8 @@ def report(runs: dict, codes: dict, args: argparse.Namespace) -> None:
             if case:
                 r = case["rss_after_load_mb"]
                 print(f"  {name}: RSS after load {r.get('VmRSS', 0):.0f} MiB (anonymous {r.get('RssAnon', 0):.0f}, "
-                      f"file {r.get('RssFile', 0):.0f}); first replies {case['first_reply_s']}")
+                      f"file {r.get('RssFile', 0):.0f}), peak while loading {r.get('VmHWM', 0):.0f}; "
+                      f"first replies (s) {case['first_reply_s']}")
 
 
 if __name__ == "__main__":

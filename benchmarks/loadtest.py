@@ -128,6 +128,15 @@ class Server:
         engine = Engine(model, model_id=f"{a.model}-random", device="cpu", dtype="float32")
         if a.int8:
             quantize_int8(engine.model)
+        self.prompt_tokens = 0  # prompt tokens run through the model (a prefix cache hit runs only the rest)
+        forward = engine.model.forward_cached
+
+        def counted(idx, cache, rows=None, pos=None, n_new=None, last_only=True):
+            if idx.size(1) > 1 or last_only is False:
+                self.prompt_tokens += int(sum(n_new)) if n_new is not None else idx.numel()
+            return forward(idx, cache, rows=rows, pos=pos, n_new=n_new, last_only=last_only)
+
+        engine.model.forward_cached = counted
         config = {
             "adapters": {"http": {"enabled": True, "host": "127.0.0.1", "port": 0}},
             "generation": {"max_new_tokens": a.max_tokens},
@@ -449,6 +458,7 @@ def main() -> None:
         backend = server.bot.generator.backend
         sizes = dict(max_batch=backend.max_batch, max_queue=backend.max_queue)
         stats = server.bot.generator.stats()
+        prompt_tokens = server.prompt_tokens
         server.stop()
 
     answered = [r for r in records if r.outcome == "answered"]
@@ -473,6 +483,8 @@ def main() -> None:
         busy_p50_s=percentile([r.latency for r in busy], 0.5),
         answered_per_s=round(len(answered) / wall, 2),
         generated_tokens_per_s=round(generated / wall, 1),
+        prompt_tokens_per_s=round(prompt_tokens / wall, 1),
+        prompt_tokens_per_answer=round(prompt_tokens / max(1, len(answered)), 1),
         mean_batch=round(stats["decode_rows"] / max(1, stats["decode_steps"]), 1),
         needed_answers_per_s=round(args.clients / args.target_p95, 2),
         needed_tokens_per_s=round(args.clients / args.target_p95 * args.max_tokens, 1),
@@ -494,7 +506,8 @@ def main() -> None:
         if lat:
             print(f"  answered latency p50 {result['p50_s']:.2f} s, p95 {result['p95_s']:.2f} s"
                   + (f"; refused requests p50 {result['busy_p50_s']:.2f} s" if busy else ""))
-        print(f"  generated {result['generated_tokens_per_s']} tokens/s (mean batch {result['mean_batch']}); "
+        print(f"  generated {result['generated_tokens_per_s']} tokens/s (mean batch {result['mean_batch']}), prompts "
+              f"{result['prompt_tokens_per_s']} tokens/s ({result['prompt_tokens_per_answer']} per answer); "
               f"a p95 within {args.target_p95:g} s needs >= {result['needed_answers_per_s']} answers/s, i.e. "
               f">= {result['needed_tokens_per_s']} tokens/s (clients / target x max_new_tokens)")
         print(f"  targets (>= 95% answered, p95 <= {args.target_p95:g} s, 0 errors, all stored): "

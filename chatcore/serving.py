@@ -51,8 +51,8 @@ def batch_limits(max_batch: int | str, max_queue: int | str, model: Any,
                  available: int | None = None) -> tuple[int, int]:
     """``serving.max_batch`` and ``serving.max_queue`` as numbers, ``auto`` sized here.
 
-    max_batch auto: as many rows as half the available memory (`available_memory`,
-    or ``available`` bytes) holds if every row filled its whole context with keys and
+    max_batch auto: as many rows as half the available memory (`available_memory`: the
+    device's on a GPU; or ``available`` bytes) holds if every row filled its whole context with keys and
     values (2 x n_layer x block_size x n_embd x the cache's bytes per value: 72 MiB
     for GPT-2 124M in fp32), between 1 and `MAX_AUTO_BATCH`. On the CPU the cache
     takes memory only for the tokens rows really hold (`chatcore.model.KVCache`), so
@@ -69,16 +69,19 @@ def batch_limits(max_batch: int | str, max_queue: int | str, model: Any,
         cfg = model.config
         itemsize = torch.empty((), dtype=getattr(model, "dtype", torch.float32)).element_size()
         per_row = 2 * cfg.n_layer * cfg.block_size * cfg.n_embd * itemsize
-        free = available_memory() if available is None else available
+        free = available_memory(getattr(model, "device", None)) if available is None else available
         max_batch = max(1, min(MAX_AUTO_BATCH, free // 2 // per_row))
     if max_queue == "auto":
         max_queue = AUTO_QUEUE_PER_ROW * max_batch
     return int(max_batch), int(max_queue)
 
 
-def available_memory() -> int:
-    """Bytes this process could still take: the system's available memory, within a
-    container's (cgroup v2) limit when it has one."""
+def available_memory(device: Any = None) -> int:
+    """Bytes this process could still take for its KV cache: on a CUDA device, the
+    device's free memory (the cache is allocated there, whole, up front); otherwise
+    the system's available memory, within a container's (cgroup v2) limit when it has one."""
+    if device is not None and torch.device(device).type == "cuda":
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
     free = None
     try:
         with open("/proc/meminfo") as f:

@@ -38,7 +38,7 @@ async def test_the_default_config_sizes_the_scheduler_from_memory(monkeypatch):
 
     config = load_config(None, make_plugin_manager(entry_points=False).schema())
     assert config["serving"]["max_batch"] == "auto" and config["serving"]["max_queue"] == "auto"
-    monkeypatch.setattr(serving, "available_memory", lambda: 2 * 5 * 2 * 64 * 64 * 2 * 4)  # 5 full rows of the model below
+    monkeypatch.setattr(serving, "available_memory", lambda device=None: 2 * 5 * 2 * 64 * 64 * 2 * 4)  # 5 full rows of the model below
     model = GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=64))
     gen = Generator(Engine(model, Tokenizer(), device="cpu", dtype="float32"),
                     max_batch=config["serving"]["max_batch"], max_queue=config["serving"]["max_queue"])
