@@ -445,7 +445,7 @@ def main() -> None:
         port = server.start()
         url = f"http://127.0.0.1:{port}"
         records: list[Record] = []
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
 
         async def run() -> None:
             deadline = time.monotonic() + args.seconds
@@ -453,7 +453,7 @@ def main() -> None:
                                    for i in range(args.clients)))
 
         asyncio.run(run())
-        wall = time.perf_counter() - started
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
         stored = server.stored()
         backend = server.bot.generator.backend
         sizes = dict(max_batch=backend.max_batch, max_queue=backend.max_queue)
@@ -489,6 +489,11 @@ def main() -> None:
         needed_answers_per_s=round(args.clients / args.target_p95, 2),
         needed_tokens_per_s=round(args.clients / args.target_p95 * args.max_tokens, 1),
         load_average=round(os.getloadavg()[0], 1),
+        # CPU time of this process (server and clients) per second of the run: on a shared machine it got fewer
+        # cores than it has; answers/s x cores / cores used is what it would answer alone, if work scales with CPU
+        cores_used=round(cpu / wall, 2),
+        cpu_s_per_answer=round(cpu / max(1, len(answered)), 3),
+        answers_per_s_alone=round(len(answered) / cpu * (os.cpu_count() or 1), 2) if cpu else None,
     )
     result["targets_met"] = bool(result["answered_pct"] >= 95 and lat and result["p95_s"] <= args.target_p95
                                  and not errors and not missing)
@@ -510,6 +515,8 @@ def main() -> None:
               f"{result['prompt_tokens_per_s']} tokens/s ({result['prompt_tokens_per_answer']} per answer); "
               f"a p95 within {args.target_p95:g} s needs >= {result['needed_answers_per_s']} answers/s, i.e. "
               f">= {result['needed_tokens_per_s']} tokens/s (clients / target x max_new_tokens)")
+        print(f"  CPU: {result['cores_used']} of {os.cpu_count()} cores used, {result['cpu_s_per_answer']} CPU s per "
+              f"answer: alone on this machine about {result['answers_per_s_alone']} answers/s")
         print(f"  targets (>= 95% answered, p95 <= {args.target_p95:g} s, 0 errors, all stored): "
               f"{'met' if result['targets_met'] else 'NOT met'}")
         print(f"  history store: {len(expected) - len(missing)} of {len(expected)} answered exchanges present "
