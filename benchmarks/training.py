@@ -49,7 +49,9 @@ from pathlib import Path
 from _common import peak_rss_mb  # benchmarks/ is on sys.path when a script runs
 
 SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sample_conversations.jsonl"
-VARIANTS = ("seed", "fused", "chatcore", "lora")
+VARIANTS = ("seed", "fused", "chatcore", "lora", "lora-top4", "lora-dropout")
+# LoRA variants: their options beyond rank 8, alpha 16 (``layers`` is capped at the --tiny model's 2 blocks)
+LORA_VARIANTS = {"lora": {}, "lora-top4": {"layers": 4}, "lora-dropout": {"dropout": 0.05}}
 TARGET = 1.3
 LORA_SPEED, LORA_MEMORY = 2.0, 0.5  # vs full fine-tuning (``chatcore``)
 
@@ -68,9 +70,12 @@ def build(variant: str, tiny: bool, steps: int):
     shape = dict(n_layer=2, n_head=2, n_embd=64) if tiny else dict(n_layer=12, n_head=12, n_embd=768)
     model = GPT(GPTConfig(block_size=1024, dropout=0.1, **shape)).train()
     exchanges, _ = load_jsonl(SAMPLE)
-    if variant == "lora":
-        apply_lora(model, LoRAConfig(rank=8, alpha=16))
-    loss_on = "assistant" if variant in ("chatcore", "lora") else "all"
+    if variant in LORA_VARIANTS:
+        opts = dict(LORA_VARIANTS[variant])
+        if "layers" in opts:
+            opts["layers"] = min(opts["layers"], model.config.n_layer)
+        apply_lora(model, LoRAConfig(rank=8, alpha=16, **opts))
+    loss_on = "assistant" if variant == "chatcore" or variant in LORA_VARIANTS else "all"
     data = tokenize(exchanges, Tokenizer(), loss_on)
     gen = torch.Generator().manual_seed(0)
     batches = [get_batch(data, 2, 128, gen) for _ in range(steps + 1)]
@@ -81,7 +86,7 @@ def build(variant: str, tiny: bool, steps: int):
         opt = make_optimizer(model, TrainConfig(fused=True))
 
     def step(x, y) -> None:
-        if variant in ("chatcore", "lora"):
+        if loss_on == "assistant":
             s, n = loss_sum(model, x, y)
             loss = s / n
         else:
@@ -187,7 +192,7 @@ def main() -> int:
     p.add_argument("--quality-pretrain", type=int, default=150, metavar="STEPS", help=argparse.SUPPRESS)
     p.add_argument("--quality-only", action="store_true", help="only the held-out loss comparison (--quality STEPS)")
     p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"comma-separated, of: {', '.join(VARIANTS)} (LoRA's ratios need chatcore and lora)")
+                   help=f"comma-separated, of: {', '.join(VARIANTS)} (LoRA's ratios need chatcore)")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
     args.variants = tuple(v for v in VARIANTS if v in args.variants.split(","))
@@ -219,13 +224,11 @@ def main() -> int:
                      "threads": args.threads or torch.get_num_threads(),
                      "shape": "tiny" if args.tiny else "gpt2-124M", "batch": "2x128"})
     by = {row["variant"]: row for row in rows}
-    lora_speed = lora_memory = None
-    if "lora" in by and "chatcore" in by:
-        lora_speed = by["lora"]["tokens_per_s"] / by["chatcore"]["tokens_per_s"]
-        lora_memory = by["lora"]["peak_rss_mb"] / by["chatcore"]["peak_rss_mb"]
-        lora_cpu = by["chatcore"]["cpu_s_per_step"] / by["lora"]["cpu_s_per_step"]
-        by["lora"].update(tokens_per_s_vs_full=lora_speed, peak_rss_vs_full=lora_memory,
-                          tokens_per_cpu_s_vs_full=lora_cpu)
+    for v in LORA_VARIANTS:
+        if v in by and "chatcore" in by:
+            by[v].update(tokens_per_s_vs_full=by[v]["tokens_per_s"] / by["chatcore"]["tokens_per_s"],
+                         peak_rss_vs_full=by[v]["peak_rss_mb"] / by["chatcore"]["peak_rss_mb"],
+                         tokens_per_cpu_s_vs_full=by["chatcore"]["cpu_s_per_step"] / by[v]["cpu_s_per_step"])
     held_out = quality(args) if args.quality else None
     if args.json:
         for row in rows:
@@ -235,18 +238,20 @@ def main() -> int:
         return 0
     print(f"training step, {rows[0]['shape']}, batch 2x128, median of {args.steps} interleaved steps, "
           f"{rows[0]['threads']} thread(s); peak RSS of each variant alone")
-    print(f"{'variant':<10} {'s/step':>8} {'CPU s/step':>11} {'tokens/s':>9} {'peak RSS MB':>12} {'vs seed':>8}")
+    print(f"{'variant':<12} {'s/step':>8} {'CPU s/step':>11} {'tokens/s':>9} {'peak RSS MB':>12} {'vs seed':>8}")
     for row in rows:
-        print(f"{row['variant']:<10} {row['s_per_step']:>8.3f} {row['cpu_s_per_step']:>11.3f} {row['tokens_per_s']:>9.1f} "
+        print(f"{row['variant']:<12} {row['s_per_step']:>8.3f} {row['cpu_s_per_step']:>11.3f} {row['tokens_per_s']:>9.1f} "
               f"{row['peak_rss_mb']:>12.0f} " + (f"{row['speedup_vs_seed']:>7.2f}x" if "seed" in by else f"{'-':>8}"))
     if "seed" in by and "chatcore" in by:
         best = by["chatcore"]["speedup_vs_seed"]
         print(f"target >= {TARGET}x: {'met' if best >= TARGET else 'NOT met'} ({best:.2f}x)")
-    if lora_speed is not None:
-        print(f"LoRA vs full fine-tuning: tokens/s {lora_speed:.2f}x (target >= {LORA_SPEED}x: "
-              f"{'met' if lora_speed >= LORA_SPEED else 'NOT met'}), peak RSS {lora_memory:.0%} "
-              f"(target <= {LORA_MEMORY:.0%}: {'met' if lora_memory <= LORA_MEMORY else 'NOT met'}); "
-              f"per CPU second {by['lora']['tokens_per_cpu_s_vs_full']:.2f}x")
+    for v in LORA_VARIANTS:
+        if "tokens_per_s_vs_full" in by.get(v, {}):
+            speed, memory = by[v]["tokens_per_s_vs_full"], by[v]["peak_rss_vs_full"]
+            print(f"{v} vs full fine-tuning: tokens/s {speed:.2f}x (target >= {LORA_SPEED}x: "
+                  f"{'met' if speed >= LORA_SPEED else 'NOT met'}), peak RSS {memory:.0%} "
+                  f"(target <= {LORA_MEMORY:.0%}: {'met' if memory <= LORA_MEMORY else 'NOT met'}); "
+                  f"per CPU second {by[v]['tokens_per_cpu_s_vs_full']:.2f}x")
     if held_out:
         print(f"held-out reply-token loss after {args.quality} steps from a small base: base "
               f"{held_out['base']:.3f}, full {held_out['full']:.3f}, LoRA {held_out['lora']:.3f} "
