@@ -65,7 +65,7 @@ class LoRAConfig:
     # (training.dropout) still regularises.
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(TARGETS))
-    layers: int | None = None  # adapters in the last N transformer blocks only; None: all of them
+    layers: int | None = None  # adapters in the last N transformer blocks only; None (or N >= blocks): all
 
     @property
     def scale(self) -> float:
@@ -92,11 +92,9 @@ class LoRAConfig:
         return cfg
 
     def blocks(self, n_layer: int) -> range:
-        """The transformer blocks that get adapters in a model of `n_layer` blocks."""
-        if self.layers is not None and self.layers > n_layer:
-            raise ValueError(f"training.lora.layers is {self.layers} but the model has only {n_layer} "
-                             "transformer blocks")
-        return range(n_layer - (self.layers or n_layer), n_layer)
+        """The transformer blocks that get adapters in a model of `n_layer` blocks: the last `layers`, or
+        all of them (a model with fewer blocks, e.g. the 3-block starter, is adapted whole, not refused)."""
+        return range(n_layer - min(self.layers or n_layer, n_layer), n_layer)
 
 
 class LoRALinear(nn.Linear):
