@@ -21,26 +21,35 @@ in every block a LoRA step is ~2F against ~3F plus those (F: a forward). With
 ``layers: N`` nothing below the lowest adapted block is in the autograd graph: the
 backward runs through the head and N blocks only.
 
-Measured 2026-12-01 on the shared 2-core machine (load average 6-8 from other work, so
-walls are long; the ratios are of steps interleaved in one run), GPT-2 124M shapes:
+Measured 2026-12-01 on the shared 2-core machine, one thread (load average 6-10 from
+other work, so walls are long; ratios are of steps interleaved in one run; two runs):
 
     python benchmarks/training.py --variants chatcore,lora,lora-top4,lora-dropout --steps 3 --threads 1
 
-| variant | CPU s/step | tokens/s vs full | per CPU second vs full | peak RSS vs full |
-|---|---|---|---|---|
-| chatcore (full) | 2.40 | 1 | 1 | 3152 MB |
-| lora | 1.24 | 2.02x | 1.94x | 49% |
-| lora-top4 | 0.88 | 2.89x | 2.74x | 43% |
-| lora-dropout (0.05) | 1.36 | 1.76x | 1.76x | 52% |
+| variant | CPU s/step | fwd / bwd / opt CPU s | tokens/s vs full | per CPU second vs full | peak RSS vs full |
+|---|---|---|---|---|---|
+| chatcore (full) | 2.24-2.40 | 0.65 / 1.29 / 0.30 | 1 | 1 | 3152-3159 MB |
+| lora | 1.24-1.27 | 0.67 / 0.58 / 0.01 | 1.76-2.02x | 1.76-1.94x | 49% |
+| lora-top4 | 0.88-0.89 | 0.64 / 0.24 / 0.00 | 2.49-2.89x | 2.51-2.74x | 43% |
+| lora-dropout (0.05) | 1.36-1.41 | 0.80 / 0.61 / 0.01 | 1.60-1.76x | 1.58-1.76x | 52% |
 
-The adapters' dropout cost ~10% of a LoRA step (a Bernoulli mask the size of every
-target's input, 16.5M draws a step, plus its multiply forward and backward) and
-~3% of its peak memory (the masks are saved for the backward): hence dropout 0 by
-default, as in peft. With 2 threads at load ~8 the walls are dominated by waiting
-for the second core (full 12.4 s/step); the same run's ratios were lora 0.87x,
-lora-top4 1.65x, lora-dropout 1.02x (per CPU second 1.12x, 1.91x, 1.03x): re-measure
-``--threads 2`` on an idle machine (the last idle figures, before these changes:
-full 2.392 s/step, lora with dropout 1.981 s/step, 1.21x).
+Where a full step's time goes that LoRA's does not: a backward twice the forward
+(weight gradients and the embedding's) and 0.30 s of clipping and AdamW over 124M
+parameters (13% of the step; the earlier ~1.5x estimate left it out): the ideal
+ratio with adapters in every block is then (0.65 + 1.29 + 0.30) / (0.67 + 0.58) =
+1.8x, what the ``lora`` row measures. The adapters' dropout cost 10-15% of a LoRA
+step (a Bernoulli mask the size of every target's input, 16.5M draws a step, and
+its multiplies forward and backward) and 3% of its peak memory (the masks are saved
+for the backward): hence dropout 0 by default, as in peft. ``lora-top4``'s backward
+runs through the head and 4 blocks only (0.24 s against 0.58).
+
+With 2 threads at load ~8 the walls were dominated by waiting for the second core
+(full 12.4 s/step); that run's ratios: lora 0.87x, lora-top4 1.65x, lora-dropout 1.02x
+(per CPU second 1.12x, 1.91x, 1.03x). Re-measure ``--threads 2`` on an idle machine:
+the last idle figures (before these changes: full 2.392 s/step, lora with dropout
+1.981 s/step, 1.21x) are far below one thread's ratio, and a 2-thread full step
+(2.39 s) was no faster than one thread's CPU time here. A guess, not measured: LoRA
+loses on the second thread, its many small operations each waiting for both threads.
 
 ``--quality`` adds held-out reply-token loss: a small base (4 layers, 128 wide)
 is pre-trained briefly on the whole text of half of the sample conversations,

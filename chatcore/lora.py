@@ -61,7 +61,7 @@ class LoRAConfig:
     rank: int = 8
     alpha: float = 16.0
     # 0 as in peft: dropout on the adapter's input costs a mask the size of every target's input
-    # (~20% of a GPT-2 LoRA step on the CPU, benchmarks/training.py), and the model's own dropout
+    # (10-15% of a GPT-2 LoRA step on the CPU, benchmarks/training.py), and the model's own dropout
     # (training.dropout) still regularises.
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(TARGETS))
