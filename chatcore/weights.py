@@ -4,7 +4,7 @@
    a damaged one is reported and skipped, never fatal;
 2. ``model.checkpoint``: a native .safetensors, a seed/nanoGPT .pt, or a Hugging Face directory;
 3. ``model.base`` in the Hugging Face cache;
-4. ``model.base`` downloaded (when ``model.download`` and not ``HF_HUB_OFFLINE``);
+4. ``model.base`` downloaded (when ``model.download``, not ``HF_HUB_OFFLINE``, and the hub's name resolves);
 5. the offline starter model (`chatcore.training.starter`, when ``model.starter``);
 6. otherwise `ModelNotFound`, saying what is missing and how to fix it.
 
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,10 @@ def resolve_model(cfg: dict, starter: Starter | None = None,
         raise
     except Exception as e:  # not cached (huggingface_hub's own error types vary by version)
         tried.append(f"{base!r} is not in the Hugging Face cache ({type(e).__name__})")
-    if cfg.get("download", True) and not hub_offline():
+    unresolved = hub_unresolvable() if cfg.get("download", True) and not hub_offline() else None
+    if unresolved:
+        tried.append(f"the Hugging Face hub ({unresolved}) cannot be resolved: no network?")
+    elif cfg.get("download", True) and not hub_offline():
         try:
             model, meta = hf.load_hf(base, cache_dir=cache_dir, local_files_only=False, column_major=column_major, transform=transform)
             return model, meta, base
@@ -275,6 +279,30 @@ def starter_for(config: Any) -> Starter | None:
 
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_unresolvable() -> str | None:
+    """The hub's host name when this machine cannot resolve it (no network, no DNS), else None.
+
+    huggingface_hub retries a failed name lookup five times over ~25 s before giving up, so an
+    offline first start would sit silent that long before the starter model; a lookup says it at
+    once. Behind a proxy the proxy resolves the hub, so nothing is decided here."""
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    host = urlsplit(constants.ENDPOINT).hostname
+    if not host:
+        return None
+    try:
+        socket.getaddrinfo(host, None)
+    except socket.gaierror:
+        return host
+    except (OSError, UnicodeError):
+        return None  # anything else: let huggingface_hub try and report
+    return None
 
 
 def model_id(path: Path, meta: dict) -> str:

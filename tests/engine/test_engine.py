@@ -213,6 +213,36 @@ def test_offline_without_cache_explains_what_to_do(tmp_path, monkeypatch):
     assert "model.checkpoint" in msg and "Hugging Face cache" in msg and "internet" in msg
 
 
+def test_an_unresolvable_hub_goes_to_the_starter_without_trying_to_download(tmp_path, monkeypatch, tok):
+    # huggingface_hub would retry the failed lookup for ~25 s first; behind a proxy it is tried as before
+    import huggingface_hub.constants
+
+    from chatcore import weights
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://no-such-hub.invalid")
+    downloads = []
+    real = weights.hf.load_hf
+
+    def load_hf(name, *args, local_files_only=True, **kwargs):
+        if not local_files_only:
+            downloads.append(name)
+            raise OSError("no network")
+        return real(name, *args, local_files_only=True, **kwargs)
+
+    monkeypatch.setattr(weights.hf, "load_hf", load_hf)
+    path = ckpt.save(tiny_model(), tmp_path / "starter.safetensors", base_model="starter")
+    engine = build_engine({"cache_dir": str(tmp_path / "hf"), "quantize": "none"}, starter=lambda: path, tokenizer=tok)
+    assert engine.model_id == "starter" and downloads == []
+    with pytest.raises(ModelNotFound, match=r"hub \(no-such-hub.invalid\) cannot be resolved"):
+        build_engine({"cache_dir": str(tmp_path / "hf")}, starter=lambda: None)
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    build_engine({"cache_dir": str(tmp_path / "hf"), "quantize": "none"}, starter=lambda: path, tokenizer=tok)
+    assert downloads == ["gpt2"]
+
+
 def test_starter_seam_is_consulted_last(tmp_path, monkeypatch, tok):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = ckpt.save(tiny_model(), tmp_path / "starter.safetensors", base_model="starter")
