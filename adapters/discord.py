@@ -111,6 +111,10 @@ class DiscordAdapter(Adapter):
     }
     guild_ready_timeout: float = 2.0  # discord.py's wait for guilds before on_ready; tests lower it
 
+    @classmethod
+    def check_config(cls, config: dict[str, Any]) -> None:
+        shard_settings(config)
+
     def __init__(self, bot: BotSurface, config: dict[str, Any]) -> None:
         super().__init__(bot, config)
         self.channels = {int(c) for c in config.get("channels") or []}

@@ -28,7 +28,8 @@ Who is asking: with ``api_key`` the request is authenticated and its ``user``
 is trusted as the key holder's end user. Without one (the default) ``user`` is
 self-declared: the message is marked unauthenticated (``Message.authenticated``,
 untrusted for training) and rate limits count by client address, so rotating
-``user`` buys nothing. A request without ``user`` is anonymous: a one-off
+``user`` buys nothing (behind a reverse proxy, list it in ``trusted_proxies`` so
+the address is the client's, read from X-Forwarded-For, not the proxy's). A request without ``user`` is anonymous: a one-off
 identity that shares nothing with anyone, and commands about "my data"
 (/forget, /reset, ...) are refused for it.
 
@@ -57,7 +58,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from chatcore import hookimpl
-from chatcore.adapter import Adapter, BotSurface
+from chatcore.adapter import Adapter, BotSurface, client_address, trusted_networks
 from chatcore.config import Field
 from chatcore.message import Busy, Message, RateLimited
 from chatcore.params import SEED_MAX, SEED_MIN, SamplingParams, validate
@@ -99,7 +100,14 @@ class HttpAdapter(Adapter):
                                               "proxy or on 0.0.0.0 with a DNS name); others are refused (403)."),
         "allowed_origins": Field(list, [], help="Web origins (https://app.example) whose pages may call the bot "
                                                 "from a browser; other cross-site requests are refused (403)."),
+        "trusted_proxies": Field(list, [], help="Addresses or networks of your reverse proxies (e.g. 127.0.0.1, "
+                                                "10.0.0.0/8): behind them the client is read from X-Forwarded-For, "
+                                                "so each client gets its own rate limit."),
     }
+
+    @classmethod
+    def check_config(cls, config: dict[str, Any]) -> None:
+        trusted_networks(config.get("trusted_proxies") or [], "adapters.http.trusted_proxies")
 
     def __init__(self, bot: BotSurface, config: dict[str, Any]) -> None:
         super().__init__(bot, config)
@@ -111,6 +119,7 @@ class HttpAdapter(Adapter):
         self.allowed_hosts: set[str] | None = (None if host in ANY_ADDRESS and not allowed
                                                else {*LOOPBACK_HOSTS, host, *allowed})
         self.allowed_origins = {str(o).lower().rstrip("/") for o in config.get("allowed_origins") or []}
+        self.trusted_proxies = trusted_networks(config.get("trusted_proxies") or [], "adapters.http.trusted_proxies")
         self.port: int | None = None  # the port actually bound
         self.ready = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -369,7 +378,11 @@ class HttpAdapter(Adapter):
             user = f"anonymous-{uuid.uuid4().hex}"
         return Message(text=text, adapter=self.name, channel=conversation or "default", user=user, is_direct=True,
                        authenticated=self.api_key is not None, anonymous=anonymous,
-                       client=request.remote or "unknown")
+                       client=self._client(request))
+
+    def _client(self, request: web.Request) -> str:
+        """The asking client's address (behind `trusted_proxies`, from X-Forwarded-For)."""
+        return client_address(request.remote, request.headers.getall("X-Forwarded-For", []), self.trusted_proxies)
 
     def _params(self, body: dict[str, Any]) -> SamplingParams:
         """The request's sampler settings on top of the configured ones, checked."""
@@ -526,3 +539,4 @@ def _number(body: dict[str, Any], key: str, low: float, high: float) -> float | 
 @hookimpl
 def register_adapters(register):
     register("http", HttpAdapter)
+

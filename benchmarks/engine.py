@@ -15,11 +15,16 @@ another.
     python benchmarks/engine.py --json     # one JSON object per measurement
     python benchmarks/engine.py --speculative prompt_lookup --greedy --engines chatcore,chatcore-int8
                                            # speculative decoding (chatcore-spec, chatcore-int8-spec) vs plain
+    python benchmarks/engine.py --engines chatcore-packed,chatcore-plain,ct2-float32,chatcore-int8,ct2-int8 --rounds 3
+                                           # fp32 oneDNN-packed vs torch's layout vs CTranslate2, interleaved
 
 chatcore is measured through the path a user's request takes: weights loaded by
 `build_engine` on the main thread, the reply streamed by `chatcore.serving.Generator`
 (decoding on its batching thread). ``chatcore-direct`` drives the Engine on the
-calling thread: a reference only, not what a bot gets. CTranslate2 (float32 and
+calling thread: a reference only, not what a bot gets. ``chatcore`` serves fp32 as
+the bot does on a CPU with ``model.quantize: none`` (``model.cpu_layout: auto``);
+``chatcore-packed`` and ``chatcore-plain`` force oneDNN-packed matrices
+(`chatcore.cpu_linear`) and torch's own layout. CTranslate2 (float32 and
 int8, when ``pip install -e .[bench]`` installed it) runs the same weights,
 converted from the Hugging Face directory by its Transformers converter.
 
@@ -47,7 +52,7 @@ from pathlib import Path
 from _common import first_token_timer, peak_rss_mb  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
-CONTESTANTS = ("chatcore", "chatcore-int8", "chatcore-direct", "chatcore-int8-direct",
+CONTESTANTS = ("chatcore", "chatcore-packed", "chatcore-plain", "chatcore-int8", "chatcore-direct", "chatcore-int8-direct",
                "ct2-float32", "ct2-int8", "seed-loop", "transformers")
 GPT2_VOCAB = ROOT.parent / "shared" / "data" / "gpt2"  # encoder.json + vocab.bpe: the tokenizer CTranslate2 converts
 
@@ -112,11 +117,11 @@ def prompt_ids(n: int) -> list[int]:
 # --- contestants: each returns (time to first token, end time, tokens) from a start time ----
 
 
-def load_chatcore_direct(native: Path, hf_dir: Path, threads: int, quantize: str = "none"):
+def load_chatcore_direct(native: Path, hf_dir: Path, threads: int, quantize: str = "none", cpu_layout: str = "auto"):
     from chatcore.weights import build_engine
 
     return build_engine({"checkpoint": str(native), "device": "cpu", "dtype": "float32", "threads": threads,
-                         "quantize": quantize})
+                         "quantize": quantize, "cpu_layout": cpu_layout})
 
 
 def load_chatcore_int8_direct(native: Path, hf_dir: Path, threads: int):
@@ -181,6 +186,16 @@ def load_chatcore_spec(native: Path, hf_dir: Path, threads: int, quantize: str =
 
     return Served(build_engine({"checkpoint": str(native), "device": "cpu", "dtype": "float32", "threads": threads,
                                 "quantize": quantize, "speculative": SPECULATIVE}))
+
+
+def load_chatcore_packed(native: Path, hf_dir: Path, threads: int):
+    """fp32 served with oneDNN-packed matrices (``model.cpu_layout: packed``, `chatcore.cpu_linear`)."""
+    return Served(load_chatcore_direct(native, hf_dir, threads, cpu_layout="packed"))
+
+
+def load_chatcore_plain(native: Path, hf_dir: Path, threads: int):
+    """fp32 served with torch's own layout (``model.cpu_layout: plain``): the baseline of chatcore.cpu_linear."""
+    return Served(load_chatcore_direct(native, hf_dir, threads, cpu_layout="plain"))
 
 
 def load_chatcore_int8(native: Path, hf_dir: Path, threads: int):
@@ -276,6 +291,8 @@ def run_transformers(hf, ids, new_tokens):
 
 RUNNERS = {
     "chatcore": (load_chatcore, run_chatcore),
+    "chatcore-packed": (load_chatcore_packed, run_chatcore),
+    "chatcore-plain": (load_chatcore_plain, run_chatcore),
     "chatcore-int8": (load_chatcore_int8, run_chatcore),
     "chatcore-spec": (load_chatcore_spec, run_chatcore),
     "chatcore-int8-spec": (lambda native, hf_dir, threads: load_chatcore_spec(native, hf_dir, threads, "int8"), run_chatcore),
@@ -358,6 +375,9 @@ def main() -> None:
                     help="also run chatcore-spec / chatcore-int8-spec with this draft: prompt_lookup or a checkpoint")
     ap.add_argument("--spec-k", type=int, default=4, help="tokens guessed per step (--speculative)")
     ap.add_argument("--greedy", action="store_true", help="greedy decoding (top-k 1) in every contestant")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every contestant this many times, in turn (the order reversed every other round), "
+                         "and report each one's median: drift on a shared machine hits all alike")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--models", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -388,28 +408,45 @@ def main() -> None:
 
 
 def run_all(args, models: Path, prompts: list[int], new_tokens: int) -> None:
-    results: dict[tuple[str, int], dict] = {}
+    import statistics
+
+    runs: dict[tuple[str, int], list[dict]] = {}
     rss: dict[str, float] = {}
+    loads: list[float] = []
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
-    for name in args.engines.split(","):
-        n = args.seed_tokens if name == "seed-loop" and args.seed_tokens else new_tokens
-        cmd = [sys.executable, __file__, "--worker", name, "--models", str(models), "--prompts", args.prompts,
-               "--new-tokens", str(n), "--threads", str(args.threads)]
-        cmd += ["--greedy"] * args.greedy + (["--speculative", args.speculative, "--spec-k", str(args.spec_k)]
-                                             if args.speculative else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-        if proc.returncode != 0:
-            sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
-        for line in proc.stdout.splitlines():
-            if not line.startswith("{"):
-                continue
-            rec = json.loads(line)
-            if args.json:
-                print(json.dumps(dict(rec, threads=args.threads, dtype="float32", model="gpt2-124M-random")))
-            if "peak_rss_mb" in rec:
-                rss[name] = rec["peak_rss_mb"]
-            else:
-                results[(name, rec["prompt_tokens"])] = rec
+    names = args.engines.split(",")
+    for round_ in range(args.rounds):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            n = args.seed_tokens if name == "seed-loop" and args.seed_tokens else new_tokens
+            cmd = [sys.executable, __file__, "--worker", name, "--models", str(models), "--prompts", args.prompts,
+                   "--new-tokens", str(n), "--threads", str(args.threads)]
+            cmd += ["--greedy"] * args.greedy + (["--speculative", args.speculative, "--spec-k", str(args.spec_k)]
+                                                 if args.speculative else [])
+            loads.append(os.getloadavg()[0])
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+            if proc.returncode != 0:
+                sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
+            for line in proc.stdout.splitlines():
+                if not line.startswith("{"):
+                    continue
+                rec = json.loads(line)
+                if args.json:
+                    print(json.dumps(dict(rec, threads=args.threads, dtype="float32", model="gpt2-124M-random",
+                                          round=round_)))
+                if "peak_rss_mb" in rec:
+                    rss[name] = max(rss.get(name, 0.0), rec["peak_rss_mb"])
+                else:
+                    runs.setdefault((name, rec["prompt_tokens"]), []).append(rec)
+
+    def median_run(recs: list[dict]) -> dict:  # the median of each figure over the rounds
+        out = dict(recs[0])
+        for key in ("ttft_s", "decode_tok_s", "total_tok_s"):
+            vals = [r[key] for r in recs if r.get(key)]
+            out[key] = statistics.median(vals) if vals else None
+        out["all_decode_tok_s"] = [r.get("decode_tok_s") for r in recs]
+        return out
+
+    results = {k: median_run(v) for k, v in runs.items()}
 
     if args.json:
         for p in prompts:
@@ -423,7 +460,8 @@ def run_all(args, models: Path, prompts: list[int], new_tokens: int) -> None:
         return
 
     print(f"GPT-2 124M shapes, random weights, fp32, {args.threads} threads, {new_tokens} new tokens, "
-          f"temperature {TEMPERATURE}, top-k {TOP_K}")
+          f"temperature {TEMPERATURE}, top-k {TOP_K}; {args.rounds} round(s), medians; "
+          f"load average {min(loads):.1f}-{max(loads):.1f} at the contestants' starts")
     head = f"{'engine':<21} {'prompt':>6} {'new':>4} {'TTFT s':>8} {'decode tok/s':>13} {'total tok/s':>12} {'peak RSS MB':>12}"
     print(head)
     print("-" * len(head))
@@ -438,9 +476,11 @@ def run_all(args, models: Path, prompts: list[int], new_tokens: int) -> None:
         return ra[key] / rb[key] if ra and rb and ra.get(key) and rb.get(key) else None
 
     for p in prompts:
-        for ours in ("chatcore", "chatcore-int8"):
+        for ours in ("chatcore", "chatcore-packed", "chatcore-plain", "chatcore-int8"):
             parts = []
-            for other in ("ct2-float32", "ct2-int8", "transformers", "seed-loop", ours + "-direct"):
+            others = ("chatcore-plain",) * (ours == "chatcore-packed") + ("ct2-float32", "ct2-int8", "transformers",
+                                                                         "seed-loop", ours + "-direct")
+            for other in others:
                 dec, ttft = ratio(ours, other, "decode_tok_s"), ratio(ours, other, "ttft_s")
                 tot = ratio(ours, other, "total_tok_s")
                 if dec:

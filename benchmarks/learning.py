@@ -51,6 +51,27 @@ job's data with the held-out curve read every 50 iterations (best point shown); 
 | the same with sft_weight 1.0 | -3.1% | +4.7% | 0.517->0.494 | |
 | job: defaults + ``--preference --label-negatives 5``, lr 5e-4, 150 steps, sft_weight 1, max_kl 1 | -13.5% | -3.5% | 0.486->0.511 | rejected (held-out labels 0.159 vs 0.435) |
 
+LoRA (issue 12), measured 2026-12-01 at load 8-12 (other work on the 2 cores), each a job of
+this script with ``--threads 1``, 400 iterations, on a new base (``--base-minutes 3`` gives a
+load-dependent base: this one's reply loss 6.416, general 5.967); share = the reply-loss
+gain as a share of full fine-tuning's:
+
+| run | reply loss | general | pref. acc. | gate | share |
+|---|---|---|---|---|---|
+| job: full fine-tuning, defaults | -11.8% (best @350) | -3.4% | 0.483->0.486 | promoted | 100% |
+| job: ``method=lora``, lr 2e-3 (rank 8, dropout 0, every block) | -4.6% (@400) | +0.1% | 0.483->0.483 | rejected (gate's general 6.483 vs 6.408) | 38% |
+| the same, ``lora={"layers": 1}`` (the top block of the starter's 3) | -3.9% (early stop, best @250) | +0.5% | 0.483->0.489 | rejected (general 6.500 vs 6.408) | 33% |
+| the same as the every-block row with ``lora={"dropout": 0.05}`` (the old default) | -4.6% (@350) | +0.2% | 0.483->0.486 | rejected (general 6.486 vs 6.408) | 38% |
+
+The adapters' dropout bought nothing here (reply loss 6.1240 with it, 6.1244 without),
+and the top block alone got 87% of every block's gain. The gate's general-text check
+(reply tokens of the general conversations, at most +0.05) rejected every LoRA run by
+0.07-0.09 while full fine-tuning, with the same replay, passed.
+
+    python benchmarks/learning.py --workdir W --threads 1 --label full
+    python benchmarks/learning.py --workdir W --threads 1 --set method=lora --set learning_rate=2e-3
+    python benchmarks/learning.py --workdir W --threads 1 --set method=lora --set learning_rate=2e-3 --set 'lora={"layers": 1}'
+
 Preference rows: accuracy over 350 comparisons (5 per evaluation prompt). The labels
 are learnable (a prompt/reply word-overlap count ranks them right 66% of the time; 39%
 of the pairs mix a chatterbot-corpus reply with a chit-chat one), but DPO on ~1,100

@@ -5,14 +5,26 @@ batching) serves GPT-2 124M shapes with random weights (``--model tiny`` for a
 small one) through the HTTP adapter on 127.0.0.1. Each client sends messages
 back to back for the duration, half of them through ``POST /chat``, half
 through ``POST /v1/chat/completions`` with ``"stream": true``, each client its
-own conversation. A busy answer (503, code ``busy``) is honoured by waiting the
-Retry-After seconds, as OpenAI's clients do.
+own conversation. A busy answer (503, code ``busy``, or 429) is honoured as
+OpenAI's SDKs do: wait the Retry-After seconds, then send the same message again.
+A request counts once, however many attempts it took: answered (its latency runs
+from its first attempt to its answer), or refused when the test ended while it was
+still being refused. ``--no-retry`` counts every busy answer as a refused request
+and moves on to the next message (this script's behaviour before retries).
 
 Checked afterwards: every request was answered or refused with the busy answer
 (anything else is an error; the target is 0), and every answered exchange is in
-the history store with exactly the text the client received.
+the history store with exactly the text the client received. Also reported: the
+batch and queue sizes the server ran with (``serving.max_batch`` / ``max_queue``,
+``auto`` by default: chatcore/serving.py, batch_limits), the tokens it generated
+per second, and what a p95 latency within ``--target-p95`` seconds would need: with
+every client waiting for its answer before sending again, answers per second =
+clients / mean latency (Little's law), so at least clients / target x max_new_tokens
+tokens per second.
 
-    python benchmarks/loadtest.py                 # 32 clients, 60 s
+    python benchmarks/loadtest.py                 # 32 clients, 60 s, auto batch and queue
+    python benchmarks/loadtest.py --int8          # int8 weights
+    python benchmarks/loadtest.py --max-batch 8 --max-queue 16 --no-retry   # the fixed sizes of before
     python benchmarks/loadtest.py --quick         # 8 clients, 10 s, tiny model
     python benchmarks/loadtest.py --json          # one JSON object with the results
 
@@ -65,6 +77,7 @@ class Record:
     reply: str = ""
     detail: str = ""
     instance: str = ""
+    attempts: int = 1  # busy answers retried, plus the last attempt
 
 
 class Server:
@@ -115,10 +128,19 @@ class Server:
         engine = Engine(model, model_id=f"{a.model}-random", device="cpu", dtype="float32")
         if a.int8:
             quantize_int8(engine.model)
+        self.prompt_tokens = 0  # prompt tokens run through the model (a prefix cache hit runs only the rest)
+        forward = engine.model.forward_cached
+
+        def counted(idx, cache, rows=None, pos=None, n_new=None, last_only=True):
+            if idx.size(1) > 1 or last_only is False:
+                self.prompt_tokens += int(sum(n_new)) if n_new is not None else idx.numel()
+            return forward(idx, cache, rows=rows, pos=pos, n_new=n_new, last_only=last_only)
+
+        engine.model.forward_cached = counted
         config = {
             "adapters": {"http": {"enabled": True, "host": "127.0.0.1", "port": 0}},
             "generation": {"max_new_tokens": a.max_tokens},
-            "serving": {"max_queue": a.max_queue},
+            "serving": {"max_queue": a.max_queue, "max_batch": a.max_batch},
             "plugins": {"commands": {"rate_limit": {"messages": 0}}, "auto_finetune": {"enabled": False}},
         }
         self.bot = make_bot(self.data_dir, engine=engine, config=config)
@@ -141,29 +163,44 @@ class Server:
 
 
 async def client(i: int, url: str, deadline: float, lines: list[str], out: list[Record], *,
-                 api_key: str | None = None, prefix: str = "", instance: str = "", until=None) -> None:
-    """Send messages back to back until `deadline` (and, when given, until `until()` is true)."""
+                 api_key: str | None = None, prefix: str = "", instance: str = "", until=None,
+                 retry: bool = True) -> None:
+    """Send messages back to back until `deadline` (and, when given, until `until()` is true).
+
+    A busy answer waits its Retry-After; with `retry` the same message is then sent again
+    (until it is answered, or the test is over), as OpenAI's SDKs retry 429 and 503."""
     endpoint = "/chat" if i % 2 == 0 else "/v1/chat/completions"
     timeout = aiohttp.ClientTimeout(total=600)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+
+    def going() -> bool:
+        return time.monotonic() < deadline or (until is not None and not until())
+
     async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
         j = 0
-        while time.monotonic() < deadline or (until is not None and not until()):
+        while going():
             text = f"{prefix}[client {i} #{j}] {lines[(i * 31 + j) % len(lines)]}"
             j += 1
             t0 = time.perf_counter()
-            try:
-                if endpoint == "/chat":
-                    rec = await _chat(session, url, i, text)
-                else:
-                    rec = await _stream(session, url, i, text)
-            except Exception as exc:  # connection errors, bad JSON: all count as errors
-                rec = Record(i, endpoint, "error", 0.0, text, detail=f"{type(exc).__name__}: {exc}")
+            attempts = 0
+            while True:
+                attempts += 1
+                try:
+                    if endpoint == "/chat":
+                        rec = await _chat(session, url, i, text)
+                    else:
+                        rec = await _stream(session, url, i, text)
+                except Exception as exc:  # connection errors, bad JSON: all count as errors
+                    rec = Record(i, endpoint, "error", 0.0, text, detail=f"{type(exc).__name__}: {exc}")
+                if rec.outcome != "busy":
+                    break
+                await asyncio.sleep(float(rec.detail or 1))
+                if not retry or not going():
+                    break
             rec.latency = time.perf_counter() - t0
             rec.instance = instance
+            rec.attempts = attempts
             out.append(rec)
-            if rec.outcome == "busy":
-                await asyncio.sleep(float(rec.detail or 1))
 
 
 async def _chat(session, url: str, i: int, text: str) -> Record:
@@ -356,6 +393,10 @@ def print_instances(result: dict, records: list[Record], mismatches: list) -> No
         print(f"  not stored once as answered: {rec.text!r} -> {rec.reply!r}, stored {rows!r}", file=sys.stderr)
 
 
+def auto_or_int(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=None, help="concurrent clients (default 32)")
@@ -363,7 +404,13 @@ def main() -> None:
     ap.add_argument("--model", choices=("gpt2", "tiny"), default=None, help="gpt2: 124M shapes (default); tiny: 2 layers")
     ap.add_argument("--int8", action="store_true", help="serve int8 weights")
     ap.add_argument("--max-tokens", type=int, default=32, help="generation.max_new_tokens")
-    ap.add_argument("--max-queue", type=int, default=16, help="serving.max_queue (requests waiting for a batch row)")
+    ap.add_argument("--max-queue", type=auto_or_int, default="auto",
+                    help="serving.max_queue (requests waiting for a batch row): auto (default) or a number")
+    ap.add_argument("--max-batch", type=auto_or_int, default="auto",
+                    help="serving.max_batch (conversations decoding together): auto (default) or a number")
+    ap.add_argument("--no-retry", action="store_true",
+                    help="a busy answer is a refused request; the client moves on to its next message")
+    ap.add_argument("--target-p95", type=float, default=8.0, help="the p95 latency target the report checks (s)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="8 clients, 10 s, tiny model")
     ap.add_argument("--json", action="store_true")
@@ -398,15 +445,20 @@ def main() -> None:
         port = server.start()
         url = f"http://127.0.0.1:{port}"
         records: list[Record] = []
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
 
         async def run() -> None:
             deadline = time.monotonic() + args.seconds
-            await asyncio.gather(*(client(i, url, deadline, lines, records) for i in range(args.clients)))
+            await asyncio.gather(*(client(i, url, deadline, lines, records, retry=not args.no_retry)
+                                   for i in range(args.clients)))
 
         asyncio.run(run())
-        wall = time.perf_counter() - started
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
         stored = server.stored()
+        backend = server.bot.generator.backend
+        sizes = dict(max_batch=backend.max_batch, max_queue=backend.max_queue)
+        stats = server.bot.generator.stats()
+        prompt_tokens = server.prompt_tokens
         server.stop()
 
     answered = [r for r in records if r.outcome == "answered"]
@@ -416,27 +468,57 @@ def main() -> None:
     expected = [r for r in answered if r.reply.strip()]
     missing = [r for r in expected if stored.get(r.text) != r.reply.strip()]
     lat = [r.latency for r in answered]
+    # every token but the first of each reply is one row of a decode step; the first comes from its prompt's last chunk
+    generated = stats["decode_rows"] + len(answered)
     result = dict(
         clients=args.clients, seconds=args.seconds, wall_s=round(wall, 1), model=f"{args.model}-random",
         int8=args.int8, threads=args.threads, max_tokens=args.max_tokens, max_queue=args.max_queue,
+        max_batch=args.max_batch, ran_with=sizes, retry=not args.no_retry,
         requests=len(records), answered=len(answered), busy=len(busy), errors=len(errors),
+        answered_pct=round(100 * len(answered) / max(1, len(records)), 1),
+        busy_attempts=sum(r.attempts - (r.outcome != "busy") for r in records),
+        over_sdk_retries=sum(r.attempts > 3 for r in records),  # OpenAI's SDKs retry twice by default
         empty_replies=len(answered) - len(expected), missing_from_store=len(missing),
         p50_s=percentile(lat, 0.5), p95_s=percentile(lat, 0.95),
         busy_p50_s=percentile([r.latency for r in busy], 0.5),
         answered_per_s=round(len(answered) / wall, 2),
+        generated_tokens_per_s=round(generated / wall, 1),
+        prompt_tokens_per_s=round(prompt_tokens / wall, 1),
+        prompt_tokens_per_answer=round(prompt_tokens / max(1, len(answered)), 1),
+        mean_batch=round(stats["decode_rows"] / max(1, stats["decode_steps"]), 1),
+        needed_answers_per_s=round(args.clients / args.target_p95, 2),
+        needed_tokens_per_s=round(args.clients / args.target_p95 * args.max_tokens, 1),
         load_average=round(os.getloadavg()[0], 1),
+        # CPU time of this process (server and clients) per second of the run: on a shared machine it got fewer
+        # cores than it has; answers/s x cores / cores used is what it would answer alone, if work scales with CPU
+        cores_used=round(cpu / wall, 2),
+        cpu_s_per_answer=round(cpu / max(1, len(answered)), 3),
+        answers_per_s_alone=round(len(answered) / cpu * (os.cpu_count() or 1), 2) if cpu else None,
     )
+    result["targets_met"] = bool(result["answered_pct"] >= 95 and lat and result["p95_s"] <= args.target_p95
+                                 and not errors and not missing)
     if args.json:
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}))
     else:
         print(f"{args.clients} clients x {args.seconds:.0f} s on loopback, {result['model']}"
               f"{' int8' if args.int8 else ' fp32'}, {args.threads} threads, max_new_tokens {args.max_tokens}, "
-              f"max_queue {args.max_queue}; load average {result['load_average']}")
-        print(f"  requests {len(records)}: answered {len(answered)} ({result['answered_per_s']}/s), "
-              f"busy {len(busy)}, errors {len(errors)} (target 0)")
+              f"max_batch {args.max_batch} -> {sizes['max_batch']}, max_queue {args.max_queue} -> {sizes['max_queue']}, "
+              f"{'busy answers retried' if not args.no_retry else 'no retries'}; load average {result['load_average']}")
+        print(f"  requests {len(records)}: answered {len(answered)} ({result['answered_pct']}%, "
+              f"{result['answered_per_s']}/s), refused busy {len(busy)}, errors {len(errors)} (target 0); "
+              f"busy answers {result['busy_attempts']}, requests that needed more than the OpenAI SDK's 2 retries "
+              f"{result['over_sdk_retries']}")
         if lat:
             print(f"  answered latency p50 {result['p50_s']:.2f} s, p95 {result['p95_s']:.2f} s"
-                  + (f"; busy answers p50 {result['busy_p50_s'] * 1000:.0f} ms" if busy else ""))
+                  + (f"; refused requests p50 {result['busy_p50_s']:.2f} s" if busy else ""))
+        print(f"  generated {result['generated_tokens_per_s']} tokens/s (mean batch {result['mean_batch']}), prompts "
+              f"{result['prompt_tokens_per_s']} tokens/s ({result['prompt_tokens_per_answer']} per answer); "
+              f"a p95 within {args.target_p95:g} s needs >= {result['needed_answers_per_s']} answers/s, i.e. "
+              f">= {result['needed_tokens_per_s']} tokens/s (clients / target x max_new_tokens)")
+        print(f"  CPU: {result['cores_used']} of {os.cpu_count()} cores used, {result['cpu_s_per_answer']} CPU s per "
+              f"answer: alone on this machine about {result['answers_per_s_alone']} answers/s")
+        print(f"  targets (>= 95% answered, p95 <= {args.target_p95:g} s, 0 errors, all stored): "
+              f"{'met' if result['targets_met'] else 'NOT met'}")
         print(f"  history store: {len(expected) - len(missing)} of {len(expected)} answered exchanges present "
               f"with the exact reply ({result['empty_replies']} empty replies, not logged by design)")
     for r in errors[:5]:

@@ -4,7 +4,8 @@ GPT-2 124M shapes with random weights (the same in every contestant), 2 torch th
 
 1. Aggregate tokens/s: 8 conversations (prompts from the sample conversations),
    150 new tokens each (temperature 0.8, top-k 200, seeded), arriving 0.25 s
-   apart. chatcore's continuous batching (fp32, and int8) vs the same Engine
+   apart. chatcore's continuous batching (fp32 with oneDNN-packed matrices as a CPU
+   serves it, fp32 in torch's own layout, and int8) vs the same Engine
    serving them one at a time vs transformers' static batch of 8 (left-padded,
    all 8 prompts at once: it is not charged for the staggered arrivals).
    Aggregate = all new tokens / (first arrival -> last token). chatcore's figures
@@ -29,6 +30,8 @@ GPT-2 124M shapes with random weights (the same in every contestant), 2 torch th
     python benchmarks/serving.py            # full run (a few minutes)
     python benchmarks/serving.py --quick    # smaller numbers: a smoke run
     python benchmarks/serving.py --json     # one JSON object per measurement
+    python benchmarks/serving.py --skip followup,decode,quality,adapters --batch-rounds 3
+                                            # section 1 only: fp32 packed vs plain layout vs CTranslate2, interleaved
 
 Timings on a shared machine drift: compare within one run, as ratios.
 """
@@ -82,13 +85,18 @@ def conversations() -> list[dict]:
     return [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def make_engine(model, int8: bool = False):
+def make_engine(model, int8: bool = False, layout: str = "packed"):
+    """The engine as `chatcore.weights.build_engine` serves it on a CPU: int8, or fp32 with its matrices
+    oneDNN-packed (``model.cpu_layout: auto``) or in torch's own layout (``plain``)."""
+    from chatcore.cpu_linear import pack_linears
     from chatcore.engine import Engine
     from chatcore.quant import quantize_int8
 
     engine = Engine(copy.deepcopy(model), model_id="bench", device="cpu", dtype="float32")
     if int8:
         quantize_int8(engine.model)
+    elif layout == "packed":
+        pack_linears(engine.model)
     return engine
 
 
@@ -433,6 +441,8 @@ def main() -> None:
     ap.add_argument("--history", type=int, default=512, help="follow-up test: history tokens")
     ap.add_argument("--checkpoint", help="int8 quality on this checkpoint instead of a model trained here")
     ap.add_argument("--adapter-rounds", type=int, default=3, help="interleaved rounds of the LoRA adapter section")
+    ap.add_argument("--batch-rounds", type=int, default=1,
+                    help="interleaved rounds of the served and CTranslate2 contestants of section 1 (median reported)")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: batch,followup,decode,quality,adapters")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -446,7 +456,8 @@ def main() -> None:
     from chatcore.prompt import render_prompt
 
     model = build_model()
-    fp32 = make_engine(model)
+    fp32 = make_engine(model)  # oneDNN-packed (model.cpu_layout: packed)
+    plain = make_engine(model, layout="plain") if not {"batch", "decode"} <= skip else None
     int8 = make_engine(model, int8=True)
     hf = hf_model(model) if not {"batch", "decode"} <= skip else None
     prompts = [render_prompt(c["user"]) for c in conversations()[:n_conv]]
@@ -462,21 +473,35 @@ def main() -> None:
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}), flush=True)
 
     if "batch" not in skip:
-        emit("batch", "chatcore served fp32", **served_batch(fp32, prompts, new_tokens, args.stagger))
-        emit("batch", "chatcore served int8", **served_batch(int8, prompts, new_tokens, args.stagger))
-        emit("batch", "chatcore continuous batching fp32 (direct)", **batched(fp32, prompts, new_tokens, args.stagger))
-        emit("batch", "chatcore continuous batching int8 (direct)", **batched(int8, prompts, new_tokens, args.stagger))
+        import tempfile
+
         try:
             import ctranslate2  # noqa: F401
         except ImportError:
             print("# CTranslate2 is not installed (pip install -e .[bench]): left out", file=sys.stderr)
+            has_ct2 = False
         else:
-            import tempfile
-
-            with tempfile.TemporaryDirectory(prefix="chatcore-ct2-") as d:
+            has_ct2 = True
+        with tempfile.TemporaryDirectory(prefix="chatcore-ct2-") as d:
+            contestants = {
+                "chatcore served fp32 packed": lambda: served_batch(fp32, prompts, new_tokens, args.stagger),
+                "chatcore served fp32 plain layout": lambda: served_batch(plain, prompts, new_tokens, args.stagger),
+                "chatcore served int8": lambda: served_batch(int8, prompts, new_tokens, args.stagger),
+            }
+            if has_ct2:
                 for kind, path in ct2_models(model, Path(d)).items():
-                    emit("batch", f"ctranslate2 static batch {kind}",
-                         **ct2_static(path, kind, fp32.tokenizer, prompts, new_tokens, args.threads))
+                    contestants[f"ctranslate2 static batch {kind}"] = (
+                        lambda path=path, kind=kind: ct2_static(path, kind, fp32.tokenizer, prompts, new_tokens, args.threads))
+            runs: dict[str, list[dict]] = {name: [] for name in contestants}
+            for i in range(args.batch_rounds):  # interleaved, the order alternating: drift hits all alike
+                for name in (list(contestants) if i % 2 == 0 else list(contestants)[::-1]):
+                    runs[name].append(dict(contestants[name](), load=os.getloadavg()[0]))
+            for name, results in runs.items():  # the median round by tokens/s
+                mid = sorted(results, key=lambda r: r["tok_s"])[len(results) // 2]
+                emit("batch", name, **mid, rounds=len(results), tok_s_all=[round(r["tok_s"], 2) for r in results],
+                     ttft_all=[round(r["ttft_p50_s"], 3) for r in results if r.get("ttft_p50_s")])
+        emit("batch", "chatcore continuous batching fp32 packed (direct)", **batched(fp32, prompts, new_tokens, args.stagger))
+        emit("batch", "chatcore continuous batching int8 (direct)", **batched(int8, prompts, new_tokens, args.stagger))
         emit("batch", "chatcore one at a time fp32", **one_at_a_time(fp32, prompts, new_tokens))
         emit("batch", f"transformers static batch of {n_conv} fp32", **transformers_static(hf, fp32.tokenizer, prompts, new_tokens))
     if "followup" not in skip:
@@ -484,7 +509,8 @@ def main() -> None:
     if "decode" not in skip:
         ids = prompt_ids(32)
         emit("decode", "chatcore int8", **decode_chatcore(int8, ids, new_tokens))
-        emit("decode", "chatcore fp32", **decode_chatcore(fp32, ids, new_tokens))
+        emit("decode", "chatcore fp32 packed", **decode_chatcore(fp32, ids, new_tokens))
+        emit("decode", "chatcore fp32 plain layout", **decode_chatcore(plain, ids, new_tokens))
         emit("decode", "transformers fp32", **decode_transformers(hf, ids, new_tokens))
     if "quality" not in skip:
         emit("quality", "int8 vs fp32", **int8_quality(args.checkpoint, 100 if args.quick else 200))
@@ -510,7 +536,8 @@ def main() -> None:
 
 
 def _find(out, section, prefix):
-    return next((r for r in out if r["section"] == section and r["name"].startswith(prefix)), None)
+    return next((r for r in out if r["section"] == section and r["name"].startswith(prefix)
+                 and "plain layout" not in r["name"][len(prefix):]), None)
 
 
 def _ratios(out: list[dict], n_conv: int) -> list[dict]:
@@ -520,6 +547,11 @@ def _ratios(out: list[dict], n_conv: int) -> list[dict]:
         r = _find(out, "batch", name)
         if r and tf:
             ratios.append(dict(ratio=f"{name} / transformers static batch", value=round(r["tok_s"] / tf["tok_s"], 3), target=2.0))
+    packed, plain = _find(out, "batch", "chatcore served fp32 packed"), _find(out, "batch", "chatcore served fp32 plain layout")
+    if packed and plain:
+        ratios.append(dict(ratio="served fp32 packed / plain layout tok/s", value=round(packed["tok_s"] / plain["tok_s"], 3)))
+        ratios.append(dict(ratio="served fp32 packed / plain layout TTFT (lower is better)",
+                           value=round(packed["ttft_p50_s"] / plain["ttft_p50_s"], 3)))
     for ours, kind, target in (("fp32", "float32", 1.0), ("int8", "int8", 1.3)):
         r, ct = _find(out, "batch", f"chatcore served {ours}"), _find(out, "batch", f"ctranslate2 static batch {kind}")
         if r and ct:
@@ -535,6 +567,9 @@ def _ratios(out: list[dict], n_conv: int) -> list[dict]:
         ratios.append(dict(ratio="int8 decode / transformers fp32", value=round(i8["decode_tok_s"] / tf1["decode_tok_s"], 3), target=3.0))
     if f32 and i8:
         ratios.append(dict(ratio="int8 decode / chatcore fp32", value=round(i8["decode_tok_s"] / f32["decode_tok_s"], 3)))
+    f32_plain = _find(out, "decode", "chatcore fp32 plain layout")
+    if f32 and f32_plain:
+        ratios.append(dict(ratio="fp32 packed decode / plain layout", value=round(f32["decode_tok_s"] / f32_plain["decode_tok_s"], 3)))
     none = _find(out, "adapters", "no adapter")
     for n in (1, 2, 8):
         r = _find(out, "adapters", f"{n} adapters")
@@ -552,8 +587,9 @@ def _table(out, ratios, n_conv, new_tokens, args) -> None:
               f"(temperature {TEMPERATURE}, top-k {TOP_K})")
         print(f"   {'server':<42} {'tokens':>6} {'seconds':>8} {'tok/s':>7} {'TTFT p50 s':>10}")
         for r in rows:
-            ttft = f"{r['ttft_p50_s']:.2f}" if "ttft_p50_s" in r else "-"
-            print(f"   {r['name']:<42} {r['tokens']:>6} {r['seconds']:>8.1f} {r['tok_s']:>7.1f} {ttft:>10}")
+            ttft = f"{r['ttft_p50_s']:.2f}" if r.get("ttft_p50_s") else "-"
+            rounds = f"   (rounds: {r['tok_s_all']} tok/s, TTFT {r['ttft_all']} s)" if r.get("rounds", 1) > 1 else ""
+            print(f"   {r['name']:<42} {r['tokens']:>6} {r['seconds']:>8.1f} {r['tok_s']:>7.1f} {ttft:>10}{rounds}")
     f = _find(out, "followup", "chatcore")
     if f:
         print(f"\n2. follow-up turn after a {f['history_tokens']}-token history ({f['prompt_tokens']}-token prompt)")

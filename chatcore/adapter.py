@@ -10,9 +10,11 @@ once. An adapter imports only this contract (`adapter`, `message`, `params`,
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import ipaddress
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, ClassVar, Protocol
 
+from .config import ConfigError
 from .message import Message, Reply
 from .params import SamplingParams
 
@@ -82,9 +84,58 @@ class Adapter:
         self.bot = bot
         self.config = config
 
+    @classmethod
+    def check_config(cls, config: dict[str, Any]) -> None:
+        """Raise ConfigError for settings that are wrong together (each key's type is already checked).
+
+        `chatcore config check` and every start run it for each enabled adapter, so a mistake is
+        found before deploying, not when the platform connects."""
+
     async def start(self) -> None:
         """Connect and serve until `stop` is called (or the input ends)."""
         raise NotImplementedError
 
     async def stop(self) -> None:
         """Disconnect; must be safe to call more than once."""
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def trusted_networks(entries: Iterable[Any], key: str) -> list[Network]:
+    """A `trusted_proxies` list as networks (an address is a network of one); ConfigError naming `key`."""
+    networks = []
+    for entry in entries:
+        try:
+            networks.append(ipaddress.ip_network(str(entry).strip(), strict=False))
+        except ValueError:
+            raise ConfigError(f"{entry!r} is not an IP address or network (e.g. 10.0.0.0/8)", key=key) from None
+    return networks
+
+
+def client_address(peer: str | None, forwarded_for: Iterable[str], trusted: list[Network]) -> str:
+    """Who is asking, for rate limits and audit logs: the peer's address, or, when the peer is one of
+    the `trusted` proxies, the right-most X-Forwarded-For hop that is not a proxy (what they appended;
+    what stands to its left the client wrote itself). From any other peer the header is ignored: it
+    costs nothing to forge.
+
+    aiohttp-remotes was the library to reach for, but its XForwardedFiltered believes the header
+    from any peer, and XForwardedStrict refuses every request that did not come through the exact
+    proxy chain (a local health check included)."""
+    peer = peer or "unknown"
+    if not trusted or not _within(peer, trusted):
+        return peer
+    hops = [h.strip() for h in ",".join(forwarded_for).split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not _within(hop, trusted):
+            return hop if _within(hop, None) else peer  # garbage in the header: count it against the proxy
+    return hops[0] if hops else peer
+
+
+def _within(address: str, networks: list[Network] | None) -> bool:
+    """Whether `address` parses as an IP address (networks None) or lies in one of `networks`."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return networks is None or any(ip in n for n in networks)

@@ -7,8 +7,11 @@ request. Each iteration of its loop:
 2. admits waiting requests, oldest first, into free rows, restoring the
    longest cached prefix of their prompt (`PrefixCache`) so a follow-up turn
    only runs its new tokens;
-3. runs one chunk (`prefill_chunk` tokens) of the oldest unfinished prompt, so a
-   long prompt delays the others by one chunk per step, not by its whole length;
+3. runs one chunk (`prefill_chunk` tokens) of the oldest unfinished prompt, and in
+   the same forward the next chunks of the next oldest ones while the batch stays
+   within `prefill_tokens` (padding included), so prompts that arrive together
+   are run together, and a long prompt delays the others by one chunk per step,
+   not by its whole length;
 4. decodes one token for every other running request in a single batched
    forward (per-row positions and lengths: rows never see each other); a lone
    conversation with a drafter (``engine.speculator``, `chatcore.speculative`)
@@ -92,17 +95,19 @@ class BatchScheduler:
         max_batch: int = 8,
         max_queue: int = 64,
         prefill_chunk: int = 128,
+        prefill_tokens: int = 512,
         prefix_cache: PrefixCache | None = None,
         adapter_budget_mb: float = 64,
     ) -> None:
-        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
-            raise ValueError("max_batch and prefill_chunk must be >= 1, max_queue >= 0")
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or prefill_tokens < 1:
+            raise ValueError("max_batch, prefill_chunk and prefill_tokens must be >= 1, max_queue >= 0")
         self.engine = engine
         self.model = engine.model
         self.tokenizer = engine.tokenizer
         self.block_size = engine.block_size
         self.device = self.model.device
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.prefill_tokens = prefill_tokens  # prompt tokens (padding included) run in one forward
         self.prefix_cache = prefix_cache
         # on the CPU the cache takes memory only for the tokens the running rows hold (chatcore.model.KVCache)
         self.cache = self.model.new_cache(max_batch, max_len=self.block_size)
@@ -261,13 +266,16 @@ class BatchScheduler:
         if any(r.params.max_new_tokens == 0 for r in self._running):
             for r in [r for r in self._running if r.params.max_new_tokens == 0]:
                 self._finish(r)
-        prefilling = [r for r in self._running if r.todo]
+        prefilling = self._prefill_batch([r for r in self._running if r.todo])
         if prefilling:
-            r = prefilling[0]  # the oldest: prompts are run first come first served
-            chunk, r.todo = r.todo[: self.prefill_chunk], r.todo[self.prefill_chunk :]
-            logits = self._forward([r], [chunk])
-            if not r.todo:
-                self._sampled([r], logits)
+            chunks = []
+            for r in prefilling:
+                chunks.append(r.todo[: self.prefill_chunk])
+                r.todo = r.todo[self.prefill_chunk :]
+            logits = self._forward(prefilling, chunks)
+            done = [i for i, r in enumerate(prefilling) if not r.todo]
+            if done:
+                self._sampled([prefilling[i] for i in done], logits[done])
         decoding = [r for r in self._running if r.pending is not None and not r.todo]
         if self.speculator is not None and len(self._running) == 1 and decoding and self._speculate(decoding[0]):
             return
@@ -277,6 +285,23 @@ class BatchScheduler:
             self.steps += 1
             self.step_rows += len(decoding)
             self._sampled(decoding, logits)
+
+    def _prefill_batch(self, prefilling: list[Request]) -> list[Request]:
+        """The prompts whose next chunk runs this step: the oldest, and the next oldest while the
+        forward (rows x longest chunk, padding included) stays within `prefill_tokens`.
+
+        Prompts that arrive together are run together: one matrix product over all their tokens
+        reads each weight once, where one forward per prompt would read every weight per prompt
+        and make the last of them wait for all the others' steps."""
+        batch: list[Request] = []
+        widest = 0
+        for r in prefilling:  # oldest first: first come first served
+            n = min(len(r.todo), self.prefill_chunk)
+            if batch and (len(batch) + 1) * max(widest, n) > self.prefill_tokens:
+                break
+            batch.append(r)
+            widest = max(widest, n)
+        return batch
 
     def _compact(self, decoding: list[Request]) -> list[Request]:
         """Move the decoding requests to rows 0..n-1 (in that order) and return them sorted by row.

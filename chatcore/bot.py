@@ -378,6 +378,11 @@ class Bot:
                 self.generator.swap(engine)
                 log.info("now serving %s (registry.json changed)", engine.model_id)
 
+    @property
+    def registry_listening(self) -> bool:
+        """True while subscribed to the promotions other instances announce (PostgreSQL history only)."""
+        return self._registry_listener is not None and self._registry_listener.listening.is_set()
+
     def _listen_for_registry_changes(self) -> asyncio.Event:
         """An event set whenever an instance announces a promotion or rollback (PostgreSQL history only)."""
         nudged = asyncio.Event()

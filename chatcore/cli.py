@@ -196,6 +196,10 @@ def load(config_path: Path | None):
     config = load_config(config_path, pm.schema())
     pm.disable(config["plugins"]["disabled"])
     check_config(config)
+    for name, adapter in pm.adapters().items():
+        section = config["adapters"].get(name)
+        if isinstance(section, dict) and section.get("enabled"):
+            adapter.check_config(section)
     logging.getLogger("chatcore").setLevel(config["bot"]["log_level"])
     return pm, config
 

@@ -47,6 +47,7 @@ class Field:
     help: str = ""
     choices: tuple[Any, ...] | None = None
     env_only: bool = False  # a secret that may only come from ``${VAR}``, never written in the file
+    check: Any = None  # value -> None when fine, else what is wrong (after the type check)
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,10 @@ CORE_SCHEMA: Schema = {
         "threads": Field(int, None, help="torch threads for serving (default: all cores)."),
         "quantize": Field(str, "auto", choices=("auto", "int8", "none", None),
                           help="auto: int8 weights on a CPU (faster decoding, <1% perplexity cost), none elsewhere; int8; none."),
+        "cpu_layout": Field(str, "auto", choices=("auto", "packed", "plain", None),
+                            help="float32 weights on a CPU: packed (oneDNN's blocked layout: matrix products on "
+                                 "every core) or plain (torch's); auto: packed on AMD CPUs, where it measured "
+                                 "faster (chatcore/cpu_linear.py)."),
         "download": Field(bool, True, help="Download GPT-2 from the Hugging Face hub when it is not cached."),
         "starter": Field(bool, True, help="Train and use the small offline starter model when no GPT-2 is available."),
         "remote": Field(str, None, help="Another chatcore's OpenAI-compatible API, e.g. http://gpu-box:8080/v1: this "
@@ -102,8 +107,12 @@ CORE_SCHEMA: Schema = {
         "stop": Field(list, [], help="More stop strings, matched on the generated text."),
     },
     "serving": {
-        "max_queue": Field(int, 64, help="Requests waiting beyond this get a polite busy answer."),
-        "max_batch": Field(int, 8, help="Conversations decoding together in one batch."),
+        "max_queue": Field((int, str), "auto", check=lambda v: auto_or_at_least(v, 0),
+                           help="Requests waiting for a batch row; beyond this they get a polite busy answer (HTTP "
+                                "503 + Retry-After). auto: 4 x max_batch (chatcore/serving.py, batch_limits)."),
+        "max_batch": Field((int, str), "auto", check=lambda v: auto_or_at_least(v, 1),
+                           help="Conversations decoding together. auto: as many full-context KV cache rows as half "
+                                "the available memory holds, at most 64 (chatcore/serving.py, batch_limits)."),
         "prefix_cache_mb": Field((int, float), 256, help="Memory for reusable conversation states (0: off)."),
     },
     "store": {
@@ -150,6 +159,13 @@ def training_schema(adapter: str) -> Schema:
             f"Set true only if {platform} has granted you permission to train models on its API data "
             "(docs/privacy.md); without it every policy here must be off."))
     return schema
+
+
+def auto_or_at_least(value: Any, least: int) -> str | None:
+    """None when ``value`` is ``auto`` or a whole number >= ``least``; else what is wrong."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+        return None
+    return f"must be auto or a whole number of at least {least}"
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -411,9 +427,16 @@ def _from_environment(value: Any, spec: Field, path: str, file: str | None, line
                       variables: list[str]) -> Any:
     """A string built from environment variables, as the type the key wants (variables are strings)."""
     types = spec.type if isinstance(spec.type, tuple) else (spec.type,)
+    text = value.strip() if isinstance(value, str) else value
+    if int in types and str in types and isinstance(text, str) and _INTEGER.fullmatch(text):
+        return int(text)  # `max_batch: ${MAX_BATCH}` set to 16: a number, as written in the file
     if not isinstance(value, str) or str in types:
+        problem = spec.check(value) if spec.check is not None and isinstance(value, str) else None
+        if problem:  # said here, where the variables' names are known (the value is never shown)
+            names = ", ".join(dict.fromkeys(variables))
+            raise ConfigError(f"environment variable {names}: {problem} (its value is not shown)",
+                              key=path, file=file, line=line)
         return value
-    text = value.strip()
     if not text:
         return None  # `threads: ${THREADS:-}`: unset, the key's default applies below
     for t in types:
@@ -462,3 +485,6 @@ def _check(value: Any, spec: Field, path: str, file: str | None, line: int, enfo
         raise ConfigError("must not be empty", key=path, file=file, line=line)
     if spec.choices is not None and value not in spec.choices:
         raise ConfigError(f"must be one of {', '.join(map(str, spec.choices))}", key=path, file=file, line=line)
+    problem = spec.check(value) if spec.check is not None else None
+    if problem:
+        raise ConfigError(problem, key=path, file=file, line=line)

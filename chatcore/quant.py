@@ -49,8 +49,9 @@ def _quantized_engine() -> str:
 def quantize_weight(w: torch.Tensor) -> torch.Tensor:
     """An fp32 ``[out, in]`` weight as int8 with one symmetric scale per output channel (a torch.qint8 tensor)."""
     w = w.detach().float().cpu().contiguous()
-    # max(amax, -amin): no temporary as large as the weight (the 154 MB output head of GPT-2)
-    amax = torch.maximum(w.amax(dim=1), w.amin(dim=1).neg())
+    # max(amax, -amin): no temporary as large as the weight (the 154 MB output head of GPT-2); one pass over it
+    lo, hi = torch.aminmax(w, dim=1)
+    amax = torch.maximum(hi, lo.neg())
     scale = (amax / 127.0).clamp(min=1e-12)
     with warnings.catch_warnings():  # torch marks its quantized-tensor constructors deprecated; the kernels remain
         warnings.simplefilter("ignore")

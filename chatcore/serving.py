@@ -21,11 +21,15 @@ request stops at the next token and its batch row is free for the next one.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from .batching import DONE, BatchScheduler, Sink
 from .message import Busy
@@ -36,6 +40,69 @@ __all__ = ["Generator"]
 
 STUCK_AFTER_S = 120.0
 """A model worker with work that has not moved for this long is reported stuck by health checks."""
+
+MAX_AUTO_BATCH = 64
+"""The most rows ``max_batch: auto`` gives (see `batch_limits`)."""
+AUTO_QUEUE_PER_ROW = 4
+"""``max_queue: auto`` holds this many waiting requests per batch row (see `batch_limits`)."""
+
+
+def batch_limits(max_batch: int | str, max_queue: int | str, model: Any,
+                 available: int | None = None) -> tuple[int, int]:
+    """``serving.max_batch`` and ``serving.max_queue`` as numbers, ``auto`` sized here.
+
+    max_batch auto: as many rows as half the available memory (`available_memory`: the
+    device's on a GPU; or ``available`` bytes) holds if every row filled its whole context with keys and
+    values (2 x n_layer x block_size x n_embd x the cache's bytes per value: 72 MiB
+    for GPT-2 124M in fp32), between 1 and `MAX_AUTO_BATCH`. On the CPU the cache
+    takes memory only for the tokens rows really hold (`chatcore.model.KVCache`), so
+    this is the worst case, not what is used. The other half is left to the
+    weights, the prefix cache and everything else on the machine. The cap: on a
+    CPU a decode step costs in proportion to its rows well before 64 (its
+    aggregate throughput flattens), and a batch's rows share every step's time.
+
+    max_queue auto: `AUTO_QUEUE_PER_ROW` x max_batch. Requests past it get the busy
+    answer with a Retry-After (HTTP 503) at once instead of waiting longer than
+    about four replies take; clients that retry (OpenAI's SDKs do) come back.
+    """
+    if max_batch == "auto":
+        cfg = model.config
+        itemsize = torch.empty((), dtype=getattr(model, "dtype", torch.float32)).element_size()
+        per_row = 2 * cfg.n_layer * cfg.block_size * cfg.n_embd * itemsize
+        free = available_memory(getattr(model, "device", None)) if available is None else available
+        max_batch = max(1, min(MAX_AUTO_BATCH, free // 2 // per_row))
+    if max_queue == "auto":
+        max_queue = AUTO_QUEUE_PER_ROW * max_batch
+    return int(max_batch), int(max_queue)
+
+
+def available_memory(device: Any = None) -> int:
+    """Bytes this process could still take for its KV cache: on a CUDA device, the
+    device's free memory (the cache is allocated there, whole, up front); otherwise
+    the system's available memory, within a container's (cgroup v2) limit when it has one."""
+    if device is not None and torch.device(device).type == "cuda":
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    free = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if free is None:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):  # not POSIX: assume a small machine
+            free = 2 << 30
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            free = min(free, max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return free
 
 
 def supports_batching(engine: Any) -> bool:
@@ -129,22 +196,27 @@ class Generator:
 
     `max_queue`: with batching, requests waiting for a free batch row (past it,
     `stream` raises `Busy`); one at a time, requests in flight, the running one
-    included. `max_batch`: conversations decoding together.
-    `prefix_cache_mb`: memory for reusable conversation states (0: off).
+    included. `max_batch`: conversations decoding together. Either may be
+    ``auto``: sized from the memory available and the model's shape when its
+    worker starts (`batch_limits`); an engine served one at a time then takes 64.
+    `prefill_chunk` / `prefill_tokens`: prompt tokens run per step, per prompt / over the prompts
+    run together (`chatcore.batching`). `prefix_cache_mb`: memory for reusable conversation states (0: off).
     """
 
     def __init__(
         self,
         engine: Any,
         *,
-        max_queue: int = 64,
-        max_batch: int = 8,
+        max_queue: int | str = 64,
+        max_batch: int | str = 8,
         prefill_chunk: int = 128,
+        prefill_tokens: int = 512,
         prefix_cache_mb: float = 256,
     ) -> None:
         self._max_queue = max_queue
         self._max_batch = max_batch
         self._prefill_chunk = prefill_chunk
+        self._prefill_tokens = prefill_tokens
         self._prefix_cache_bytes = int(prefix_cache_mb * 2**20)
         self._engine = engine
         self._backend: Any = None
@@ -243,14 +315,16 @@ class Generator:
     def _make_backend(self, engine: Any) -> BatchScheduler | _Serial:
         if supports_batching(engine):
             prefixes = PrefixCache(self._prefix_cache_bytes) if self._prefix_cache_bytes > 0 else None
+            max_batch, max_queue = batch_limits(self._max_batch, self._max_queue, engine.model)
             return BatchScheduler(
                 engine,
-                max_batch=self._max_batch,
-                max_queue=self._max_queue,
+                max_batch=max_batch,
+                max_queue=max_queue,
                 prefill_chunk=self._prefill_chunk,
+                prefill_tokens=self._prefill_tokens,
                 prefix_cache=prefixes,
             )
-        return _Serial(engine, self._max_queue)
+        return _Serial(engine, 64 if self._max_queue == "auto" else self._max_queue)
 
     def _retire(self, backend: Any) -> None:
         # the old engine's worker finishes what it has, then its thread ends

@@ -1002,12 +1002,19 @@ class Store:
         row = db.execute("SELECT up_to_id FROM finetunes ORDER BY id DESC LIMIT 1").fetchone()
         return row[0] if row else 0
 
-    def exchanges_since_finetune(self) -> int:
-        """Trainable exchanges (see `trainable_ids`) logged after the newest one the last fine-tune saw."""
+    def exchanges_since_finetune(self, *, up_to: int | None = None) -> int:
+        """Trainable exchanges (see `trainable_ids`) logged after the newest one the last fine-tune saw.
+
+        With `up_to`, counting stops there: a caller asking "have `every` arrived?" after each
+        message then reads at most `every` rows, not a whole imported history before the first mark.
+        """
+        query = ("SELECT 1 FROM exchanges e JOIN conversations c ON c.id = e.conversation_id "
+                 f"WHERE e.id > ? AND {_TRAINABLE}")
         with self._translated() as db:
-            return db.execute(
-                "SELECT COUNT(*) FROM exchanges e JOIN conversations c ON c.id = e.conversation_id "
-                f"WHERE e.id > ? AND {_TRAINABLE}", (self._finetune_mark(db),)).fetchone()[0]
+            mark = self._finetune_mark(db)
+            if up_to is None:
+                return db.execute(f"SELECT COUNT(*) FROM ({query}) AS t", (mark,)).fetchone()[0]
+            return db.execute(f"SELECT COUNT(*) FROM ({query} LIMIT ?) AS t", (mark, int(up_to))).fetchone()[0]
 
     def mark_finetune(self, *, checkpoint: str | None = None, at: float | None = None,
                       up_to_id: int | None = None) -> None:

@@ -98,6 +98,16 @@ def make_bot(tmp_path: str | Path, *, engine: Any = None, config: dict | str | N
     return Bot.from_config(cfg, engine=engine or ScriptedEngine(), pm=pm)
 
 
+async def until_registry_listening(bot: Any, timeout: float = 10.0) -> None:
+    """Wait until a following bot hears other instances' announcements: a NOTIFY sent before that is lost."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not bot.registry_listening:
+        if loop.time() > deadline:
+            raise AssertionError(f"the bot was not listening for registry announcements after {timeout:g} s")
+        await asyncio.sleep(0.05)
+
+
 class TestBot:
     """Push messages through a whole bot and pop its replies."""
 

@@ -4,7 +4,7 @@
    a damaged one is reported and skipped, never fatal;
 2. ``model.checkpoint``: a native .safetensors, a seed/nanoGPT .pt, or a Hugging Face directory;
 3. ``model.base`` in the Hugging Face cache;
-4. ``model.base`` downloaded (when ``model.download`` and not ``HF_HUB_OFFLINE``);
+4. ``model.base`` downloaded (when ``model.download``, not ``HF_HUB_OFFLINE``, and the hub's name resolves);
 5. the offline starter model (`chatcore.training.starter`, when ``model.starter``);
 6. otherwise `ModelNotFound`, saying what is missing and how to fix it.
 
@@ -25,6 +25,7 @@ fine-tune starts from (`base_checkpoint` names it without loading it).
     dtype: auto        # auto (float32 on cpu, bfloat16/float16 on accelerators), float32, bfloat16, float16
     threads: null      # torch CPU threads (null: torch's default)
     quantize: auto     # auto (int8 on a CPU, none elsewhere), int8, none
+    cpu_layout: auto   # float32 on a CPU: auto/packed (oneDNN-packed matrices, chatcore.cpu_linear), plain
     speculative: {draft: null, k: 4}  # draft: prompt_lookup or a small model's checkpoint (chatcore.speculative)
 """
 
@@ -32,13 +33,15 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import hf, lora
+from . import cpu_linear, hf, lora
 from .checkpoint import CheckpointError, ColumnMajor, Transform
 from .engine import Engine, decode_column_major, pick_device, pick_dtype
 from .model import GPT
@@ -61,7 +64,38 @@ def models_dir(config: Any) -> Path:
 
 
 def load_engine(config: Any, tokenizer: Tokenizer | None = None) -> Engine:
-    """The serving engine: the promoted fine-tune if there is a sound one, else the base (see the module docstring)."""
+    """The serving engine: the promoted fine-tune if there is a sound one, else the base (see the module docstring).
+
+    Loaded on a thread of its own that ends with the load (`on_passing_thread`)."""
+    return on_passing_thread(_load_engine, config, tokenizer)
+
+
+def on_passing_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on a new thread that ends when it returns; its result, or its exception raised here.
+
+    Why: GNU OpenMP gives every thread that runs a parallel torch op its own pool of
+    workers, and once the live pools hold more threads than there are CPUs its workers
+    stop spinning at barriers and sleep, so every op pays a wake-up. Weights loaded on
+    the main thread left such a pool alive beside the batching thread's: a decode step
+    served took 1.36x as long as one decoded where the model was built; loaded on a
+    thread that has ended, 1.09x (benchmarks/omp_threads.py, plain fp32 layout, idle)."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = fn(*args)
+        except BaseException as exc:  # re-raised on the caller's thread, traceback intact
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="chatcore-load", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _load_engine(config: Any, tokenizer: Tokenizer | None) -> Engine:
     promoted = serving_checkpoint(models_dir(config))
     if promoted is not None:
         try:
@@ -107,6 +141,8 @@ def build_engine(model_cfg: dict | None = None, starter: Starter | None = None,
         model_id += " int8"  # stored with every exchange: which weights answered
     engine = Engine(model, tokenizer, model_id=model_id, device=device, dtype=dtype,
                     threads=cfg.get("threads"), meta=meta)
+    if cpu_linear.packed_here(cfg.get("cpu_layout", "auto"), device, dtype, quantized=loader is not None):
+        cpu_linear.pack_linears(engine.model)  # after the checks and the layout: the served weights, repacked
 
     def load_draft(path: str) -> tuple[GPT, int]:
         """The draft model loads like the served one (device, dtype, quantization), with no drafter of its own."""
@@ -163,7 +199,10 @@ def resolve_model(cfg: dict, starter: Starter | None = None,
         raise
     except Exception as e:  # not cached (huggingface_hub's own error types vary by version)
         tried.append(f"{base!r} is not in the Hugging Face cache ({type(e).__name__})")
-    if cfg.get("download", True) and not hub_offline():
+    unresolved = hub_unresolvable() if cfg.get("download", True) and not hub_offline() else None
+    if unresolved:
+        tried.append(f"the Hugging Face hub ({unresolved}) cannot be resolved: no network?")
+    elif cfg.get("download", True) and not hub_offline():
         try:
             model, meta = hf.load_hf(base, cache_dir=cache_dir, local_files_only=False, column_major=column_major, transform=transform)
             return model, meta, base
@@ -275,6 +314,30 @@ def starter_for(config: Any) -> Starter | None:
 
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_unresolvable() -> str | None:
+    """The hub's host name when this machine cannot resolve it (no network, no DNS), else None.
+
+    huggingface_hub retries a failed name lookup five times over ~25 s before giving up, so an
+    offline first start would sit silent that long before the starter model; a lookup says it at
+    once. Behind a proxy the proxy resolves the hub, so nothing is decided here."""
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    host = urlsplit(constants.ENDPOINT).hostname
+    if not host:
+        return None
+    try:
+        socket.getaddrinfo(host, None)
+    except socket.gaierror:
+        return host
+    except (OSError, UnicodeError):
+        return None  # anything else: let huggingface_hub try and report
+    return None
 
 
 def model_id(path: Path, meta: dict) -> str:

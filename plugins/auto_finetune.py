@@ -167,8 +167,8 @@ class State:
         return spec
 
 
-def scope_exchanges_since_finetune(bot: Any, scope: Any) -> int:
-    """Exchanges of `scope`'s channels logged after the newest one its last fine-tune saw."""
+def scope_exchanges_since_finetune(bot: Any, scope: Any, up_to: int | None = None) -> int:
+    """Exchanges of `scope`'s channels logged after the newest one its last fine-tune saw (counting stops at `up_to`)."""
     from chatcore.scopes import adapter_dir
 
     mark = Path(adapter_dir(state_of(bot).models_dir, scope)) / "last_finetune.json"
@@ -177,8 +177,13 @@ def scope_exchanges_since_finetune(bot: Any, scope: Any) -> int:
     except (OSError, ValueError, AttributeError):
         since = 0
     keys = set(bot.scopes.channels(scope))
-    return sum(1 for e in bot.store.exchanges(since_id=since)
-               if f"{e.adapter}:{e.channel}" in keys and e.trainable)  # consented, as the bot-wide count
+    count = 0
+    for e in bot.store.exchanges(since_id=since):
+        if f"{e.adapter}:{e.channel}" in keys and e.trainable:  # consented, as the bot-wide count
+            count += 1
+            if up_to is not None and count >= up_to:
+                break
+    return count
 
 
 _states: "weakref.WeakKeyDictionary[Any, State]" = weakref.WeakKeyDictionary()
@@ -237,7 +242,8 @@ async def consider(bot: Any, scope: Any = None) -> None:
     if not st.cfg.get("enabled", True) or st.running:
         return
     if scope is not None:
-        if await bot.store.run(scope_exchanges_since_finetune, bot, scope) >= st.cfg.get("every", 50):
+        every = st.cfg.get("every", 50)
+        if await bot.store.run(scope_exchanges_since_finetune, bot, scope, every) >= every:
             try:
                 await start_job(bot, scope)
             except JobBusy as exc:
@@ -246,7 +252,8 @@ async def consider(bot: Any, scope: Any = None) -> None:
                 st.last_attempt = time.time()
                 log.warning("fine-tune of scope %s not started: %s", scope.name, exc)
         return
-    if await bot.store.run(bot.store.exchanges_since_finetune) < st.cfg.get("every", 50):
+    every = st.cfg.get("every", 50)
+    if await bot.store.run(bot.store.exchanges_since_finetune, up_to=every) < every:
         return
     cooldown = float(st.cfg.get("cooldown_minutes", 60)) * 60
     last = await bot.store.run(bot.store.last_finetune)

@@ -35,6 +35,8 @@ def register_config(register):
                         help="Admin name -> password or token from the environment: {alice: ${DASHBOARD_PASSWORD}}."),
         "session_hours": Field((int, float), 12, help="How long a login lasts."),
         "secure_cookie": Field(bool, False, help="Mark the session cookie Secure (set it when served over HTTPS)."),
+        "trusted_proxies": Field(list, [], help="Addresses or networks of your reverse proxies: behind them failed "
+                                                "logins count per client (from X-Forwarded-For), not per proxy."),
         "metrics": Field(bool, True, help="Also serve GET /metrics in the Prometheus text format."),
         "metrics_token": Field(str, None, secret=True,
                                help="If set, /metrics needs 'Authorization: Bearer <token>': ${METRICS_TOKEN}."),

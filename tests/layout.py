@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, list[str]]] = [  # bottom-up
                   "chatcore.store", "chatcore.postgres", "chatcore.registry", "chatcore.consent", "chatcore.scopes"]),
     ("model", ["chatcore.model", "chatcore.tokenizer", "chatcore.sampling", "chatcore.quant",
                "chatcore.prefix_cache", "chatcore.checkpoint", "chatcore.hf", "chatcore.reply_text",
-               "chatcore.speculative", "chatcore.engine", "chatcore.batching", "chatcore.lora"]),
+               "chatcore.speculative", "chatcore.engine", "chatcore.batching", "chatcore.lora", "chatcore.cpu_linear"]),
     ("learning", ["chatcore.training", "chatcore.training.*", "chatcore.lineage"]),
     ("runtime", ["chatcore.weights", "chatcore.serving", "chatcore.remote", "chatcore.metrics", "chatcore.bot",
                  "chatcore.testing"]),

@@ -34,6 +34,9 @@ def write(tmp_path: Path, text: str) -> Path:
     ("adapters:\n  stdin:\n    enabled: yes please\n", "adapters.stdin.enabled", 3, "true or false"),
     ("bogus: 1\n", "bogus", 1, "unknown key"),
     ("bot: [1, 2]\n", "bot", 1, "mapping"),
+    ("serving:\n  max_batch: 0\n", "serving.max_batch", 2, "must be auto or a whole number of at least 1"),
+    ("serving:\n  prefix_cache_mb: 8\n  max_queue: lots\n", "serving.max_queue", 3, "must be auto or a whole number"),
+    ("serving:\n  max_queue: -1\n", "serving.max_queue", 2, "at least 0"),
 ])
 def test_errors_name_key_and_line(tmp_path, schema, text, key, line, words):
     with pytest.raises(ConfigError) as err:

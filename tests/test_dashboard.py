@@ -70,6 +70,39 @@ async def test_repeated_failed_logins_are_throttled(dash):
     assert (await login(client)).status == 429
 
 
+async def test_behind_a_trusted_proxy_one_clients_failed_logins_do_not_lock_out_the_others(tmp_path):
+    bot = dashboard_bot(tmp_path, metrics_token=None)
+    server = Dashboard(bot, {**bot.config["dashboard"], "trusted_proxies": ["127.0.0.1"]})
+    client = TestClient(TestServer(server.app))
+    await client.start_server()
+    try:
+        attacker, admin = {"X-Forwarded-For": "203.0.113.9"}, {"X-Forwarded-For": "198.51.100.4"}
+        for _ in range(5):
+            await client.post("/login", data={"name": "alice", "password": "nope"}, headers=attacker,
+                              allow_redirects=False)
+        r = await client.post("/login", data={"name": "alice", "password": PASSWORD}, headers=attacker,
+                              allow_redirects=False)
+        assert r.status == 429
+        r = await client.post("/login", data={"name": "alice", "password": PASSWORD}, headers=admin,
+                              allow_redirects=False)
+        assert r.status == 303 and r.headers["Location"] == "/"
+        audit = [json.loads(line) for line in server.audit_path.read_text().splitlines()]
+        assert audit[-1]["action"] == "login" and audit[-1]["remote"] == "198.51.100.4"
+    finally:
+        await client.close()
+        await bot.close()
+
+
+def test_a_bad_dashboard_trusted_proxy_names_the_key(tmp_path):
+    bot = dashboard_bot(tmp_path, metrics_token=None)
+    try:
+        with pytest.raises(ConfigError, match="dashboard.trusted_proxies: 'proxy' is not an IP address"):
+            Dashboard(bot, {**bot.config["dashboard"], "trusted_proxies": ["proxy"]})
+    finally:
+        import asyncio
+        asyncio.run(bot.close())
+
+
 async def test_actions_need_the_csrf_token_and_a_confirmation(dash):
     bot, server, client = dash
     csrf = await session(client)

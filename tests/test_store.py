@@ -345,6 +345,18 @@ def test_forget_user(store):
     assert store.stats()["opted_out"] == 2
 
 
+def test_the_finetune_counter_stops_at_the_threshold_it_is_asked_about(history_url):
+    # auto_finetune asks after every message whether `every` exchanges wait: it needs no more than that many rows
+    with Store(history_url) as s:
+        for i in range(5):
+            log(s, f"q{i}")
+        assert s.exchanges_since_finetune(up_to=3) == 3
+        assert s.exchanges_since_finetune(up_to=50) == 5 == s.exchanges_since_finetune()
+        s.mark_finetune(checkpoint="ckpt/ft-1")
+        log(s, "new")
+        assert s.exchanges_since_finetune(up_to=3) == 1
+
+
 def test_finetune_counter_persists_across_reopen(history_url):
     path = history_url
     with Store(path) as s:

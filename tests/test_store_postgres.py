@@ -256,7 +256,7 @@ async def test_a_notify_wakes_follow_registry_before_its_poll(pg_url, tmp_path):
     import asyncio
 
     from chatcore.postgres import announce_registry_change
-    from chatcore.testing import make_bot
+    from chatcore.testing import make_bot, until_registry_listening
 
     bot = make_bot(tmp_path, config={"history": {"url": pg_url}})
     bot.registry_poll_s = 3600  # only a NOTIFY can make it look before the test ends
@@ -270,10 +270,7 @@ async def test_a_notify_wakes_follow_registry_before_its_poll(pg_url, tmp_path):
     bot.registry_watch = Watch()
     follower = asyncio.create_task(bot.follow_registry())
     try:
-        for _ in range(100):  # until the listener is subscribed
-            if bot._registry_listener is not None and bot._registry_listener.listening.is_set():
-                break
-            await asyncio.sleep(0.05)
+        await until_registry_listening(bot)
         assert not looked.is_set()
         await asyncio.to_thread(announce_registry_change, pg_url, "finetuned_x")
         await asyncio.wait_for(looked.wait(), 10)

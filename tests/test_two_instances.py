@@ -248,7 +248,7 @@ async def test_an_announced_change_is_read_even_when_the_registry_file_looks_unc
     # On NFS a file's cached attributes can hide another machine's write for up to a minute; the NOTIFY
     # says it happened, so the instance reads registry.json (opening a file revalidates it) at once.
     from chatcore.postgres import announce_registry_change
-    from chatcore.testing import make_bot
+    from chatcore.testing import make_bot, until_registry_listening
 
     url = pg_cluster.new_database()
     bot = make_bot(tmp_path, config={"history": {"url": url}})
@@ -266,10 +266,7 @@ async def test_an_announced_change_is_read_even_when_the_registry_file_looks_unc
     bot.registry_watch = StaleWatch()
     follower = asyncio.create_task(bot.follow_registry())
     try:
-        for _ in range(100):  # until the listener is subscribed
-            if bot._registry_listener is not None and bot._registry_listener.listening.is_set():
-                break
-            await asyncio.sleep(0.05)
+        await until_registry_listening(bot)
         await asyncio.to_thread(announce_registry_change, url, "finetuned_x")
         await asyncio.wait_for(read.wait(), 10)
     finally:

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from ..adapter import client_address, trusted_networks
 from ..config import ConfigError
 from ..lineage import HoldsForgottenData, check_serve
 from ..metrics import CONTENT_TYPE
@@ -66,6 +67,7 @@ class Dashboard:
             raise ConfigError("the dashboard needs at least one admin with a password from the environment, "
                               "e.g. `admins: {alice: ${DASHBOARD_PASSWORD}}`", key="dashboard.admins",
                               file=bot.config.path)
+        self.trusted_proxies = trusted_networks(config.get("trusted_proxies") or [], "dashboard.trusted_proxies")
         self.sessions: dict[str, Session] = {}
         self.failures: dict[str, deque[float]] = {}
         self.models_dir = Path(bot.config.data_dir) / "models"
@@ -169,8 +171,12 @@ class Dashboard:
     async def index(self, request: web.Request) -> web.StreamResponse:
         return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
 
+    def _remote(self, request: web.Request) -> str:
+        """The client's address (behind `dashboard.trusted_proxies`, from X-Forwarded-For): failed logins count by it."""
+        return client_address(request.remote, request.headers.getall("X-Forwarded-For", []), self.trusted_proxies)
+
     async def login(self, request: web.Request) -> web.StreamResponse:
-        remote = request.remote or "?"
+        remote = self._remote(request)
         now = time.time()
         recent = self.failures.setdefault(remote, deque())
         while recent and recent[0] < now - LOGIN_WINDOW:
@@ -340,14 +346,14 @@ class Dashboard:
             try:
                 detail = await handler(body)
             except HoldsForgottenData as exc:  # the page may ask again, with "allow_forgotten": true
-                self._audit(session.user, request.remote, name, target, False, str(exc))
+                self._audit(session.user, self._remote(request), name, target, False, str(exc))
                 return web.json_response({"error": str(exc), "forgotten_users": exc.users}, status=409)
             except (ActionRefused, RegistryError) as exc:
-                self._audit(session.user, request.remote, name, target, False, str(exc))
+                self._audit(session.user, self._remote(request), name, target, False, str(exc))
                 return _error(409, str(exc))
             if body.get("allow_forgotten") is True:
                 detail += " (with allow_forgotten: true)"
-            self._audit(session.user, request.remote, name, target, True, detail)
+            self._audit(session.user, self._remote(request), name, target, True, detail)
             return web.json_response({"ok": True, "detail": detail})
         return run
 

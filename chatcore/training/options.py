@@ -49,7 +49,7 @@ class TrainConfig:
     replay: float = 2.0
     replay_source: str | None = None
     method: str = "full"  # or "lora": train a low-rank adapter (chatcore.lora), the base stays frozen
-    lora: dict[str, Any] = field(default_factory=dict)  # rank, alpha, dropout, targets (chatcore.lora.LoRAConfig)
+    lora: dict[str, Any] = field(default_factory=dict)  # rank, alpha, dropout, targets, layers (chatcore.lora.LoRAConfig)
     # Processes training together under torchrun with DistributedDataParallel (chatcore.training.distributed):
     # each takes its rows of the same global batch_size, so the other options mean the same at any count.
     nproc: int = 1
@@ -76,7 +76,7 @@ class TrainConfig:
         if self.method not in ("full", "lora"):
             raise ValueError(f'training.method must be "full" or "lora", not {self.method!r}')
         if not isinstance(self.lora, dict):
-            raise ValueError("training.lora must be a mapping (rank, alpha, dropout, targets)")
+            raise ValueError("training.lora must be a mapping (rank, alpha, dropout, targets, layers)")
         for name in ("batch_size", "block_size", "max_iters", "eval_interval", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"training.{name} must be at least 1")

@@ -85,3 +85,15 @@ async def test_shard_ids_from_an_environment_variable(tmp_path):
         assert (client.shard_ids, client.shard_count) == ([1, 3], 4)
     finally:
         await bot.close()
+
+
+def test_config_check_finds_bad_shard_settings_before_a_deploy(tmp_path, capsys):
+    from chatcore.cli import main
+
+    config = tmp_path / "bot.yaml"
+    body = "adapters:\n  discord:\n    enabled: {enabled}\n    token: t\n    shard_count: 2\n    shard_ids: [0, 2]\n"
+    config.write_text(body.format(enabled="true"))
+    assert main(["config", "check", str(config)]) == 2
+    assert "adapters.discord.shard_ids: shard ids run from 0 to shard_count - 1 = 1" in capsys.readouterr().err
+    config.write_text(body.format(enabled="false"))  # a disabled adapter's settings wait until it is enabled
+    assert main(["config", "check", str(config)]) == 0

@@ -205,6 +205,39 @@ async def test_messages_say_who_vouches_for_the_sender(http_bot):
     assert named.limit_key == nameless.limit_key == "http:client:127.0.0.1"
 
 
+async def test_behind_a_trusted_proxy_each_client_is_limited_by_its_own_address(http_bot):
+    # nginx/Caddy in front: every request comes from the proxy, which appends the client to X-Forwarded-For
+    recorder = Recorder()
+    bot, _, url = await http_bot({"trusted_proxies": ["127.0.0.0/8"]}, plugins=[recorder],
+                                 config={"plugins": {"commands": {"rate_limit": {"messages": 1, "seconds": 600}}}})
+    via = lambda chain: {"X-Forwarded-For": chain}  # noqa: E731
+    assert (await send(f"{url}/chat", {"message": "a"}, headers=via("203.0.113.7")))[0] == 200
+    assert (await send(f"{url}/chat", {"message": "b"}, headers=via("198.51.100.2")))[0] == 200  # another client
+    # the same client again, claiming another origin to the left of what the proxy appended: still itself
+    assert (await send(f"{url}/chat", {"message": "c"}, headers=via("1.2.3.4, 203.0.113.7")))[0] == 429
+    assert [m.client for m in recorder.messages] == ["203.0.113.7", "198.51.100.2"]  # a refused one is not heard
+    assert (await send(f"{url}/chat", {"message": "d"}, headers=via("not-an-ip")))[0] == 200  # the proxy's own
+    assert recorder.messages[-1].client == "127.0.0.1"
+
+
+async def test_a_forwarded_for_header_from_an_untrusted_peer_is_ignored(http_bot):
+    recorder = Recorder()
+    _, _, url = await http_bot({"trusted_proxies": ["10.0.0.0/8"]}, plugins=[recorder],
+                               config={"plugins": {"commands": {"rate_limit": {"messages": 1, "seconds": 600}}}})
+    assert (await send(f"{url}/chat", {"message": "a"}, headers={"X-Forwarded-For": "203.0.113.7"}))[0] == 200
+    assert (await send(f"{url}/chat", {"message": "b"}, headers={"X-Forwarded-For": "198.51.100.2"}))[0] == 429
+    assert {m.client for m in recorder.messages} == {"127.0.0.1"}
+
+
+def test_a_bad_trusted_proxy_is_a_config_error_naming_the_key(tmp_path, capsys):
+    from chatcore.cli import main
+
+    config = tmp_path / "bot.yaml"
+    config.write_text("adapters:\n  http:\n    enabled: true\n    trusted_proxies: [10.0.0.0/8, nginx]\n")
+    assert main(["config", "check", str(config)]) == 2
+    assert "adapters.http.trusted_proxies: 'nginx' is not an IP address or network" in capsys.readouterr().err
+
+
 async def test_with_an_api_key_messages_are_authenticated(http_bot):
     recorder = Recorder()
     _, _, url = await http_bot({"api_key": KEY}, plugins=[recorder])

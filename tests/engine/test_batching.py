@@ -227,3 +227,33 @@ def test_follow_up_turn_reuses_the_cached_prefix(engine):
         assert prefixes.hits == 1
     finally:
         sched.close(timeout=5)
+
+
+def test_prompts_waiting_together_are_prefilled_in_one_forward(engine):
+    """Prompts that arrive while the worker is busy run their prompt chunks in one forward (within
+    `prefill_tokens`, padding included), and still get the tokens they would get alone."""
+    jobs = [(p, SamplingParams(temperature=0, max_new_tokens=6, stop_at_newline=False)) for p in PROMPTS[:5]]
+    expected = [engine.generate(p, params) for p, params in jobs]
+    for budget, together in ((512, 4), (2 * 16, 2)):
+        sched = BatchScheduler(engine, max_batch=8, prefill_chunk=16, prefill_tokens=budget)
+        forward, gate, prefills = sched.model.forward_cached, threading.Event(), []
+
+        def spy(idx, cache, rows, **kw):
+            gate.wait(10)  # the first forward holds the worker until every request is queued
+            if idx.size(1) > 1:
+                prefills.append((idx.size(0), idx.size(1)))
+            return forward(idx, cache, rows=rows, **kw)
+
+        sched.model = type("Spy", (), {"forward_cached": staticmethod(spy)})()
+        try:
+            sinks = [Collector() for _ in jobs]
+            sched.submit(*jobs[0], sinks[0])
+            time.sleep(0.05)  # the worker is inside its first forward
+            for job, sink in zip(jobs[1:], sinks[1:]):
+                sched.submit(*job, sink)
+            gate.set()
+            assert [s.text for s in sinks] == expected
+        finally:
+            sched.close(timeout=5)
+        assert max(rows for rows, _ in prefills) >= together  # the four waiting prompts ran together
+        assert all(rows * width <= budget for rows, width in prefills)  # padding included

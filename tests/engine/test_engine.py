@@ -176,6 +176,40 @@ def test_threads_option_sets_torch_threads(tok):
         torch.set_num_threads(before)
 
 
+def test_the_serving_engine_is_loaded_on_a_thread_that_ends_and_its_threads_setting_reaches_the_decoder(
+        tmp_path, monkeypatch, tok):
+    # a pool of OpenMP workers left alive on the loading thread slows every step on the batching thread
+    from chatcore import weights
+    from chatcore.config import full_schema, parse_config
+
+    loaders = []
+    real = weights.build_engine
+
+    def spy(*args, **kwargs):
+        loaders.append(threading.current_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(weights, "build_engine", spy)
+    path = ckpt.save(tiny_model(std=0.3), tmp_path / "bot.safetensors", base_model="gpt2")
+    config = parse_config(f"bot: {{data_dir: {tmp_path / 'data'}}}\nmodel: {{checkpoint: {path}, threads: 1, "
+                          "quantize: none}\n", full_schema())
+    before = torch.get_num_threads()
+    try:
+        engine = weights.load_engine(config, tok)
+        (loader,) = loaders
+        assert loader is not threading.current_thread() and not loader.is_alive()
+        seen = []
+        decoder = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))  # as the batching thread
+        decoder.start(), decoder.join()
+        assert seen == [1] and engine.model_id == "bot (gpt2)"
+        missing = parse_config(f"bot: {{data_dir: {tmp_path / 'data'}}}\nmodel: {{checkpoint: {tmp_path / 'no'}}}\n",
+                               full_schema())
+        with pytest.raises(ModelNotFound, match="no such file"):  # raised to the caller, as before
+            weights.load_engine(missing, tok)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_invalid_params_raise_before_any_work(tok):
     engine = scripted(tok, [" a"])
     with pytest.raises(ValueError, match="top_p"):
@@ -211,6 +245,36 @@ def test_offline_without_cache_explains_what_to_do(tmp_path, monkeypatch):
         build_engine({"cache_dir": str(tmp_path)})
     msg = str(err.value)
     assert "model.checkpoint" in msg and "Hugging Face cache" in msg and "internet" in msg
+
+
+def test_an_unresolvable_hub_goes_to_the_starter_without_trying_to_download(tmp_path, monkeypatch, tok):
+    # huggingface_hub would retry the failed lookup for ~25 s first; behind a proxy it is tried as before
+    import huggingface_hub.constants
+
+    from chatcore import weights
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://no-such-hub.invalid")
+    downloads = []
+    real = weights.hf.load_hf
+
+    def load_hf(name, *args, local_files_only=True, **kwargs):
+        if not local_files_only:
+            downloads.append(name)
+            raise OSError("no network")
+        return real(name, *args, local_files_only=True, **kwargs)
+
+    monkeypatch.setattr(weights.hf, "load_hf", load_hf)
+    path = ckpt.save(tiny_model(), tmp_path / "starter.safetensors", base_model="starter")
+    engine = build_engine({"cache_dir": str(tmp_path / "hf"), "quantize": "none"}, starter=lambda: path, tokenizer=tok)
+    assert engine.model_id == "starter" and downloads == []
+    with pytest.raises(ModelNotFound, match=r"hub \(no-such-hub.invalid\) cannot be resolved"):
+        build_engine({"cache_dir": str(tmp_path / "hf")}, starter=lambda: None)
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    build_engine({"cache_dir": str(tmp_path / "hf"), "quantize": "none"}, starter=lambda: path, tokenizer=tok)
+    assert downloads == ["gpt2"]
 
 
 def test_starter_seam_is_consulted_last(tmp_path, monkeypatch, tok):

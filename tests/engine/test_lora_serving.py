@@ -30,9 +30,9 @@ def base_model() -> GPT:
     return model.eval()
 
 
-def make_adapter(path, seed: int):
+def make_adapter(path, seed: int, **options):
     model = base_model()
-    cfg = lora.LoRAConfig(rank=4, alpha=8)
+    cfg = lora.LoRAConfig(rank=4, alpha=8, **options)
     lora.apply_lora(model, cfg)
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -83,6 +83,31 @@ def test_a_batch_mixing_adapters_gives_each_row_the_tokens_of_that_adapter_alone
     merged = Engine(lora.merge_adapter(base_model(), lora.load_adapter(adapters[1])), Tokenizer(),
                     model_id="merged", device="cpu", dtype="float32")
     assert merged.generate(jobs[2][0], GREEDY) == want[2]
+
+
+def test_a_top_layers_adapter_serves_as_its_merged_weights_and_leaves_the_lower_blocks_alone(adapters, tmp_path):
+    top, trained = make_adapter(tmp_path / "finetuned_top.safetensors", seed=7, layers=1)
+    assert {k.rsplit(".", 1)[0] for k in lora.load_adapter(top).state} == {
+        f"transformer.h.1.{t}" for t in lora.TARGETS}  # keyed by module name: the top block's only
+    key = (str(top.resolve()), top.stat().st_mtime_ns)
+    sched = scheduler(max_batch=4, prefix_cache=None)
+    try:
+        alone = run(sched, [(PROMPTS[0], ("t", str(top)))])[0]
+        assert not list(lora.lora_layers(sched.model.transformer.h[0]))  # attached only where the file has tensors
+        # in a batch with an every-block adapter: block 0 adds that one's update only
+        got = run(sched, [(PROMPTS[0], ("t", str(top))), (PROMPTS[1], ("a", str(adapters[0]))), (PROMPTS[2], None)])
+        assert all(key not in m.served for _, m in lora.lora_layers(sched.model.transformer.h[0]))
+        assert all(key in m.served for _, m in lora.lora_layers(sched.model.transformer.h[1]))
+        base_reply = run(sched, [(PROMPTS[0], None)])[0]
+    finally:
+        sched.close(timeout=10)
+    assert got[0] == alone != base_reply  # the adapter changes the reply, whatever the batch holds
+    merged = Engine(lora.merge_adapter(base_model(), lora.load_adapter(top)), Tokenizer(),
+                    model_id="merged", device="cpu", dtype="float32")
+    assert alone == merged.generate(PROMPTS[0], GREEDY)
+    with torch.no_grad():  # and the merged weights are the trained model's
+        idx = torch.randint(0, 50257, (1, 8), generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(merged.model(idx)[0], trained.eval()(idx)[0], atol=1e-4)
 
 
 def test_an_adapter_hot_swap_drops_no_request(adapters, tmp_path):

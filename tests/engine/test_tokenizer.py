@@ -22,6 +22,15 @@ def test_packaged_files_are_found_and_verified():
     tk.verify_files(d)  # raises on a mismatch
 
 
+def test_ranks_from_encoder_json_are_tiktokens_own():
+    """The fast start-up path reads the same ranks tiktoken's data-gym loader builds from both files."""
+    import tiktoken.load
+
+    d = tk.packaged_data_dir()
+    want = tiktoken.load.data_gym_to_mergeable_bpe_ranks(str(d / "vocab.bpe"), str(d / "encoder.json"))
+    assert tk.ranks_from_encoder_json(d / "encoder.json") == want
+
+
 def test_known_encodings(tok):
     assert tok.encode("Hello, world!") == [15496, 11, 995, 0]
     assert tok.n_vocab == 50257 and tok.eot_token == 50256

@@ -56,3 +56,23 @@ async def test_a_scope_counts_only_consented_exchanges(tmp_path, monkeypatch):
         assert started == []
     finally:
         await bot.close()
+
+
+async def test_a_scopes_count_stops_at_the_threshold_and_counts_only_its_channels(tmp_path):
+    from chatcore.plugins import auto_finetune
+
+    consent = {"policy": "opt_out", "i_have_discords_permission_to_train": True}
+    config = {"scopes": SCOPES, "plugins": {"auto_finetune": {"enabled": False}},
+              "adapters": {"discord": {"training": consent}}}
+    bot = make_bot(tmp_path, config=config)
+    try:
+        for i in range(4):
+            await bot.handle(Message(text=f"hello {i}", adapter="discord", channel="100", user="a"))
+        await bot.handle(Message(text="elsewhere", adapter="discord", channel="9", user="a"))
+        scope = bot.scopes.by_name["rust"]
+        count = auto_finetune.scope_exchanges_since_finetune
+        assert await bot.store.run(count, bot, scope) == 4
+        assert await bot.store.run(count, bot, scope, 2) == 2
+        assert await bot.store.run(count, bot, scope, 10) == 4
+    finally:
+        await bot.close()

@@ -15,7 +15,7 @@ from chatcore.store import Store
 from chatcore.tokenizer import Tokenizer
 from chatcore.training.data import build_dataset, load_jsonl
 from chatcore.training.job import JobSpec, load_model, run_job
-from chatcore.training.train import TrainConfig, evaluate, train
+from chatcore.training.train import TrainConfig, evaluate, loss_sum, train
 from chatcore.weights import resolve_model
 from tests.engine_fixtures import tiny_model, torch_threads
 
@@ -63,6 +63,33 @@ def test_lora_training_lowers_validation_loss_and_changes_only_the_adapter(datas
         assert torch.equal(model.state_dict()[k], v), k
     assert set(lora.lora_state_dict(model)) == {
         f"transformer.h.{i}.{t}.{ab}" for i in range(2) for t in lora.TARGETS for ab in ("lora_A", "lora_B")}
+
+
+def test_top_n_lora_adapts_only_the_last_blocks_and_the_backward_stops_below_them():
+    model = tiny_model(0, block_size=64, n_layer=3).train()
+    params = lora.apply_lora(model, lora.LoRAConfig(rank=4, alpha=8, layers=1))
+    assert {name for name, _ in lora.lora_layers(model)} == {f"transformer.h.2.{t}" for t in lora.TARGETS}
+    assert all(type(m) is torch.nn.Linear for m in model.transformer.h[:2].modules() if isinstance(m, torch.nn.Linear))
+    needs_grad = {}  # block -> whether its output is in the autograd graph (what a backward would run through)
+    for i, block in enumerate(model.transformer.h):
+        block.register_forward_hook(lambda m, args, out, i=i: needs_grad.__setitem__(i, out.requires_grad))
+    x = torch.randint(0, 50257, (2, 16))
+    y = x.clone()
+    s, n = loss_sum(model, x, y)
+    (s / n).backward()
+    assert needs_grad == {0: False, 1: False, 2: True}  # blocks 0 and 1: no graph, so no backward at all
+    assert all(p.grad is not None for p in params)
+    ids = {id(p) for p in params}
+    assert all(p.grad is None for p in model.parameters() if id(p) not in ids)
+
+
+def test_top_n_lora_training_lowers_validation_loss(dataset):
+    model = steerable()
+    lora.apply_lora(model, lora.LoRAConfig(rank=4, alpha=8, layers=1))
+    outcome = train(model, dataset, TrainConfig(**FAST), progress=False)
+    assert outcome.best_val_loss < outcome.initial_val_loss - 0.3, outcome.history
+    assert set(lora.lora_state_dict(model)) == {
+        f"transformer.h.1.{t}.{ab}" for t in lora.TARGETS for ab in ("lora_A", "lora_B")}
 
 
 def test_merged_weights_equal_base_plus_scaled_BA():
@@ -117,6 +144,13 @@ def test_lora_options_are_validated():
         lora.LoRAConfig.from_dict({"r": 4})
     with pytest.raises(ValueError, match="targets"):
         lora.LoRAConfig.from_dict({"targets": ["lm_head"]})
+    for bad in (0, -1, 1.5, "2", True):
+        with pytest.raises(ValueError, match="training.lora.layers must be a whole number"):
+            lora.LoRAConfig.from_dict({"layers": bad})
+    assert lora.LoRAConfig.from_dict({"layers": None}).layers is None
+    model = tiny()  # more layers than the model has: all of them
+    lora.apply_lora(model, lora.LoRAConfig(layers=3))
+    assert len(list(lora.lora_layers(model))) == 2 * len(lora.TARGETS)
 
 
 def test_lora_job_gate_registry_weights_and_rollback(tmp_path, sample_conversations):
