@@ -25,6 +25,8 @@ under ``--workdir``.
     python benchmarks/learning.py --preference            # also the preference stage (synthetic labels)
     python benchmarks/learning.py --set method=lora --set learning_rate=2e-3   # a LoRA adapter instead
     python benchmarks/learning.py --json                  # one JSON object per measurement
+    python benchmarks/learning.py --preference --label-negatives 5 --stage-from RUN/models/finetuned_X.safetensors \
+        --pref-set max_steps=200                          # the preference stage alone on an earlier job's candidate
 
 Preference labels for ``--preference``: a reply of the training split voted good,
 and the reply of another training conversation given to the same prompt voted bad
