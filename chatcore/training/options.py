@@ -160,8 +160,10 @@ class PreferenceConfig:
     # steps (0.529 vs 0.503 preference accuracy at 100 steps), with beta scaled up to match
     # (per token, beta 0.1 would never saturate). At lr 5e-4 accuracy peaks near 100 steps
     # and then wanders while general text degrades (+11% by 300 steps); sft_weight 0.3 keeps
-    # general text within the gate's 5% (+3.9%, where 0.1 gives +4.9% and the gate rejected
-    # it) for +3.7 points instead of +4.9. The drift cap does not bind at these settings
+    # general text lower (+3.9% every token, where 0.1 gives +4.9%) for +3.7 points instead of
+    # +4.9; the gate's general check still rejected both jobs on the starter (+5.1%, +5.5% on
+    # its reply-token measure). The best trade measured, not a gain the gate passes: no setting
+    # reached +10 points (the table says why). The drift cap does not bind at these settings
     # (KL 0.3-0.6): it stops a runaway, not the usual run.
     beta: float = 2.0  # KTO/DPO temperature on the log-ratio to the reference
     learning_rate: float = 5e-4
