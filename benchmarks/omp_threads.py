@@ -14,6 +14,16 @@ in three set-ups, each in a fresh process, interleaved over --rounds:
 - ``worker-clean``: built on a thread that has ended (its pool went with it), decoded
   on another thread (one live pool).
 
+Why the bot still loads on the main thread: loading on a thread that ends (the
+``worker-clean`` set-up) was tried in `chatcore.weights.load_engine` and reverted.
+With one live pool no larger than the CPUs, GNU OpenMP's workers spin up to
+300,000 times at each barrier; on an idle machine that saved the 1.36x, but on a
+busy one (load 5 on 2 cores, 2026-12-01) the served decode fell to 0.07-0.13x of
+the main-thread load (1.5 against 11.6-19.6 tokens/s, `benchmarks/engine.py
+--quick`), because spinning workers take the CPU the event loop, the store and
+every other process need. The two-pool set-up sleeps after 100 spins: slower idle,
+robust busy, and a bot's own threads keep its machine busy.
+
     python benchmarks/omp_threads.py                    # plain and packed layouts
     python benchmarks/omp_threads.py --layouts plain --rounds 5
 """

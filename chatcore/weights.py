@@ -34,7 +34,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,38 +63,7 @@ def models_dir(config: Any) -> Path:
 
 
 def load_engine(config: Any, tokenizer: Tokenizer | None = None) -> Engine:
-    """The serving engine: the promoted fine-tune if there is a sound one, else the base (see the module docstring).
-
-    Loaded on a thread of its own that ends with the load (`on_passing_thread`)."""
-    return on_passing_thread(_load_engine, config, tokenizer)
-
-
-def on_passing_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` on a new thread that ends when it returns; its result, or its exception raised here.
-
-    Why: GNU OpenMP gives every thread that runs a parallel torch op its own pool of
-    workers, and once the live pools hold more threads than there are CPUs its workers
-    stop spinning at barriers and sleep, so every op pays a wake-up. Weights loaded on
-    the main thread left such a pool alive beside the batching thread's: a decode step
-    served took 1.36x as long as one decoded where the model was built; loaded on a
-    thread that has ended, 1.09x (benchmarks/omp_threads.py, plain fp32 layout, idle)."""
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = fn(*args)
-        except BaseException as exc:  # re-raised on the caller's thread, traceback intact
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, name="chatcore-load", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
-
-
-def _load_engine(config: Any, tokenizer: Tokenizer | None) -> Engine:
+    """The serving engine: the promoted fine-tune if there is a sound one, else the base (see the module docstring)."""
     promoted = serving_checkpoint(models_dir(config))
     if promoted is not None:
         try:

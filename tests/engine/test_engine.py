@@ -176,40 +176,6 @@ def test_threads_option_sets_torch_threads(tok):
         torch.set_num_threads(before)
 
 
-def test_the_serving_engine_is_loaded_on_a_thread_that_ends_and_its_threads_setting_reaches_the_decoder(
-        tmp_path, monkeypatch, tok):
-    # a pool of OpenMP workers left alive on the loading thread slows every step on the batching thread
-    from chatcore import weights
-    from chatcore.config import full_schema, parse_config
-
-    loaders = []
-    real = weights.build_engine
-
-    def spy(*args, **kwargs):
-        loaders.append(threading.current_thread())
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(weights, "build_engine", spy)
-    path = ckpt.save(tiny_model(std=0.3), tmp_path / "bot.safetensors", base_model="gpt2")
-    config = parse_config(f"bot: {{data_dir: {tmp_path / 'data'}}}\nmodel: {{checkpoint: {path}, threads: 1, "
-                          "quantize: none}\n", full_schema())
-    before = torch.get_num_threads()
-    try:
-        engine = weights.load_engine(config, tok)
-        (loader,) = loaders
-        assert loader is not threading.current_thread() and not loader.is_alive()
-        seen = []
-        decoder = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))  # as the batching thread
-        decoder.start(), decoder.join()
-        assert seen == [1] and engine.model_id == "bot (gpt2)"
-        missing = parse_config(f"bot: {{data_dir: {tmp_path / 'data'}}}\nmodel: {{checkpoint: {tmp_path / 'no'}}}\n",
-                               full_schema())
-        with pytest.raises(ModelNotFound, match="no such file"):  # raised to the caller, as before
-            weights.load_engine(missing, tok)
-    finally:
-        torch.set_num_threads(before)
-
-
 def test_invalid_params_raise_before_any_work(tok):
     engine = scripted(tok, [" a"])
     with pytest.raises(ValueError, match="top_p"):
