@@ -6,7 +6,8 @@ beats the serving model's on the same split, and, when a general-text set is
 configured, it is no more than `max_general_regression` worse there (so learning
 a community's chat does not cost the model its English), and, when held-out 👍/👎
 labels or /retry pairs exist, it orders them at least as well as the serving model
-(`chatcore.training.preference`). A rejected candidate
+(`chatcore.training.preference`), up to what chance alone explains on that many
+labels (a noisy check would reject about half of all candidates that changed nothing). A rejected candidate
 stays on disk for inspection. The gate judges; `chatcore.registry` records.
 """
 
@@ -91,10 +92,18 @@ def judge(candidate: nn.Module, serving: nn.Module, val: TokenData, cfg: GateCon
         # `preferences(model)` scores held-out labels (preference.preference_metrics); none: nothing to judge
         c_pref, s_pref = preferences(candidate), preferences(serving)
         result.candidate_preference, result.serving_preference = c_pref, s_pref
-        if c_pref["comparisons"] and c_pref["accuracy"] < s_pref["accuracy"] - cfg.max_preference_regression:
-            result.reason = (f"preference accuracy {c_pref['accuracy']:.3f} on held-out labels is below serving's "
-                             f"{s_pref['accuracy']:.3f} (margin {c_pref['margin']:+.3f} vs {s_pref['margin']:+.3f})")
-            return result
+        if c_pref["comparisons"]:
+            allowed = cfg.max_preference_regression
+            if allowed is None:  # what chance alone moves an accuracy by, on this many held-out labels
+                from .preference import accuracy_noise
+
+                allowed = accuracy_noise(c_pref, s_pref)
+            result.candidate_preference["allowed_drop"] = allowed
+            if c_pref["accuracy"] < s_pref["accuracy"] - allowed:
+                result.reason = (f"preference accuracy {c_pref['accuracy']:.3f} on held-out labels is below "
+                                 f"serving's {s_pref['accuracy']:.3f} by more than {allowed:.3f} (margin "
+                                 f"{c_pref['margin']:+.3f} vs {s_pref['margin']:+.3f})")
+                return result
     result.promoted = True
     result.reason = f"validation loss {c_val:.4f} beats serving {s_val:.4f}"
     return result

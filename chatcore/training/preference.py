@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -227,9 +228,23 @@ def preference_metrics(model: nn.Module, tok: TokenizerLike, prefs: Preferences,
     diffs = [g - b for g in good for b in bad]
     diffs += [s[n + i] - s[n + len(prefs.pairs) + i] for i in range(len(prefs.pairs))]
     if not diffs:
-        return {"accuracy": None, "margin": None, "comparisons": 0}
+        return {"accuracy": None, "margin": None, "comparisons": 0, "samples": 0}
     right = sum(1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diffs)
-    return {"accuracy": right / len(diffs), "margin": sum(diffs) / len(diffs), "comparisons": len(diffs)}
+    # every 👍 is compared with every 👎, so comparisons are not independent: the accuracy is known about
+    # as well as from min(👍, 👎) independent ones, plus one per pair
+    samples = len(prefs.pairs) + min(len(good), len(bad))
+    return {"accuracy": right / len(diffs), "margin": sum(diffs) / len(diffs), "comparisons": len(diffs),
+            "samples": samples}
+
+
+def accuracy_noise(candidate: dict[str, Any], serving: dict[str, Any], z: float = 1.645) -> float:
+    """How far two preference accuracies on the same held-out labels may differ by chance alone:
+    `z` standard errors of the difference of two proportions (1.645: one-sided 95%), at their mean accuracy."""
+    n = serving.get("samples") or candidate.get("samples") or 0
+    if n <= 0:
+        return 0.0
+    p = (candidate["accuracy"] + serving["accuracy"]) / 2
+    return z * math.sqrt(2 * p * (1 - p) / n)
 
 
 # --- losses -------------------------------------------------------------------------

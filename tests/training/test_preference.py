@@ -162,6 +162,30 @@ def test_the_gate_rejects_a_candidate_that_lowers_preference_accuracy():
     assert promoted.candidate_preference["accuracy"] > promoted.serving_preference["accuracy"]
 
 
+def test_the_gate_tolerates_a_preference_dip_chance_explains_but_not_a_real_drop():
+    # 170 held-out pairs, serving 0.453 and a candidate 0.441: one standard error apart. The old tolerance
+    # (0) rejected that candidate, and about half of all candidates that changed nothing.
+    from chatcore.training.preference import accuracy_noise
+
+    serving = {"accuracy": 0.453, "margin": 0.0, "comparisons": 170, "samples": 170}
+    allowed = accuracy_noise({"accuracy": 0.441, "samples": 170}, serving)
+    assert 0.08 < allowed < 0.095  # 1.645 x sqrt(2 p (1 - p) / 170)
+    val = TokenData(torch.tensor(TOK.encode("Human: hi\nAssistant: hello\n\n")), torch.ones(28, dtype=torch.bool))
+    model = tiny(2)
+    for accuracy, promoted in ((0.441, True), (0.453 - allowed + 0.005, True), (0.30, False)):
+        candidate = {"accuracy": accuracy, "margin": -0.1, "comparisons": 170, "samples": 170}
+        outcome = iter([candidate, serving])
+        result = judge(model, model, val, GateConfig(min_improvement=-1e9, eval_block_size=64),
+                       preferences=lambda m: dict(next(outcome)))
+        assert result.promoted is promoted, result.reason
+    assert "by more than 0.0" in result.reason  # says what it allowed
+    outcome = iter([{"accuracy": 0.441, "margin": 0.0, "comparisons": 170, "samples": 170}, serving])
+    strict = judge(model, model, val, GateConfig(min_improvement=-1e9, eval_block_size=64,
+                                                 max_preference_regression=0.0),
+                   preferences=lambda m: dict(next(outcome)))
+    assert not strict.promoted  # an operator's explicit tolerance still rules
+
+
 def test_store_pairs_follow_votes_withdrawals_and_continuations(tmp_path):
     store = Store(tmp_path / "h.db")
     msg = Message(text="joke?", adapter="discord", channel="c", user="alice")
