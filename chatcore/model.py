@@ -423,7 +423,9 @@ class _Step:
         if int(end.max()) > cache.max_len:
             raise ValueError(f"cache row overflow: {int(end.max())} tokens > max_len {cache.max_len}")
         if pos is None:
-            pos = start[:, None] + torch.arange(T)[None, :]
+            # a ragged batch pads short rows to T; their padding repeats the row's last position, so a row
+            # near the end of the window (start + n_new <= block_size < start + T) stays inside it
+            pos = torch.minimum(start[:, None] + torch.arange(T)[None, :], (end - 1)[:, None])
         elif pos.shape != (B, T):
             raise ValueError(f"pos must be [B, T] = [{B}, {T}], got {tuple(pos.shape)}")
         if int(pos.max()) >= block_size or int(pos.min()) < 0:

@@ -257,3 +257,24 @@ def test_prompts_waiting_together_are_prefilled_in_one_forward(engine):
             sched.close(timeout=5)
         assert max(rows for rows, _ in prefills) >= together  # the four waiting prompts ran together
         assert all(rows * width <= budget for rows, width in prefills)  # padding included
+
+
+def test_a_ragged_prefill_beside_a_row_near_the_end_of_the_window_stays_inside_it():
+    # batched prefill pads a short chunk to the longest: a row holding 55 of 64 positions must not be
+    # padded past position 63 (the bot answered 500 for every request once such a batch formed)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=1000, n_layer=2, n_head=2, n_embd=32)).eval()
+    ids = torch.randint(0, 1000, (60,))
+    with torch.no_grad():
+        alone = model.new_cache(max_batch=1)
+        want_long = model.forward_cached(ids[None, :60], alone, rows=[0])
+        alone = model.new_cache(max_batch=1)
+        want_short = model.forward_cached(ids[None, :30], alone, rows=[0])
+        cache = model.new_cache(max_batch=2)
+        model.forward_cached(ids[None, :55], cache, rows=[0])
+        idx = torch.zeros(2, 30, dtype=torch.long)
+        idx[0, :5], idx[1] = ids[55:60], ids[:30]
+        got = model.forward_cached(idx, cache, rows=[0, 1], n_new=[5, 30])
+    torch.testing.assert_close(got[0], want_long[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got[1], want_short[0], atol=1e-5, rtol=1e-4)
+    assert cache.length(0) == 60 and cache.length(1) == 30
