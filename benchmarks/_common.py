@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import time
+import zlib
 from pathlib import Path
 
 
@@ -39,3 +40,22 @@ def first_token_timer():
             pass
 
     return FirstTokenTimer()
+
+
+def build_model():
+    """GPT-2 124M shapes with cheap deterministic random weights (the same in every benchmark and process)."""
+    import torch
+
+    from chatcore.model import GPT, GPTConfig
+
+    with torch.device("meta"):
+        model = GPT(GPTConfig())
+    model.to_empty(device="cpu")
+    for name, p in model.named_parameters():
+        g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        if name.endswith("weight") and p.dim() == 1:
+            p.data.fill_(1.0)  # LayerNorm gains
+        else:
+            p.data.normal_(0.0, 0.02, generator=g)
+    model.transformer.wte.weight = model.lm_head.weight
+    return model.eval()

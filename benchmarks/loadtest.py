@@ -64,7 +64,8 @@ import aiohttp
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import build_model, conversations  # noqa: E402  (the serving benchmark's model and data)
+from _common import build_model  # noqa: E402
+from serving import conversations  # noqa: E402  (the serving benchmark's data)
 
 
 @dataclass

@@ -38,8 +38,9 @@ import subprocess
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
+
+from _common import build_model  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("main", "worker-after-main", "worker-clean")
@@ -50,19 +51,8 @@ def build(layout: str):
 
     from chatcore.cpu_linear import pack_linears
     from chatcore.engine import prepare_for_inference
-    from chatcore.model import GPT, GPTConfig
 
-    with torch.device("meta"):
-        model = GPT(GPTConfig())
-    model.to_empty(device="cpu")
-    for name, p in model.named_parameters():
-        g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-        if name.endswith("weight") and p.dim() == 1:
-            p.data.fill_(1.0)
-        else:
-            p.data.normal_(0.0, 0.02, generator=g)
-    model.transformer.wte.weight = model.lm_head.weight
-    model = prepare_for_inference(model.eval(), torch.device("cpu"), torch.float32)
+    model = prepare_for_inference(build_model(), torch.device("cpu"), torch.float32)
     if layout == "packed":
         pack_linears(model)
     return model

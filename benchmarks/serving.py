@@ -47,10 +47,9 @@ import sys
 import threading
 import time
 import warnings
-import zlib
 from pathlib import Path
 
-from _common import first_token_timer  # benchmarks/ is on sys.path when a script runs
+from _common import build_model, first_token_timer  # benchmarks/ is on sys.path when a script runs
 
 import torch
 
@@ -58,23 +57,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".." / "shared" / "data" / "sample_conversations.jsonl"
 TEMPERATURE, TOP_K, SEED = 0.8, 200, 1234
 PPL_TOLERANCE, MIN_AGREEMENT = 0.02, 0.95
-
-
-def build_model():
-    """GPT-2 124M shapes with cheap deterministic random weights."""
-    from chatcore.model import GPT, GPTConfig
-
-    with torch.device("meta"):
-        model = GPT(GPTConfig())
-    model.to_empty(device="cpu")
-    for name, p in model.named_parameters():
-        g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-        if name.endswith("weight") and p.dim() == 1:
-            p.data.fill_(1.0)  # LayerNorm gains
-        else:
-            p.data.normal_(0.0, 0.02, generator=g)
-    model.transformer.wte.weight = model.lm_head.weight
-    return model.eval()
 
 
 def prompt_ids(n: int) -> list[int]:
