@@ -266,10 +266,11 @@ def read_safetensors(
             tensor = as_column_major(tensor)  # one transposing copy (t().contiguous() is ~2x copy_ into a transposed view)
         if transform is not None:
             tensor = transform(name, tensor)
-        if _shares_memory(tensor, data) and KEEP_MAPPED:
+        mapped = _shares_memory(tensor, data)
+        if mapped and KEEP_MAPPED:
             state[key] = tensor
             continue
-        state[key] = tensor.clone() if _shares_memory(tensor, data) else tensor
+        state[key] = tensor.clone() if mapped else tensor
         _release_pages(mapping, first, last)  # copied or quantized: its file pages leave the resident set now
     return state
 

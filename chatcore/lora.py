@@ -13,8 +13,8 @@ A target ``nn.Linear`` (``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``,
 B starts at zero, so a fresh adapter changes nothing. ``layers: N`` puts adapters in
 the last N transformer blocks only: the backward then stops below the lowest
 adapted block (nothing under it needs a gradient): on GPT-2 small, the last 4 of 12
-blocks train at 2.5-2.9x full fine-tuning's tokens/s, every block at 1.8-2.0x (one
-thread; benchmarks/training.py). `merge` folds the update into the weight
+blocks train at 2.41x full fine-tuning's tokens/s, every block at 1.56x (2 threads,
+idle; one thread: 2.5-2.9x and 1.8-2.0x; benchmarks/training.py). `merge` folds the update into the weight
 (``W + (alpha/rank) B A``) and gives back plain ``nn.Linear``s.
 
 An adapter file is ``NAME.safetensors`` holding only the ``*.lora_A`` /
