@@ -333,6 +333,8 @@ def speculation_pairs(served, backend, p: int, new_tokens: int) -> dict:
 
 
 def worker(name: str, native: Path, hf_dir: Path, prompts: list[int], new_tokens: int, threads: int) -> None:
+    if name.startswith("chatcore"):
+        import chatcore  # noqa: F401  before torch, as the `chatcore` command: its OpenMP default is read when torch loads
     import torch
 
     torch.set_num_threads(threads)

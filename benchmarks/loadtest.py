@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import chatcore  # noqa: F401  before torch, as the `chatcore` command: its OpenMP default is read when torch loads
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -115,7 +116,7 @@ class Server:
             self.ready.set()
 
     async def _serve(self) -> None:
-        from chatcore.engine import Engine
+        from chatcore.engine import Engine, release_thread_pool
         from chatcore.model import GPT, GPTConfig
         from chatcore.quant import quantize_int8
         from chatcore.testing import make_bot
@@ -129,6 +130,7 @@ class Server:
         engine = Engine(model, model_id=f"{a.model}-random", device="cpu", dtype="float32")
         if a.int8:
             quantize_int8(engine.model)
+        release_thread_pool()  # as build_engine does: the decoding thread's pool is the only one
         self.prompt_tokens = 0  # prompt tokens run through the model (a prefix cache hit runs only the rest)
         forward = engine.model.forward_cached
 

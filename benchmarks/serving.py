@@ -51,7 +51,12 @@ from pathlib import Path
 
 from _common import build_model, first_token_timer  # benchmarks/ is on sys.path when a script runs
 
-import torch
+try:  # CTranslate2's own OpenMP runtime reads the environment as it loads: before chatcore sets its default
+    import ctranslate2  # noqa: F401
+except ImportError:
+    pass
+import chatcore  # noqa: E402,F401  before torch, as the `chatcore` command: its OpenMP default is read when torch loads
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".." / "shared" / "data" / "sample_conversations.jsonl"
@@ -71,7 +76,7 @@ def make_engine(model, int8: bool = False, layout: str = "packed"):
     """The engine as `chatcore.weights.build_engine` serves it on a CPU: int8, or fp32 with its matrices
     oneDNN-packed (``model.cpu_layout: auto``) or in torch's own layout (``plain``)."""
     from chatcore.cpu_linear import pack_linears
-    from chatcore.engine import Engine
+    from chatcore.engine import Engine, release_thread_pool
     from chatcore.quant import quantize_int8
 
     engine = Engine(copy.deepcopy(model), model_id="bench", device="cpu", dtype="float32")
@@ -79,6 +84,7 @@ def make_engine(model, int8: bool = False, layout: str = "packed"):
         quantize_int8(engine.model)
     elif layout == "packed":
         pack_linears(engine.model)
+    release_thread_pool()  # as build_engine does: the decoding thread's pool is the only one
     return engine
 
 
