@@ -265,7 +265,11 @@ def read_safetensors(
         if len(shape) == 2 and column_major is not None and column_major(name):
             tensor = as_column_major(tensor)  # one transposing copy (t().contiguous() is ~2x copy_ into a transposed view)
         if transform is not None:
-            tensor = transform(name, tensor)
+            _reading.mapping = mapping, data  # for release_read_pages, while the transform runs
+            try:
+                tensor = transform(name, tensor)
+            finally:
+                _reading.mapping = None
         mapped = _shares_memory(tensor, data)
         if mapped and KEEP_MAPPED:
             state[key] = tensor
@@ -276,6 +280,22 @@ def read_safetensors(
 
 
 KEEP_MAPPED = os.name == "posix"  # Windows cannot replace a file that is mapped: copy what is kept there
+_reading = threading.local()  # the (mapping, data) a transform of read_safetensors reads from, on this thread
+
+
+def release_read_pages(t: torch.Tensor) -> None:
+    """Hand back the resident file pages wholly inside ``t``, a contiguous view of the file that
+    `read_safetensors` is reading on this thread (for its ``transform``; anything else is left alone).
+
+    A transform that reads a large tensor block by block (int8 loading's token embedding)
+    calls it after each block, so the whole fp32 tensor is never resident at once. The
+    mapping is private and those pages were only read: touching them again re-reads the file.
+    """
+    mapping, data = getattr(_reading, "mapping", None) or (None, None)
+    if mapping is None or not t.is_contiguous() or not _shares_memory(t, data):
+        return
+    first = t.data_ptr() - data.data_ptr()
+    _release_pages(mapping, first, first + t.numel() * t.element_size())
 
 
 def _map_file(f) -> tuple[mmap.mmap | None, torch.Tensor]:

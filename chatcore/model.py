@@ -178,13 +178,15 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
+    # Read off wpe: int8 serving (chatcore.quant) replaces both the head and the token
+    # embedding (wte) with int8 modules, while the position table stays a plain tensor.
     @property
     def device(self) -> torch.device:
-        return self.transformer.wte.weight.device  # wte, not lm_head: an int8 head (chatcore.quant) has no fp32 weight
+        return self.transformer.wpe.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.wte.weight.dtype
+        return self.transformer.wpe.weight.dtype
 
     # --- full-sequence forward (training, evaluation) ----------------------------
 

@@ -6,8 +6,9 @@ scale per output channel (symmetric), activations quantized per call (torch's
 dynamic quantization kernels: fbgemm/x86 on Intel and AMD, qnnpack on ARM).
 Decoding one token is bound by reading the weights, so a quarter of the bytes
 and kernels that use every core make it several times faster than fp32.
-Embeddings and LayerNorms stay fp32; the embedding keeps the fp32 copy of the
-tied output head.
+The token embedding, tied to the head, is served from the same int8 rows
+(`Int8Embedding`: only the rows looked up are dequantized), so int8 serving holds
+no fp32 copy of it; the position embedding and LayerNorms stay fp32.
 
 It is a load-time transform for serving, never saved or trained (packed int8
 weights are not parameters). `Int8Loader` quantizes while the checkpoint is read,
@@ -28,14 +29,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, all_finite, release_read_pages
 
 
 def _quantized_engine() -> str:
@@ -46,18 +47,47 @@ def _quantized_engine() -> str:
     raise RuntimeError(f"this torch build has no int8 CPU kernels (quantized engines: {supported}); serve fp32 instead")
 
 
-def quantize_weight(w: torch.Tensor) -> torch.Tensor:
-    """An fp32 ``[out, in]`` weight as int8 with one symmetric scale per output channel (a torch.qint8 tensor)."""
-    w = w.detach().float().cpu().contiguous()
-    # max(amax, -amin): no temporary as large as the weight (the 154 MB output head of GPT-2); one pass over it
-    lo, hi = torch.aminmax(w, dim=1)
-    amax = torch.maximum(hi, lo.neg())
-    scale = (amax / 127.0).clamp(min=1e-12)
+QUANTIZE_ROWS = 1024  # rows quantized at a time: a block's temporaries stay small (768 columns: 3 MB)
+
+
+def quantize_rows(w: torch.Tensor, done: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """An fp32 ``[out, in]`` weight as int8 values and one symmetric fp32 scale per row.
+
+    Bit for bit what ``torch.quantize_per_channel`` gives for these scales (fbgemm's
+    ``round(x * (1 / scale))``, ties to even, clamped), but in multi-threaded tensor
+    ops where torch's per-channel kernel runs one scalar loop on one core. Done in
+    blocks of rows, so no temporary is as large as the weight; ``done(block)`` is
+    called with each fp32 block once it has been read (int8 loading hands its file
+    pages back there: the 154 MB embedding of GPT-2 is never resident at once).
+    """
+    w = w.detach()
+    rows = w.size(0)
+    q = torch.empty(w.shape, dtype=torch.int8)
+    scale = torch.empty(rows, dtype=torch.float32)
+    for start in range(0, rows, QUANTIZE_ROWS):
+        block = w[start : start + QUANTIZE_ROWS]
+        x = block.float().cpu()
+        # max(amax, -amin): no temporary for abs(); one pass over the block
+        lo, hi = torch.aminmax(x, dim=1)
+        s = torch.maximum(hi, lo.neg()).div_(127.0).clamp_(min=1e-12)
+        scale[start : start + len(s)] = s
+        y = x * torch.reciprocal(s)[:, None]  # float32 1/scale, as fbgemm's Quantize multiplies by
+        q[start : start + len(s)] = y.round_().clamp_(-128, 127)
+        if done is not None:
+            done(block)
+    return q, scale
+
+
+def per_channel(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 values and per-row scales as a torch.qint8 tensor (what ``linear_prepack`` takes)."""
     with warnings.catch_warnings():  # torch marks its quantized-tensor constructors deprecated; the kernels remain
         warnings.simplefilter("ignore")
-        return torch.quantize_per_channel(
-            w, scale.double(), torch.zeros(len(scale), dtype=torch.long), axis=0, dtype=torch.qint8
-        )
+        return torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0)
+
+
+def quantize_weight(w: torch.Tensor) -> torch.Tensor:
+    """An fp32 ``[out, in]`` weight as int8 with one symmetric scale per output channel (a torch.qint8 tensor)."""
+    return per_channel(*quantize_rows(w))
 
 
 class Int8Linear(nn.Module):
@@ -101,10 +131,45 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
+class Int8Embedding(nn.Module):
+    """``nn.Embedding`` served from int8 rows with one fp32 scale per row; only the rows looked up are dequantized.
+
+    GPT-2's token embedding is tied to its output head, and the head's per-output-channel
+    int8 weight is a per-row quantization of that same ``[V, C]`` matrix: this table is
+    those int8 values. fbgemm's packed copy of the head cannot be indexed, so the table
+    sits beside it (GPT-2: 38.6 MB, against 154 MB for the fp32 embedding it replaces).
+    A lookup equals the dequantized row of the int8 head.
+    """
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__()
+        if q.dtype != torch.int8 or scale.shape != q.shape[:1]:
+            raise ValueError("Int8Embedding takes int8 rows [V, C] and one scale per row [V]")
+        self.num_embeddings, self.embedding_dim = q.shape
+        # plain attributes, as Int8Linear's packed weight: serving state, not parameters, never saved or trained
+        self.q, self.scale = q, scale.float()
+        self.weight_bytes = q.numel() + 4 * self.num_embeddings
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.q[idx].float().mul_(self.scale[idx].unsqueeze(-1))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per-row"
+
+
+def _serve_tied(model: nn.Module, q: torch.Tensor, scale: torch.Tensor) -> None:
+    """The token embedding and the tied head from one int8 quantization of their shared matrix."""
+    model.lm_head = Int8Linear.from_weights(per_channel(q, scale), None)
+    model.transformer.wte = Int8Embedding(q, scale)
+
+
 @torch.no_grad()
 def quantize_int8(model: nn.Module) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` in `model` by `Int8Linear`; returns `model` (eval mode, CPU)."""
     _check_quantizable(model)
+    if model.lm_head.weight is not model.transformer.wte.weight:
+        raise ValueError("int8 serving expects the output head tied to the token embedding (GPT-2's layout)")
+    _serve_tied(model, *quantize_rows(model.transformer.wte.weight))
     targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     for name, linear in targets:
         _swap(model, name, Int8Linear(linear))
@@ -113,9 +178,9 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
 
 def _check_quantizable(model: nn.Module) -> None:
-    if next(model.parameters()).device.type != "cpu":
+    if model.device.type != "cpu":
         raise ValueError("int8 weights are a CPU serving option; move the model to the CPU first")
-    if next(model.parameters()).dtype != torch.float32:
+    if model.dtype != torch.float32:
         raise ValueError("quantize from fp32 weights")
     model.eval()
 
@@ -126,35 +191,48 @@ def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 class Int8Loader:
-    """Loads a model's Linear weights straight into int8, one tensor at a time (no fp32 copy of the model).
+    """Loads a model's weights straight into int8, one tensor at a time (no fp32 copy of the model).
 
     Pass it as ``transform`` to the checkpoint readers (`chatcore.hf.load_any`): each block
-    weight is quantized as soon as it is read and its fp32 tensor dropped, leaving a
-    4-byte stand-in in the state dict; `finish(model)` then puts `Int8Linear` layers in
-    their place. The output head is quantized from the (fp32) embedding it is tied to.
+    weight, and the token embedding (in blocks of rows, each block's file pages handed back
+    once read), is quantized as soon as it is read and its fp32 tensor dropped, leaving a
+    4-byte stand-in in the state dict; `finish(model)` then puts `Int8Linear` layers and
+    an `Int8Embedding` in their place. The output head is tied to the embedding: it is
+    packed from the embedding's int8 rows.
     """
 
+    EMBEDDING = "transformer.wte.weight"
+
     def __init__(self) -> None:
-        self.quantized: dict[str, torch.Tensor] = {}
+        self.quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name: (int8 values, per-row scales)
         self.nonfinite: list[str] = []  # weights read with NaN or infinite values
 
     def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.dim() != 2 or not name.startswith("transformer.h.") or not name.endswith(".weight"):
-            return tensor  # embeddings, LayerNorms and biases stay as they are
-        q = self.quantized[name] = quantize_weight(tensor)
-        if not bool(torch.isfinite(q.q_per_channel_scales()).all()):  # a row's NaN/inf shows in its scale
+        block = tensor.dim() == 2 and name.startswith("transformer.h.") and name.endswith(".weight")
+        if not block and name != self.EMBEDDING:
+            return tensor  # the position embedding, LayerNorms and biases stay as they are
+        q, scale = self.quantized[name] = quantize_rows(tensor, release_read_pages)
+        if not bool(torch.isfinite(scale).all()):  # a row's NaN/inf shows in its scale
             self.nonfinite.append(name)  # the serving check can no longer see it once it is int8
         return torch.zeros((), dtype=tensor.dtype).expand(tensor.shape)  # shape only; finish() replaces it
 
     @torch.no_grad()
     def finish(self, model: nn.Module, source: str = "checkpoint") -> nn.Module:
-        """Swap every Linear of `model` for `Int8Linear`, using the weights quantized while loading."""
+        """Swap every Linear of `model` for `Int8Linear` and its token embedding for `Int8Embedding`,
+        using the weights quantized while loading (those it did not see, e.g. a ``.bin`` file's or a
+        merged adapter's, are quantized here)."""
         if self.nonfinite:
             raise CheckpointError(f"{source}: {self.nonfinite[0]} holds NaN or infinite values: it cannot serve")
         _check_quantizable(model)
+        embedding = self.quantized.pop(self.EMBEDDING, None)
+        if embedding is None:
+            if not all_finite(model.transformer.wte.weight):
+                raise CheckpointError(f"{source}: {self.EMBEDDING} holds NaN or infinite values: it cannot serve")
+            embedding = quantize_rows(model.transformer.wte.weight)
+        _serve_tied(model, *embedding)
         for name, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
             q = self.quantized.pop(name + ".weight", None)
-            _swap(model, name, Int8Linear(linear) if q is None else Int8Linear.from_weights(q, linear.bias))
+            _swap(model, name, Int8Linear(linear) if q is None else Int8Linear.from_weights(per_channel(*q), linear.bias))
         if self.quantized:
             raise ValueError(f"weights quantized while loading have no Linear layer: {sorted(self.quantized)[:3]}")
         model.quantized = "int8"
@@ -162,7 +240,7 @@ class Int8Loader:
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, Int8Linear) for m in model.modules())
+    return any(isinstance(m, (Int8Linear, Int8Embedding)) for m in model.modules())
 
 
 @dataclass

@@ -31,12 +31,16 @@ def saved(tmp_path):
     return checkpoint.save(model, tmp_path / "tiny"), model
 
 
-def test_int8_keeps_the_embedding_in_the_file_mapping(saved):
+def test_int8_serves_no_fp32_embedding_and_keeps_the_position_table_mapped(saved):
     path, model = saved
     engine = build_engine({"checkpoint": str(path), "device": "cpu", "quantize": "int8"})
-    wte = engine.model.transformer.wte.weight
-    assert mapped_file(wte.data_ptr()) == str(path.resolve())  # file pages (page cache), not a copy
-    torch.testing.assert_close(wte, model.transformer.wte.weight, rtol=0, atol=0)
+    m = engine.model
+    assert type(m.transformer.wte).__name__ == "Int8Embedding"  # the head's int8 rows (chatcore.quant)
+    held = list(m.state_dict().values()) + [v for mod in m.modules() for v in vars(mod).values() if isinstance(v, torch.Tensor)]
+    assert not any(t.is_floating_point() and tuple(t.shape) == (50257, 32) for t in held)
+    wpe = m.transformer.wpe.weight
+    assert mapped_file(wpe.data_ptr()) == str(path.resolve())  # file pages (page cache), not a copy
+    torch.testing.assert_close(wpe, model.transformer.wpe.weight, rtol=0, atol=0)
 
 
 def test_fp32_lays_matrices_out_in_fresh_memory_and_maps_the_rest(saved):
