@@ -135,21 +135,31 @@ def load_hf_dir(
             name = hf_name(k)
             return column_major is not None and name is not None and not name.endswith(_CONV1D) and column_major(name)
 
+        head: dict[str, torch.Tensor | bool] = {}
+
         def read_one(k: str, v: torch.Tensor) -> torch.Tensor:
             name = hf_name(k)
+            if k == "lm_head.weight":
+                head["weight"] = v
             if transform is None or name is None:
                 return v
+            if name == "transformer.wte.weight" and "weight" in head:
+                # an explicit copy of the tied head is compared now: the transform (int8) replaces wte
+                head["tied"] = head["weight"].shape == v.shape and torch.equal(head["weight"], v)
             if name.endswith(_CONV1D):  # the transform sees [out, in]; convert_hf_state_dict transposes back
                 return transform(name, v.t()).t()
             return transform(name, v)
 
         hf_state = read_safetensors(weights, column_major=read_col, transform=read_one if transform else None)
+        tied_copy = head.get("tied") is True
     else:
         hf_state = torch_load(weights)
         if not isinstance(hf_state, dict) or not all(isinstance(v, torch.Tensor) for v in hf_state.values()):
             raise CheckpointError(f"{weights}: expected a state dict of tensors")
+        tied_copy = False
     state = convert_hf_state_dict(hf_state, column_major)
-    check_head_tied(hf_cfg, hf_state.get("lm_head.weight"), state.get("transformer.wte.weight"), str(path))
+    wte = hf_state["lm_head.weight"] if tied_copy else state.get("transformer.wte.weight")
+    check_head_tied(hf_cfg, hf_state.get("lm_head.weight"), wte, str(path))
     model = build_model(cfg, state, source=str(weights))
     model.to(device)
     if dtype is not None:

@@ -47,7 +47,9 @@ def _quantized_engine() -> str:
     raise RuntimeError(f"this torch build has no int8 CPU kernels (quantized engines: {supported}); serve fp32 instead")
 
 
-QUANTIZE_ROWS = 1024  # rows quantized at a time: a block's temporaries stay small (768 columns: 3 MB)
+# elements quantized at a time: a block's temporaries stay small (4 MB), and are large enough for both cores
+# (blocks of 16k elements ran 100x slower on a busy 2-core machine: OpenMP wake-ups per tiny op)
+QUANTIZE_BLOCK = 1 << 20
 
 
 def quantize_rows(w: torch.Tensor, done: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,8 +66,9 @@ def quantize_rows(w: torch.Tensor, done: Callable[[torch.Tensor], None] | None =
     rows = w.size(0)
     q = torch.empty(w.shape, dtype=torch.int8)
     scale = torch.empty(rows, dtype=torch.float32)
-    for start in range(0, rows, QUANTIZE_ROWS):
-        block = w[start : start + QUANTIZE_ROWS]
+    step = max(1, QUANTIZE_BLOCK // max(w.size(1), 1))
+    for start in range(0, rows, step):
+        block = w[start : start + step]
         x = block.float().cpu()
         # max(amax, -amin): no temporary for abs(); one pass over the block
         lo, hi = torch.aminmax(x, dim=1)
@@ -204,14 +207,18 @@ class Int8Loader:
     EMBEDDING = "transformer.wte.weight"
 
     def __init__(self) -> None:
-        self.quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name: (int8 values, per-row scales)
+        self.quantized: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}  # qint8, or the embedding's (int8, scales)
         self.nonfinite: list[str] = []  # weights read with NaN or infinite values
 
     def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         block = tensor.dim() == 2 and name.startswith("transformer.h.") and name.endswith(".weight")
         if not block and name != self.EMBEDDING:
             return tensor  # the position embedding, LayerNorms and biases stay as they are
-        q, scale = self.quantized[name] = quantize_rows(tensor, release_read_pages)
+        q, scale = quantize_rows(tensor, release_read_pages)
+        # the embedding's int8 rows serve its lookups too; a block weight is kept as torch's qint8 tensor
+        # now, so finish() only packs it (a copy there, beside the freed rows, grew RSS by ~40 MB)
+        self.quantized[name] = (q, scale) if name == self.EMBEDDING else per_channel(q, scale)
+        del q
         if not bool(torch.isfinite(scale).all()):  # a row's NaN/inf shows in its scale
             self.nonfinite.append(name)  # the serving check can no longer see it once it is int8
         return torch.zeros((), dtype=tensor.dtype).expand(tensor.shape)  # shape only; finish() replaces it
@@ -232,7 +239,7 @@ class Int8Loader:
         _serve_tied(model, *embedding)
         for name, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
             q = self.quantized.pop(name + ".weight", None)
-            _swap(model, name, Int8Linear(linear) if q is None else Int8Linear.from_weights(per_channel(*q), linear.bias))
+            _swap(model, name, Int8Linear(linear) if q is None else Int8Linear.from_weights(q, linear.bias))
         if self.quantized:
             raise ValueError(f"weights quantized while loading have no Linear layer: {sorted(self.quantized)[:3]}")
         model.quantized = "int8"

@@ -89,3 +89,21 @@ def test_direct_int8_load_computes_what_quantizing_after_load_does(tmp_path):
         got, _ = engine.model(idx)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert engine.generate("Human: hi\nAssistant:", SamplingParams(max_new_tokens=3, temperature=0)) is not None
+
+
+def test_int8_loads_a_hugging_face_file_holding_an_explicit_copy_of_the_tied_head(tmp_path):
+    """The copy is compared with the embedding before int8 loading replaces the embedding."""
+    from chatcore import hf
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=2, n_embd=32))
+    c = model.config
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        model_type="gpt2", n_positions=c.block_size, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)))
+    state = {k: v.clone().contiguous() for k, v in hf.to_hf_state_dict(model).items()}
+    assert "lm_head.weight" in state
+    save_file(state, str(tmp_path / "model.safetensors"))
+    int8 = build_engine({"checkpoint": str(tmp_path), "device": "cpu", "quantize": "int8"})
+    fp32 = build_engine({"checkpoint": str(tmp_path), "device": "cpu", "quantize": "none"})
+    idx = torch.tensor([[464, 2068, 7586]])
+    torch.testing.assert_close(int8.model(idx)[0], fp32.model(idx)[0], rtol=0, atol=0.05)
