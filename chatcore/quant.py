@@ -27,6 +27,7 @@ perplexity of both models on the same documents, and how often their greedy
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -39,6 +40,7 @@ from torch.nn import functional as F
 from .checkpoint import CheckpointError, all_finite, release_read_pages
 
 
+@functools.cache  # torch.backends.quantized.supported_engines costs ~2 ms a call; int8 loading asks once per matrix
 def _quantized_engine() -> str:
     supported = torch.backends.quantized.supported_engines
     for name in ("x86", "fbgemm", "qnnpack"):
