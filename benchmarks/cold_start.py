@@ -12,7 +12,8 @@ Each measurement is a fresh process, for fp32 and int8, ``--repeats`` times:
   peak RSS (``wait4``'s ``ru_maxrss``);
 - phases: a process that runs the same steps as `chatcore chat` one by one
   and timestamps them: python (interpreter start), imports (chatcore, torch,
-  the plugins and adapters), config, weight load (reading the file; int8
+  the plugins and adapters; through `chatcore.cli.import_bot`, as `chatcore
+  chat` does, where the code has it), config, weight load (reading the file; int8
   quantizes each matrix as it is read), quantize (`Int8Loader.finish`: packing
   the int8 matrices), tokenizer, validate (`check_servable`), other (store,
   generator), first generation (one message through `Bot.handle`: prompt,
@@ -64,6 +65,9 @@ def timed(owner, attr, phase):
     setattr(owner, attr, wrapper)
 
 t = time.monotonic()
+import chatcore.cli
+if hasattr(chatcore.cli, "import_bot"):  # as `chatcore chat` imports (a --baseline's older code may lack it)
+    chatcore.cli.import_bot()
 import chatcore.bot, chatcore.checkpoint, chatcore.quant, chatcore.tokenizer, chatcore.weights
 from chatcore.plugin_manager import make_plugin_manager
 pm = make_plugin_manager()

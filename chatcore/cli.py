@@ -212,7 +212,8 @@ def open_store(config_path: Path | None, *, read_only: bool = False):
     return Store(config.store_url, read_only=read_only, timeout=config["store"]["busy_timeout_s"])
 
 
-def build_bot(config_path: Path | None):
+def import_bot() -> type:
+    """`chatcore.bot.Bot`, imported (with torch and the engine) for a process that serves."""
     # Importing torch makes ~10^6 objects that live as long as the process, and the collector's full
     # scans, triggered as they accumulate, walked them all again (~0.3 s of every start). So no scans
     # while importing; then they are frozen: left out of every later scan, at start and while serving.
@@ -222,6 +223,11 @@ def build_bot(config_path: Path | None):
     finally:
         gc.enable()
     gc.freeze()
+    return Bot
+
+
+def build_bot(config_path: Path | None):
+    Bot = import_bot()
     pm, config = load(config_path)
     return Bot.from_config(config, pm=pm)
 
