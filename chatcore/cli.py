@@ -213,7 +213,7 @@ def open_store(config_path: Path | None, *, read_only: bool = False):
 
 
 def import_bot() -> type:
-    """`chatcore.bot.Bot`, imported (with torch and the engine) for a process that serves."""
+    """`chatcore.bot.Bot`, imported (with torch and the engine) by a process that serves: once, at its start."""
     # Importing torch makes ~10^6 objects that live as long as the process, and the collector's full
     # scans, triggered as they accumulate, walked them all again (~0.3 s of every start). So no scans
     # while importing; then they are frozen: left out of every later scan, at start and while serving.
