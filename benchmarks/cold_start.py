@@ -4,7 +4,8 @@ A GPT-2 124M-shaped checkpoint with random weights is saved as chatcore saves
 them (fp32 safetensors + sidecar, `chatcore.checkpoint.save`) in a temporary
 folder, with a minimal config (the checkpoint, ``model.quantize`` none or int8,
 ``generation.max_new_tokens``, a temporary data folder; everything else default).
-Each measurement is a fresh process, for fp32 and int8, ``--repeats`` times:
+Each measurement is a fresh process with an empty history (a new conversation), for fp32
+and int8, ``--repeats`` times:
 
 - ``first reply``: ``chatcore chat -c CONFIG`` (what a user runs, through
   `chatcore.cli.main`) with one line piped in; the time from just before the
@@ -134,6 +135,7 @@ def make_checkpoint(folder: Path) -> Path:
 
 
 def write_config(folder: Path, ckpt: Path, quantize: str, tokens: int, threads: int | None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{quantize}.yaml"
     data = folder / f"data-{quantize}"
     lines = ["bot:", f"  data_dir: {data}", "model:", f"  checkpoint: {ckpt}", f"  quantize: {quantize}",
@@ -210,13 +212,17 @@ def main() -> None:
         codes = {"now": None}
         if args.baseline:
             codes = {"baseline": extract(args.baseline, tmp), "now": None}
-        configs = {q: write_config(tmp, ckpt, q, args.tokens, args.threads) for q in ("none", "int8")}
         runs: dict[tuple[str, str], list[dict]] = {}
-        for _ in range(args.repeats):
-            for quantize, config in configs.items():
+        for i in range(args.repeats):
+            for quantize in ("none", "int8"):
                 for name, code in codes.items():
-                    run = phases(config, code)
-                    run.update(first_reply(config, code))
+                    # Each process on a history of its own: the first reply of a new conversation, not one
+                    # whose prompt grew with every earlier run (and longer for whichever code ran second).
+                    def config(step: str) -> Path:
+                        return write_config(tmp / f"{name}-{i}-{step}", ckpt, quantize, args.tokens, args.threads)
+
+                    run = phases(config("phases"), code)
+                    run.update(first_reply(config("chat"), code))
                     runs.setdefault((name, quantize), []).append(run)
     report(runs, codes, args)
 
