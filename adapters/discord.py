@@ -15,20 +15,28 @@ Sharding: with `shard_count` set, discord.py's `AutoShardedClient` runs the
 gateway shards listed in `shard_ids` (default: all of them), so several
 instances on one history split a large bot's shards between them; Discord
 sends each guild's events to one shard, DMs to shard 0 (docs/deployment.md).
+
+discord.py is imported when the adapter is created, not with this module: the
+plugin manager loads every built-in for its config section, and importing
+discord.py (~0.3 s) would slow the start of every bot, Discord enabled or not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import logging
 import re
-from typing import Any
-
-import discord
+from typing import TYPE_CHECKING, Any
 
 from chatcore import hookimpl
-from chatcore.adapter import Adapter, AdapterError, BotSurface
+from chatcore.adapter import Adapter, AdapterError, BotSurface, require
+
+if TYPE_CHECKING:
+    import discord
+
+require("discord")  # a missing discord.py makes the adapter unavailable (config check says so), as an import would
 from chatcore.config import ConfigError, Field
 from chatcore.message import BUSY_REPLY, Busy, Message, RateLimited, Reply
 from chatcore.text import split_message
@@ -40,7 +48,7 @@ MESSAGE_LIMIT = 2000
 FEEDBACK = {"\N{THUMBS UP SIGN}": 1, "\N{THUMBS DOWN SIGN}": -1}
 RETRY = "\N{CLOCKWISE RIGHTWARDS AND LEFTWARDS OPEN CIRCLE ARROWS}"  # 🔁: answer that again (/retry)
 _EMOJI_MODIFIERS = re.compile("[\U0001F3FB-\U0001F3FF\uFE0F]")
-_ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
+_ANSWERED_TYPES = ("default", "reply")  # discord.MessageType names: ordinary messages and replies
 
 
 class _Events:
@@ -65,12 +73,18 @@ class _Events:
         await self.adapter.on_reaction(payload, removed=True)
 
 
-class _Client(_Events, discord.Client):
-    pass
+@functools.cache
+def _client_classes() -> tuple[type, type]:
+    """The gateway clients, plain and sharded: defined on first use, as they subclass discord.py's."""
+    import discord  # late: see the module docstring
 
+    class Client(_Events, discord.Client):
+        pass
 
-class _ShardedClient(_Events, discord.AutoShardedClient):
-    pass
+    class ShardedClient(_Events, discord.AutoShardedClient):
+        pass
+
+    return Client, ShardedClient
 
 
 def shard_settings(config: dict[str, Any]) -> tuple[list[int] | None, int | None]:
@@ -116,6 +130,8 @@ class DiscordAdapter(Adapter):
         shard_settings(config)
 
     def __init__(self, bot: BotSurface, config: dict[str, Any]) -> None:
+        import discord  # late: see the module docstring
+
         super().__init__(bot, config)
         self.channels = {int(c) for c in config.get("channels") or []}
         intents = discord.Intents.default()
@@ -123,13 +139,16 @@ class DiscordAdapter(Adapter):
         options = dict(intents=intents, allowed_mentions=discord.AllowedMentions.none(),
                        guild_ready_timeout=self.guild_ready_timeout)
         shard_ids, shard_count = shard_settings(config)
+        client, sharded_client = _client_classes()
         if shard_count is None:
-            self.client: discord.Client = _Client(self, **options)
+            self.client: discord.Client = client(self, **options)
         else:
-            self.client = _ShardedClient(self, shard_ids=shard_ids, shard_count=shard_count, **options)
+            self.client = sharded_client(self, shard_ids=shard_ids, shard_count=shard_count, **options)
         self.ready = asyncio.Event()
 
     async def start(self) -> None:
+        import discord  # late: see the module docstring
+
         try:
             await self.client.start(self.config["token"])
         except discord.LoginFailure:
@@ -155,7 +174,7 @@ class DiscordAdapter(Adapter):
     def to_message(self, message: discord.Message) -> Message | None:
         """The core's view of a Discord message, or None when the bot should not answer it."""
         me = self.client.user
-        if me is None or message.author.bot or message.author.id == me.id or message.type not in _ANSWERED_TYPES:
+        if me is None or message.author.bot or message.author.id == me.id or message.type.name not in _ANSWERED_TYPES:
             return None
         is_dm = message.guild is None
         mentioned = any(u.id == me.id for u in message.mentions) or me.id in message.raw_mentions
@@ -197,6 +216,8 @@ class DiscordAdapter(Adapter):
 
     async def deliver(self, message: discord.Message, reply: Reply) -> None:
         """Send `reply` in chunks that fit; the first one answers `message` in servers."""
+        import discord  # late: see the module docstring
+
         for i, chunk in enumerate(split_message(reply.text, MESSAGE_LIMIT)):
             files = [discord.File(io.BytesIO(f.data), filename=f.name) for f in reply.files] if i == 0 else []
             sent = await message.channel.send(chunk, reference=self._reference(message) if i == 0 else None,

@@ -14,6 +14,10 @@ a top-level DM is answered in the DM itself), split to ~4000 characters,
 with `&`, `<` and `>` escaped so generated text can never form a mention such
 as ``<!channel>``. 👍/👎 reactions on a reply become feedback; removing one withdraws it.
 🔁 (``:repeat:``) on one's last reply asks for another answer.
+
+slack-bolt and slack-sdk are imported when the adapter is created, not with
+this module: the plugin manager loads every built-in for its config section,
+and importing them (~0.15 s) would slow the start of every bot, Slack enabled or not.
 """
 
 from __future__ import annotations
@@ -21,18 +25,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import Any
-
-from aiohttp import web
-from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
-from slack_bolt.app.async_app import AsyncApp
-from slack_bolt.app.async_server import AsyncSlackAppServer
-from slack_bolt.authorization import AuthorizeResult
-from slack_sdk.errors import SlackApiError
-from slack_sdk.web.async_client import AsyncWebClient
+from typing import TYPE_CHECKING, Any
 
 from chatcore import hookimpl
-from chatcore.adapter import Adapter, AdapterError, BotSurface
+from chatcore.adapter import Adapter, AdapterError, BotSurface, require
+
+if TYPE_CHECKING:
+    from aiohttp import web
+    from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+    from slack_bolt.app.async_app import AsyncApp
+    from slack_bolt.authorization import AuthorizeResult
+
+# A missing library makes the adapter unavailable (config check says so), as importing it would.
+require("slack_bolt", "slack_sdk")
 from chatcore.config import Field
 from chatcore.message import BUSY_REPLY, Busy, Message, RateLimited, Reply
 from chatcore.text import split_message
@@ -65,6 +70,8 @@ class SlackAdapter(Adapter):
     }
 
     def __init__(self, bot: BotSurface, config: dict[str, Any]) -> None:
+        from slack_sdk.web.async_client import AsyncWebClient  # late: see the module docstring
+
         super().__init__(bot, config)
         self.mode = config.get("mode", "socket")
         self.client = AsyncWebClient(token=config["bot_token"], base_url=config.get("api_url") or "https://slack.com/api/")
@@ -89,6 +96,8 @@ class SlackAdapter(Adapter):
             raise AdapterError(
                 "slack: mode socket needs app_token (Slack app > Basic Information > App-Level Tokens, "
                 "scope connections:write, in SLACK_APP_TOKEN), or use mode: http with a signing_secret.")
+        from slack_bolt.authorization import AuthorizeResult  # late: see the module docstring
+
         auth = await self._auth_test()
         self.bot_user_id = auth.get("user_id")
         self.app = self._build_app(AuthorizeResult.from_auth_test_response(
@@ -109,6 +118,8 @@ class SlackAdapter(Adapter):
         self._stopped.set()
 
     async def _auth_test(self) -> Any:
+        from slack_sdk.errors import SlackApiError  # late: see the module docstring
+
         try:
             return await self.client.auth_test()
         except SlackApiError as exc:
@@ -117,6 +128,9 @@ class SlackAdapter(Adapter):
                 "Token (xoxb-...) from Slack app > OAuth & Permissions into SLACK_BOT_TOKEN.") from None
 
     async def _start_socket_mode(self) -> None:
+        from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler  # late: see the module docstring
+        from slack_sdk.errors import SlackApiError
+
         self._socket = AsyncSocketModeHandler(self.app, self.config["app_token"], web_client=self.client,
                                               logger=logging.getLogger("chatcore.slack.socket"))
         try:
@@ -130,6 +144,9 @@ class SlackAdapter(Adapter):
         await self._socket.connect_async()
 
     async def _start_http(self) -> None:
+        from aiohttp import web  # late: see the module docstring
+        from slack_bolt.app.async_server import AsyncSlackAppServer
+
         server = AsyncSlackAppServer(port=self.config.get("port", 3000), path=self.config.get("path", "/slack/events"),
                                      app=self.app, host=self.config.get("host", "0.0.0.0"))
         self._runner = web.AppRunner(server.web_app, access_log=None)
@@ -150,6 +167,9 @@ class SlackAdapter(Adapter):
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _build_app(self, authorized: AuthorizeResult) -> AsyncApp:
+        from slack_bolt.app.async_app import AsyncApp  # late: see the module docstring
+        from slack_sdk.web.async_client import AsyncWebClient
+
         async def authorize(**_: Any) -> AuthorizeResult:
             return authorized  # auth.test already ran at start: no call per request
 

@@ -4,15 +4,18 @@ A GPT-2 124M-shaped checkpoint with random weights is saved as chatcore saves
 them (fp32 safetensors + sidecar, `chatcore.checkpoint.save`) in a temporary
 folder, with a minimal config (the checkpoint, ``model.quantize`` none or int8,
 ``generation.max_new_tokens``, a temporary data folder; everything else default).
-Each measurement is a fresh process, for fp32 and int8, ``--repeats`` times:
+Each measurement is a fresh process with an empty history (a new conversation), for fp32
+and int8, ``--repeats`` times:
 
 - ``first reply``: ``chatcore chat -c CONFIG`` (what a user runs, through
   `chatcore.cli.main`) with one line piped in; the time from just before the
-  process is started to the first reply line on its stdout, and the process's
-  peak RSS (``wait4``'s ``ru_maxrss``);
+  process is started to the first reply line on its stdout, the process's
+  peak RSS (``wait4``'s ``ru_maxrss``) and its CPU time, user + system, to its
+  exit (on a busy machine the steadier figure);
 - phases: a process that runs the same steps as `chatcore chat` one by one
   and timestamps them: python (interpreter start), imports (chatcore, torch,
-  the plugins and adapters), config, weight load (reading the file; int8
+  the plugins and adapters; through `chatcore.cli.import_bot`, as `chatcore
+  chat` does, where the code has it), config, weight load (reading the file; int8
   quantizes each matrix as it is read), quantize (`Int8Loader.finish`: packing
   the int8 matrices), tokenizer, validate (`check_servable`), other (store,
   generator), first generation (one message through `Bot.handle`: prompt,
@@ -64,6 +67,9 @@ def timed(owner, attr, phase):
     setattr(owner, attr, wrapper)
 
 t = time.monotonic()
+import chatcore.cli
+if hasattr(chatcore.cli, "import_bot"):  # as `chatcore chat` imports (a --baseline's older code may lack it)
+    chatcore.cli.import_bot()
 import chatcore.bot, chatcore.checkpoint, chatcore.quant, chatcore.tokenizer, chatcore.weights
 from chatcore.plugin_manager import make_plugin_manager
 pm = make_plugin_manager()
@@ -129,6 +135,7 @@ def make_checkpoint(folder: Path) -> Path:
 
 
 def write_config(folder: Path, ckpt: Path, quantize: str, tokens: int, threads: int | None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{quantize}.yaml"
     data = folder / f"data-{quantize}"
     lines = ["bot:", f"  data_dir: {data}", "model:", f"  checkpoint: {ckpt}", f"  quantize: {quantize}",
@@ -175,7 +182,9 @@ def first_reply(config: Path, code: Path | None) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0 or not line.strip():
         raise RuntimeError(f"chatcore chat failed ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
-    return {"first_reply_s": elapsed, "peak_rss_mb": usage.ru_maxrss / 1024}
+    # CPU seconds of the whole run (to its exit, one reply): the figure a busy machine disturbs least.
+    return {"first_reply_s": elapsed, "peak_rss_mb": usage.ru_maxrss / 1024,
+            "cpu_s": usage.ru_utime + usage.ru_stime}
 
 
 def phases(config: Path, code: Path | None) -> dict:
@@ -203,13 +212,17 @@ def main() -> None:
         codes = {"now": None}
         if args.baseline:
             codes = {"baseline": extract(args.baseline, tmp), "now": None}
-        configs = {q: write_config(tmp, ckpt, q, args.tokens, args.threads) for q in ("none", "int8")}
         runs: dict[tuple[str, str], list[dict]] = {}
-        for _ in range(args.repeats):
-            for quantize, config in configs.items():
+        for i in range(args.repeats):
+            for quantize in ("none", "int8"):
                 for name, code in codes.items():
-                    run = phases(config, code)
-                    run.update(first_reply(config, code))
+                    # Each process on a history of its own: the first reply of a new conversation, not one
+                    # whose prompt grew with every earlier run (and longer for whichever code ran second).
+                    def config(step: str) -> Path:
+                        return write_config(tmp / f"{name}-{i}-{step}", ckpt, quantize, args.tokens, args.threads)
+
+                    run = phases(config("phases"), code)
+                    run.update(first_reply(config("chat"), code))
                     runs.setdefault((name, quantize), []).append(run)
     report(runs, codes, args)
 
@@ -224,6 +237,7 @@ def report(runs: dict, codes: dict, args: argparse.Namespace) -> None:
             phases_s=marks,
             first_reply_s=[round(r["first_reply_s"], 3) for r in rs],
             first_reply_median_s=statistics.median(r["first_reply_s"] for r in rs),
+            cpu_median_s=statistics.median(r["cpu_s"] for r in rs),
             peak_rss_mb=max(r["peak_rss_mb"] for r in rs),
             rss_after_load_mb=rs[-1]["rss_after_load_mb"],
         )
@@ -245,7 +259,8 @@ def report(runs: dict, codes: dict, args: argparse.Namespace) -> None:
                 print(f"  {phase:24s} {b if b is not None else float('nan'):11.3f} {value:8.3f} {ratio}")
             else:
                 print(f"  {phase:24s} {value:8.3f}")
-        for label, key in (("chatcore chat: first reply s", "first_reply_median_s"), ("peak RSS MiB", "peak_rss_mb")):
+        for label, key in (("chatcore chat: first reply s", "first_reply_median_s"),
+                           ("chatcore chat: CPU s", "cpu_median_s"), ("peak RSS MiB", "peak_rss_mb")):
             if base:
                 print(f"  {label:30s} {base[key]:8.2f} -> {now[key]:8.2f}  ({base[key] / now[key]:.2f}x)")
             else:

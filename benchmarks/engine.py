@@ -17,6 +17,8 @@ another.
                                            # speculative decoding (chatcore-spec, chatcore-int8-spec) vs plain
     python benchmarks/engine.py --engines chatcore-packed,chatcore-plain,ct2-float32,chatcore-int8,ct2-int8 --rounds 3
                                            # fp32 oneDNN-packed vs torch's layout vs CTranslate2, interleaved
+    python benchmarks/engine.py --engines chatcore-int8,chatcore-int8-fixed,ct2-int8 --busy 3
+                                           # a busy machine: adapting decode threads (chatcore.threads) vs not
 
 chatcore is measured through the path a user's request takes: weights loaded by
 `build_engine` on the main thread, the reply streamed by `chatcore.serving.Generator`
@@ -24,7 +26,8 @@ chatcore is measured through the path a user's request takes: weights loaded by
 calling thread: a reference only, not what a bot gets. ``chatcore`` serves fp32 as
 the bot does on a CPU with ``model.quantize: none`` (``model.cpu_layout: auto``);
 ``chatcore-packed`` and ``chatcore-plain`` force oneDNN-packed matrices
-(`chatcore.cpu_linear`) and torch's own layout. CTranslate2 (float32 and
+(`chatcore.cpu_linear`) and torch's own layout; ``chatcore-fixed`` and
+``chatcore-int8-fixed`` serve with ``serving.adapt_threads: false`` (`chatcore.threads`). CTranslate2 (float32 and
 int8, when ``pip install -e .[bench]`` installed it) runs the same weights,
 converted from the Hugging Face directory by its Transformers converter.
 
@@ -52,7 +55,8 @@ from pathlib import Path
 from _common import first_token_timer, peak_rss_mb  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
-CONTESTANTS = ("chatcore", "chatcore-packed", "chatcore-plain", "chatcore-int8", "chatcore-direct", "chatcore-int8-direct",
+CONTESTANTS = ("chatcore", "chatcore-packed", "chatcore-plain", "chatcore-int8", "chatcore-fixed", "chatcore-int8-fixed",
+               "chatcore-direct", "chatcore-int8-direct",
                "ct2-float32", "ct2-int8", "seed-loop", "transformers")
 GPT2_VOCAB = ROOT.parent / "shared" / "data" / "gpt2"  # encoder.json + vocab.bpe: the tokenizer CTranslate2 converts
 
@@ -145,14 +149,14 @@ def run_chatcore_direct(engine, ids, new_tokens):
 class Served:
     """An engine behind `chatcore.serving.Generator`, as the bot serves it (an event loop, the batching thread)."""
 
-    def __init__(self, engine) -> None:
+    def __init__(self, engine, adapt_threads: bool = True) -> None:
         import asyncio
 
         from chatcore.serving import Generator
 
         self.engine = engine
         self.loop = asyncio.new_event_loop()
-        self.generator = Generator(engine, max_batch=1)
+        self.generator = Generator(engine, max_batch=1, adapt_threads=adapt_threads)
 
     def run(self, ids, new_tokens):
         from chatcore.sampling import SamplingParams
@@ -200,6 +204,11 @@ def load_chatcore_plain(native: Path, hf_dir: Path, threads: int):
 
 def load_chatcore_int8(native: Path, hf_dir: Path, threads: int):
     return Served(load_chatcore_direct(native, hf_dir, threads, "int8"))
+
+
+def load_chatcore_fixed(native: Path, hf_dir: Path, threads: int, quantize: str = "none"):
+    """Served with ``serving.adapt_threads: false``: always all threads, however busy the machine."""
+    return Served(load_chatcore_direct(native, hf_dir, threads, quantize), adapt_threads=False)
 
 
 def run_chatcore(served, ids, new_tokens):
@@ -294,6 +303,9 @@ RUNNERS = {
     "chatcore-packed": (load_chatcore_packed, run_chatcore),
     "chatcore-plain": (load_chatcore_plain, run_chatcore),
     "chatcore-int8": (load_chatcore_int8, run_chatcore),
+    "chatcore-fixed": (load_chatcore_fixed, run_chatcore),
+    "chatcore-int8-fixed": (lambda native, hf_dir, threads: load_chatcore_fixed(native, hf_dir, threads, "int8"),
+                            run_chatcore),
     "chatcore-spec": (load_chatcore_spec, run_chatcore),
     "chatcore-int8-spec": (lambda native, hf_dir, threads: load_chatcore_spec(native, hf_dir, threads, "int8"), run_chatcore),
     "chatcore-direct": (load_chatcore_direct, run_chatcore_direct),
@@ -380,6 +392,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="run every contestant this many times, in turn (the order reversed every other round), "
                          "and report each one's median: drift on a shared machine hits all alike")
+    ap.add_argument("--busy", type=int, default=0,
+                    help="run N busy-looping processes beside the contestants (another program on the machine)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--models", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -406,7 +420,12 @@ def main() -> None:
         for kind in ("float32", "int8"):
             if f"ct2-{kind}" in engines:
                 convert_ct2(hf_dir, Path(d) / f"ct2-{kind}", None if kind == "float32" else "int8")
-        run_all(args, Path(d), prompts, new_tokens)
+        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+        try:
+            run_all(args, Path(d), prompts, new_tokens)
+        finally:
+            for hog in hogs:
+                hog.kill()
 
 
 def run_all(args, models: Path, prompts: list[int], new_tokens: int) -> None:
@@ -463,7 +482,8 @@ def run_all(args, models: Path, prompts: list[int], new_tokens: int) -> None:
 
     print(f"GPT-2 124M shapes, random weights, fp32, {args.threads} threads, {new_tokens} new tokens, "
           f"temperature {TEMPERATURE}, top-k {TOP_K}; {args.rounds} round(s), medians; "
-          f"load average {min(loads):.1f}-{max(loads):.1f} at the contestants' starts")
+          f"load average {min(loads):.1f}-{max(loads):.1f} at the contestants' starts"
+          + (f"; {args.busy} busy-looping processes beside them" if args.busy else ""))
     head = f"{'engine':<21} {'prompt':>6} {'new':>4} {'TTFT s':>8} {'decode tok/s':>13} {'total tok/s':>12} {'peak RSS MB':>12}"
     print(head)
     print("-" * len(head))
@@ -481,7 +501,7 @@ def run_all(args, models: Path, prompts: list[int], new_tokens: int) -> None:
         for ours in ("chatcore", "chatcore-packed", "chatcore-plain", "chatcore-int8"):
             parts = []
             others = ("chatcore-plain",) * (ours == "chatcore-packed") + ("ct2-float32", "ct2-int8", "transformers",
-                                                                         "seed-loop", ours + "-direct")
+                                                                         "seed-loop", ours + "-direct", ours + "-fixed")
             for other in others:
                 dec, ttft = ratio(ours, other, "decode_tok_s"), ratio(ours, other, "ttft_s")
                 tot = ratio(ours, other, "total_tok_s")

@@ -116,7 +116,8 @@ class Server:
             self.ready.set()
 
     async def _serve(self) -> None:
-        from chatcore.engine import Engine, release_thread_pool
+        from chatcore.engine import Engine
+        from chatcore.threads import release_thread_pool
         from chatcore.model import GPT, GPTConfig
         from chatcore.quant import quantize_int8
         from chatcore.testing import make_bot

@@ -3,29 +3,28 @@
 `chatcore.serving.Generator` decodes on its batching thread while the weights were
 loaded on another (the main thread). GNU OpenMP gives every thread that starts a
 parallel region its own pool of workers, and once it manages more threads than
-there are CPUs it stops spinning at barriers (100 spins instead of 300,000, then a
-futex sleep), so every parallel op of a decode step pays a wake-up. This times one
-decode step (GPT-2 124M shapes, random weights, a 32-token prompt in the KV cache)
-in three set-ups, each in a fresh process, interleaved over --rounds:
+there are CPUs it stops spinning at barriers (100 spins instead of
+GOMP_SPINCOUNT's, then a futex sleep), so every parallel op of a decode step pays a
+wake-up. This times one decode step (GPT-2 124M shapes, random weights, a 32-token
+prompt in the KV cache) in fresh processes, interleaved over --rounds:
 
 - ``main``: built and decoded on the main thread (one pool);
 - ``worker-after-main``: built on the main thread (which also ran a 2-thread op),
-  decoded on another thread: what the bot does (two pools);
-- ``worker-clean``: built on a thread that has ended (its pool went with it), decoded
-  on another thread (one live pool).
+  decoded on another thread: what the bot did before `chatcore.threads` (two pools);
+- ``worker-released``: the same, but the main thread then called
+  `chatcore.threads.release_thread_pool` (as `build_engine` does now): one live pool;
+- ``worker-released-1``: that, decoding on one thread (what `ThreadTuner` picks when
+  other work makes it faster).
 
-Why the bot still loads on the main thread: loading on a thread that ends (the
-``worker-clean`` set-up) was tried in `chatcore.weights.load_engine` and reverted.
-With one live pool no larger than the CPUs, GNU OpenMP's workers spin up to
-300,000 times at each barrier; on an idle machine that saved the 1.36x, but on a
-busy one (load 5 on 2 cores, 2026-12-01) the served decode fell to 0.07-0.13x of
-the main-thread load (1.5 against 11.6-19.6 tokens/s, `benchmarks/engine.py
---quick`), because spinning workers take the CPU the event loop, the store and
-every other process need. The two-pool set-up sleeps after 100 spins: slower idle,
-robust busy, and a bot's own threads keep its machine busy.
+Every mode imports chatcore before torch, so GNU OpenMP reads chatcore's
+GOMP_SPINCOUNT default (10,000). Its own default, 300,000 spins (milliseconds),
+was the reason an earlier attempt with one pool was reverted: on a busy machine
+(load 5 on 2 cores) served decode fell to 0.07-0.13x, the spinning workers taking
+the CPU everything else needed. ``--busy N`` runs N busy-looping processes beside
+the measurements, to see that case again.
 
     python benchmarks/omp_threads.py                    # plain and packed layouts
-    python benchmarks/omp_threads.py --layouts plain --rounds 5
+    python benchmarks/omp_threads.py --layouts plain,int8 --rounds 5 --busy 3
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ from pathlib import Path
 from _common import build_model  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("main", "worker-after-main", "worker-clean")
+MODES = ("main", "worker-after-main", "worker-released", "worker-released-1")
 
 
 def build(layout: str):
@@ -51,28 +50,32 @@ def build(layout: str):
 
     from chatcore.cpu_linear import pack_linears
     from chatcore.engine import prepare_for_inference
+    from chatcore.quant import quantize_int8
 
     model = prepare_for_inference(build_model(), torch.device("cpu"), torch.float32)
     if layout == "packed":
         pack_linears(model)
+    elif layout == "int8":
+        quantize_int8(model)
     return model
 
 
 def worker(mode: str, layout: str, threads: int, steps: int) -> None:
+    import chatcore  # noqa: F401  before torch, as the `chatcore` command: its OpenMP default is read when torch loads
     import torch
 
+    from chatcore.threads import release_thread_pool
+
     torch.set_num_threads(threads)
-    box: dict = {}
-    if mode == "worker-clean":
-        t = threading.Thread(target=lambda: box.setdefault("model", build(layout)))
-        t.start()
-        t.join()
-    else:
-        box["model"] = build(layout)
-        torch.ones(2048, 2048).add_(1)  # one more 2-thread op on the main thread
+    box: dict = {"model": build(layout)}
+    torch.ones(2048, 2048).add_(1)  # one more 2-thread op on the main thread
+    if mode.startswith("worker-released"):
+        release_thread_pool()
     model = box["model"]
 
     def decode() -> None:
+        if mode == "worker-released-1":
+            torch.set_num_threads(1)
         with torch.inference_mode():
             cache = model.new_cache(1, max_len=64 + steps)
             idx = torch.randint(0, 50000, (1, 32), generator=torch.Generator().manual_seed(0))
@@ -99,6 +102,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--busy", type=int, default=0, help="N busy-looping processes beside the measurements")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -106,6 +110,7 @@ def main() -> None:
         return
     results: dict[tuple[str, str], list[float]] = {}
     loads = []
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
     for r in range(args.rounds):
         cases = [(m, lay) for lay in args.layouts.split(",") for m in MODES]
         for mode, layout in cases if r % 2 == 0 else cases[::-1]:
@@ -114,8 +119,10 @@ def main() -> None:
                                   "--steps", str(args.steps)], capture_output=True, text=True, cwd=ROOT, check=True)
             rec = json.loads(out.stdout.strip().splitlines()[-1])
             results.setdefault((mode, layout), []).append(rec["ms_per_token"])
+    for hog in hogs:
+        hog.kill()
     print(f"decode ms/token (median of {args.rounds} rounds), {args.threads} threads; "
-          f"load average {min(loads):.1f}-{max(loads):.1f}")
+          f"load average {min(loads):.1f}-{max(loads):.1f}" + (f"; {args.busy} busy-looping processes" if args.busy else ""))
     for layout in args.layouts.split(","):
         base = statistics.median(results[("main", layout)])
         for mode in MODES:

@@ -76,7 +76,8 @@ def make_engine(model, int8: bool = False, layout: str = "packed"):
     """The engine as `chatcore.weights.build_engine` serves it on a CPU: int8, or fp32 with its matrices
     oneDNN-packed (``model.cpu_layout: auto``) or in torch's own layout (``plain``)."""
     from chatcore.cpu_linear import pack_linears
-    from chatcore.engine import Engine, release_thread_pool
+    from chatcore.engine import Engine
+    from chatcore.threads import release_thread_pool
     from chatcore.quant import quantize_int8
 
     engine = Engine(copy.deepcopy(model), model_id="bench", device="cpu", dtype="float32")

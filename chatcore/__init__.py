@@ -7,9 +7,8 @@ import os
 # which starves everything else on a busy machine, and only 100 times once it manages
 # more threads than there are CPUs, which costs a futex wake-up at every one of a decode
 # step's ~100 parallel ops. 10,000 spins (0.1-0.5 ms) bridge the gaps inside a step and
-# give the CPU back between steps (benchmarks/omp_threads.py; `release_thread_pool` in
-# chatcore.engine keeps the serving thread's pool the only one). An operator's own
-# GOMP_SPINCOUNT wins.
+# give the CPU back between steps (benchmarks/omp_threads.py; chatcore.threads keeps
+# the serving thread's pool the only one). An operator's own GOMP_SPINCOUNT wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import pluggy  # noqa: E402  (after the environment default above, which must precede torch)

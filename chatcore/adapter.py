@@ -10,6 +10,7 @@ once. An adapter imports only this contract (`adapter`, `message`, `params`,
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, ClassVar, Protocol
@@ -97,6 +98,17 @@ class Adapter:
 
     async def stop(self) -> None:
         """Disconnect; must be safe to call more than once."""
+
+
+def require(*modules: str) -> None:
+    """Raise ModuleNotFoundError, as importing them would, when one of the top-level `modules` is not installed.
+
+    For an adapter that imports its platform library only once it is created (discord.py, slack-bolt: slow
+    to import, and most bots enable one platform at most): its module still fails to load without the
+    library, so the plugin manager marks it unavailable and the config check says which extra to install."""
+    for name in modules:
+        if importlib.util.find_spec(name) is None:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -49,6 +49,7 @@ from .prefix_cache import PrefixCache
 from .reply_text import ReplyText, prompt_window, slide_window, turn_marker_ids
 from .sampling import SamplingParams, make_generator, sample, validate
 from .speculative import accept_or_resample, distribution, is_greedy
+from .threads import SERVING_THREADS, ThreadTuner
 
 log = logging.getLogger("chatcore.batching")
 
@@ -98,6 +99,7 @@ class BatchScheduler:
         prefill_tokens: int = 512,
         prefix_cache: PrefixCache | None = None,
         adapter_budget_mb: float = 64,
+        adapt_threads: bool = True,
     ) -> None:
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or prefill_tokens < 1:
             raise ValueError("max_batch, prefill_chunk and prefill_tokens must be >= 1, max_queue >= 0")
@@ -127,6 +129,8 @@ class BatchScheduler:
         self.died: BaseException | None = None  # what killed the worker thread, if anything did
         self.heartbeat = time.monotonic()  # when the worker last went round its loop (health checks)
         self.steps = 0  # decode steps run (for tests and benchmarks)
+        threads = getattr(engine, "threads", None) or SERVING_THREADS
+        self.tuner = ThreadTuner(threads) if adapt_threads and self.device.type == "cpu" and threads > 1 else None
         self.step_rows = 0  # conversations over all decode steps: step_rows / steps is the mean batch size
         self._thread = threading.Thread(target=self._run, name="chatcore-batch", daemon=True)
         self._thread.start()
@@ -267,6 +271,8 @@ class BatchScheduler:
             for r in [r for r in self._running if r.params.max_new_tokens == 0]:
                 self._finish(r)
         prefilling = self._prefill_batch([r for r in self._running if r.todo])
+        if prefilling or self.speculator is not None:
+            self._use_threads(self.tuner.current if self.tuner else None)
         if prefilling:
             chunks = []
             for r in prefilling:
@@ -281,10 +287,20 @@ class BatchScheduler:
             return
         if decoding:
             decoding = self._compact(decoding)
+            threads = self._use_threads(self.tuner.choose(len(decoding)) if self.tuner else None)
+            started = time.perf_counter()
             logits = self._forward(decoding, [[r.pending] for r in decoding])
+            if self.tuner:
+                self.tuner.observe(len(decoding), threads, time.perf_counter() - started)
             self.steps += 1
             self.step_rows += len(decoding)
             self._sampled(decoding, logits)
+
+    def _use_threads(self, n: int | None) -> int:
+        """Run this thread's next torch ops on `n` threads (None: as they are); returns the count in use."""
+        if n is not None and torch.get_num_threads() != n:
+            torch.set_num_threads(n)  # this thread's setting (and torch's default for threads started later)
+        return torch.get_num_threads()
 
     def _prefill_batch(self, prefilling: list[Request]) -> list[Request]:
         """The prompts whose next chunk runs this step: the oldest, and the next oldest while the

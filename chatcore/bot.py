@@ -91,7 +91,8 @@ class Bot:
             else:
                 generator = Generator(engine if engine is not None else load_engine(config),
                                       max_queue=serving["max_queue"], max_batch=serving["max_batch"],
-                                      prefix_cache_mb=serving["prefix_cache_mb"])
+                                      prefix_cache_mb=serving["prefix_cache_mb"],
+                                      adapt_threads=serving["adapt_threads"])
         except BaseException:
             store.close()
             raise

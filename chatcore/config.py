@@ -114,6 +114,9 @@ CORE_SCHEMA: Schema = {
                            help="Conversations decoding together. auto: as many full-context KV cache rows as half "
                                 "the available memory holds, at most 64 (chatcore/serving.py, batch_limits)."),
         "prefix_cache_mb": Field((int, float), 256, help="Memory for reusable conversation states (0: off)."),
+        "adapt_threads": Field(bool, True,
+                               help="On a CPU, decode on one thread while other work makes that faster than all of "
+                                    "model.threads (probed every few seconds; chatcore/threads.py)."),
     },
     "store": {
         "path": Field(str, None, help="SQLite file (default: <data_dir>/history.db)."),

@@ -13,7 +13,6 @@ Which weights an engine serves is decided in `chatcore.weights`.
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -22,6 +21,7 @@ from . import checkpoint as ckpt
 from .model import GPT
 from .reply_text import ReplyText, prompt_window, slide_window, turn_marker_ids
 from .sampling import SamplingParams, make_generator, sample, validate
+from .threads import SERVING_THREADS
 from .tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -83,29 +83,6 @@ def prepare_for_inference(model: GPT, device: torch.device, dtype: torch.dtype) 
     return model
 
 
-def release_thread_pool() -> bool:
-    """Free the calling thread's OpenMP worker pool; True if the runtime has one to free.
-
-    OpenMP gives each thread that runs a parallel torch op its own pool of workers. The
-    thread that loads the weights (the main thread, or the one a hot swap loads on)
-    keeps its pool after the load, and the decoding thread then shares the CPUs with
-    idle workers of another pool: GNU OpenMP, managing more threads than there are CPUs,
-    stops spinning at barriers and every parallel op of a decode step pays a wake-up
-    (1.5-1.6x per step at batch 1, benchmarks/omp_threads.py). ``omp_pause_resource_all``
-    (OpenMP 5.0, in libgomp, LLVM's libomp and Intel's) ends those workers; a later
-    parallel op on this thread starts a new pool.
-    """
-    if not torch.__config__.parallel_info().count("ATen parallel backend: OpenMP"):
-        return False
-    try:
-        pause = getattr(ctypes.CDLL(None), "omp_pause_resource_all", None)  # the runtime torch loaded
-    except (OSError, TypeError):  # no process-wide symbol lookup (Windows)
-        return False
-    if pause is None:
-        return False
-    return pause(1) == 0  # omp_pause_soft: the threads go, the settings stay
-
-
 class Engine:
     """Serves one GPT: ``stream`` and ``generate`` per the contract in docs/architecture.md."""
 
@@ -122,6 +99,7 @@ class Engine:
     ):
         if threads:
             torch.set_num_threads(int(threads))
+        self.threads = int(threads) if threads else SERVING_THREADS  # what a CPU batch worker decodes on
         self.device = device if isinstance(device, torch.device) else pick_device(device)
         self.dtype = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype, self.device)
         self.tokenizer = tokenizer or Tokenizer()

@@ -124,6 +124,11 @@ class _StateCollector:
                                   value=stats["decode_steps"])
         yield CounterMetricFamily("chatcore_decode_rows", "Conversations summed over decode steps: divided by "
                                   "chatcore_decode_steps, the mean batch size.", value=stats["decode_rows"])
+        yield GaugeMetricFamily("chatcore_decode_threads", "CPU threads decoding now, when the batch worker adapts "
+                                "them to the machine's load (serving.adapt_threads; 0: not adapting).",
+                                value=stats["decode_threads"])
+        yield CounterMetricFamily("chatcore_decode_thread_switches", "Times the batch worker changed its thread "
+                                  "count because the other setting decoded faster.", value=stats["thread_switches"])
         yield CounterMetricFamily("chatcore_busy_answers", "Requests refused because the queue was full.",
                                   value=stats["busy"])
         yield CounterMetricFamily("chatcore_prefix_cache_hits", "Follow-ups that reused a cached prefix.",

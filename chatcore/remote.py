@@ -166,7 +166,7 @@ class RemoteGenerator:
 
     def stats(self) -> dict[str, int]:
         return {"waiting": 0, "running": self._active, "busy": self.busy, "prefix_hits": 0, "prefix_misses": 0,
-                "decode_steps": 0, "decode_rows": 0}
+                "decode_steps": 0, "decode_rows": 0, "decode_threads": 0, "thread_switches": 0}
 
     async def close(self) -> None:
         self._closed = True

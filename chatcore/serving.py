@@ -201,6 +201,7 @@ class Generator:
     worker starts (`batch_limits`); an engine served one at a time then takes 64.
     `prefill_chunk` / `prefill_tokens`: prompt tokens run per step, per prompt / over the prompts
     run together (`chatcore.batching`). `prefix_cache_mb`: memory for reusable conversation states (0: off).
+    `adapt_threads`: let a CPU batch worker decode on one thread while that is faster (`chatcore.threads`).
     """
 
     def __init__(
@@ -212,12 +213,14 @@ class Generator:
         prefill_chunk: int = 128,
         prefill_tokens: int = 512,
         prefix_cache_mb: float = 256,
+        adapt_threads: bool = True,
     ) -> None:
         self._max_queue = max_queue
         self._max_batch = max_batch
         self._prefill_chunk = prefill_chunk
         self._prefill_tokens = prefill_tokens
         self._prefix_cache_bytes = int(prefix_cache_mb * 2**20)
+        self._adapt_threads = adapt_threads
         self._engine = engine
         self._backend: Any = None
         self._retired: list[Any] = []  # backends of swapped-out engines, finishing their requests
@@ -286,10 +289,12 @@ class Generator:
         """Queue and cache figures of the current engine's worker, for /metrics and the dashboard."""
         backend = self._backend
         out = {"waiting": 0, "running": 0, "busy": self.busy, "prefix_hits": 0, "prefix_misses": 0,
-               "decode_steps": 0, "decode_rows": 0}
+               "decode_steps": 0, "decode_rows": 0, "decode_threads": 0, "thread_switches": 0}
         if isinstance(backend, BatchScheduler):
             out.update(waiting=backend.waiting, running=backend.running, decode_steps=backend.steps,
                        decode_rows=backend.step_rows)
+            if backend.tuner is not None:
+                out.update(decode_threads=backend.tuner.current, thread_switches=backend.tuner.switches)
             if backend.prefix_cache is not None:
                 out.update(prefix_hits=backend.prefix_cache.hits, prefix_misses=backend.prefix_cache.misses)
         elif backend is not None:
@@ -323,6 +328,7 @@ class Generator:
                 prefill_chunk=self._prefill_chunk,
                 prefill_tokens=self._prefill_tokens,
                 prefix_cache=prefixes,
+                adapt_threads=self._adapt_threads,
             )
         return _Serial(engine, 64 if self._max_queue == "auto" else self._max_queue)
 

@@ -42,10 +42,11 @@ import torch
 
 from . import cpu_linear, hf, lora
 from .checkpoint import CheckpointError, ColumnMajor, Transform
-from .engine import Engine, decode_column_major, pick_device, pick_dtype, release_thread_pool
+from .engine import Engine, decode_column_major, pick_device, pick_dtype
 from .model import GPT
 from .registry import Registry, RegistryError, serving_checkpoint
 from .speculative import make_speculator
+from .threads import release_thread_pool
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("chatcore")
@@ -118,7 +119,7 @@ def build_engine(model_cfg: dict | None = None, starter: Starter | None = None,
         return draft.model, draft.tokenizer.n_vocab
 
     engine.speculator = make_speculator(cfg.get("speculative"), load_draft)
-    release_thread_pool()  # this thread's OpenMP workers would slow the decoding thread's (chatcore.engine)
+    release_thread_pool()  # this thread's OpenMP workers would slow the decoding thread's (chatcore.threads)
     return engine
 
 

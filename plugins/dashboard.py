@@ -18,11 +18,13 @@ this plugin adds what arrives through hooks: fine-tune outcomes, gate losses, ra
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chatcore import hookimpl
 from chatcore.config import Field
-from chatcore.dashboard import Dashboard
+
+if TYPE_CHECKING:
+    from chatcore.dashboard import Dashboard
 
 
 @hookimpl
@@ -56,6 +58,9 @@ async def startup(bot):
     cfg = bot.config.get("dashboard") or {}
     if not cfg.get("enabled"):
         return
+    # Here, not at the top: the web app (aiohttp, the training modules) is imported by bots that serve it only.
+    from chatcore.dashboard import Dashboard
+
     server = Dashboard(bot, cfg)  # no admins: a ConfigError that stops the bot with the key to set
     await server.start()
     _servers[bot] = server

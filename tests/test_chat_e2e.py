@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from chatcore import checkpoint
@@ -44,3 +46,58 @@ def test_missing_model_is_a_clear_error(tmp_path):
     assert out.returncode == 1
     err = out.stderr.decode()
     assert "model.checkpoint" in err and "Traceback" not in err
+
+
+# Runs `chatcore chat` as the cold start benchmark does, then says what it imported and which of the
+# collector's full scans walked torch's objects (every one before they were frozen).
+PROBE = r"""
+import gc, json, sys
+over_torch = []
+
+def watch(phase, info):
+    if phase == "start" and info["generation"] == 2 and "torch" in sys.modules and gc.get_freeze_count() == 0:
+        over_torch.append(len(sys.modules))
+
+gc.callbacks.append(watch)
+from chatcore.cli import main
+rc = main(["chat", "-c", sys.argv[1]])
+print(json.dumps({"rc": rc, "full_scans_over_torch": len(over_torch),
+                  "imported": sorted(m for m in ("discord", "slack_bolt", "slack_sdk", "chatcore.dashboard")
+                                    if m in sys.modules)}),
+      file=sys.stderr)
+"""
+
+
+@pytest.fixture(scope="module")
+def chat_start(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("cold")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=256, vocab_size=50257, n_layer=2, n_head=2, n_embd=32))
+    ckpt = checkpoint.save(model, tmp_path / "tiny", base_model="random-test")
+    config = tmp_path / "bot.yaml"
+    # Discord and Slack written in the config, but disabled: their sections are still validated.
+    config.write_text(
+        f"bot:\n  data_dir: {tmp_path / 'data'}\n"
+        f"model:\n  checkpoint: {ckpt}\n  device: cpu\n  threads: 1\n"
+        "generation:\n  max_new_tokens: 4\n"
+        "adapters:\n  discord:\n    enabled: false\n    token: x\n  slack:\n    enabled: false\n    mode: socket\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", PROBE, str(config)], input=b"hi\n", capture_output=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr.decode()
+    assert len(out.stdout.decode().splitlines()) == 1
+    return json.loads(out.stderr.decode().strip().splitlines()[-1])
+
+
+def test_chat_does_not_import_disabled_platform_libraries(chat_start):
+    assert not {"discord", "slack_bolt", "slack_sdk"} & set(chat_start["imported"])
+
+
+def test_chat_does_not_import_the_disabled_dashboard(chat_start):
+    assert "chatcore.dashboard" not in chat_start["imported"]
+
+
+def test_no_full_garbage_collection_walks_torchs_objects_at_start(chat_start):
+    # Each one walked ~10^6 objects that live as long as the process (~0.1-0.15 s): 3 of them made every start slower.
+    assert chat_start["full_scans_over_torch"] == 0

@@ -228,7 +228,8 @@ async def test_metrics_are_prometheus_text_with_requests_latency_and_gate(tmp_pa
     assert value("chatcore_feedback", "chatcore_feedback_total", value="bad") == 1
     assert value("chatcore_serving_model", model_id="scripted") == 1
     for name in ("chatcore_queue_depth", "chatcore_batch_size", "chatcore_busy_answers",
-                 "chatcore_prefix_cache_hits", "chatcore_uptime_seconds"):
+                 "chatcore_prefix_cache_hits", "chatcore_uptime_seconds", "chatcore_decode_threads",
+                 "chatcore_decode_thread_switches"):
         assert name in families
 
 

@@ -29,7 +29,7 @@ pytestmark = [
 _COUNT = """
 import json, os, sys, time
 import torch
-from chatcore.engine import release_thread_pool
+from chatcore.threads import release_thread_pool
 from chatcore.weights import build_engine
 
 def tasks(settle_at=None):
