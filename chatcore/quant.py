@@ -209,18 +209,14 @@ class Int8Loader:
     EMBEDDING = "transformer.wte.weight"
 
     def __init__(self) -> None:
-        self.quantized: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}  # qint8, or the embedding's (int8, scales)
+        self.quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name: (int8 values, per-row scales)
         self.nonfinite: list[str] = []  # weights read with NaN or infinite values
 
     def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         block = tensor.dim() == 2 and name.startswith("transformer.h.") and name.endswith(".weight")
         if not block and name != self.EMBEDDING:
             return tensor  # the position embedding, LayerNorms and biases stay as they are
-        q, scale = quantize_rows(tensor, release_read_pages)
-        # the embedding's int8 rows serve its lookups too; a block weight is kept as torch's qint8 tensor
-        # now, so finish() only packs it (a copy there, beside the freed rows, grew RSS by ~40 MB)
-        self.quantized[name] = (q, scale) if name == self.EMBEDDING else per_channel(q, scale)
-        del q
+        q, scale = self.quantized[name] = quantize_rows(tensor, release_read_pages)
         if not bool(torch.isfinite(scale).all()):  # a row's NaN/inf shows in its scale
             self.nonfinite.append(name)  # the serving check can no longer see it once it is int8
         return torch.zeros((), dtype=tensor.dtype).expand(tensor.shape)  # shape only; finish() replaces it
@@ -241,7 +237,7 @@ class Int8Loader:
         _serve_tied(model, *embedding)
         for name, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
             q = self.quantized.pop(name + ".weight", None)
-            _swap(model, name, Int8Linear(linear) if q is None else Int8Linear.from_weights(q, linear.bias))
+            _swap(model, name, Int8Linear(linear) if q is None else Int8Linear.from_weights(per_channel(*q), linear.bias))
         if self.quantized:
             raise ValueError(f"weights quantized while loading have no Linear layer: {sorted(self.quantized)[:3]}")
         model.quantized = "int8"
