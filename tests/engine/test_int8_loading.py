@@ -62,9 +62,9 @@ def test_int8_load_peak_memory_well_under_fp32(gpt2_shapes):
     assert int8["model_id"].endswith(" int8") and not fp32["model_id"].endswith(" int8")
     # fp32 holds ~498 MB of weights (measured peak ~650 MB). int8 holds ~85 MB of int8 block matrices, the
     # packed head and the embedding's int8 rows (38.6 MB each) and no fp32 embedding: its peak measured
-    # ~0.33x fp32's (0.54x while the 154 MB fp32 embedding was kept and read whole)
+    # 0.33-0.39x fp32's (0.53x while the 154 MB fp32 embedding was kept and read whole)
     assert fp32["peak"] > 450e6, fp32
-    assert int8["peak"] < 0.42 * fp32["peak"], (int8, fp32)
+    assert int8["peak"] < 0.45 * fp32["peak"], (int8, fp32)
 
 
 def test_direct_int8_load_computes_what_quantizing_after_load_does(tmp_path):
