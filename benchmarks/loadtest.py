@@ -144,7 +144,7 @@ class Server:
         config = {
             "adapters": {"http": {"enabled": True, "host": "127.0.0.1", "port": 0}},
             "generation": {"max_new_tokens": a.max_tokens},
-            "serving": {"max_queue": a.max_queue, "max_batch": a.max_batch},
+            "serving": {"max_queue": a.max_queue, "max_batch": a.max_batch, "adapt_threads": not a.fixed_threads},
             "plugins": {"commands": {"rate_limit": {"messages": 0}}, "auto_finetune": {"enabled": False}},
         }
         self.bot = make_bot(self.data_dir, engine=engine, config=config)
@@ -416,6 +416,8 @@ def main() -> None:
                     help="a busy answer is a refused request; the client moves on to its next message")
     ap.add_argument("--target-p95", type=float, default=8.0, help="the p95 latency target the report checks (s)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fixed-threads", action="store_true",
+                    help="serving.adapt_threads: false (decode on --threads however busy the machine is)")
     ap.add_argument("--quick", action="store_true", help="8 clients, 10 s, tiny model")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--instances", type=int, default=1, help="chatcore run processes (above 1: needs --history)")
@@ -490,6 +492,7 @@ def main() -> None:
         prompt_tokens_per_s=round(prompt_tokens / wall, 1),
         prompt_tokens_per_answer=round(prompt_tokens / max(1, len(answered)), 1),
         mean_batch=round(stats["decode_rows"] / max(1, stats["decode_steps"]), 1),
+        decode_threads=stats.get("decode_threads", 0), thread_switches=stats.get("thread_switches", 0),
         needed_answers_per_s=round(args.clients / args.target_p95, 2),
         needed_tokens_per_s=round(args.clients / args.target_p95 * args.max_tokens, 1),
         load_average=round(os.getloadavg()[0], 1),
@@ -508,6 +511,8 @@ def main() -> None:
               f"{' int8' if args.int8 else ' fp32'}, {args.threads} threads, max_new_tokens {args.max_tokens}, "
               f"max_batch {args.max_batch} -> {sizes['max_batch']}, max_queue {args.max_queue} -> {sizes['max_queue']}, "
               f"{'busy answers retried' if not args.no_retry else 'no retries'}; load average {result['load_average']}")
+        print(f"  decode threads at the end: {result['decode_threads'] or 'fixed'} "
+              f"({result['thread_switches']} switches; serving.adapt_threads {not args.fixed_threads})")
         print(f"  requests {len(records)}: answered {len(answered)} ({result['answered_pct']}%, "
               f"{result['answered_per_s']}/s), refused busy {len(busy)}, errors {len(errors)} (target 0); "
               f"busy answers {result['busy_attempts']}, requests that needed more than the OpenAI SDK's 2 retries "
