@@ -15,7 +15,8 @@ from chatcore.model import GPT, GPTConfig
 from chatcore.store import Store
 
 
-def test_piped_chat_with_a_real_model(tmp_path):
+def tiny_model_config(tmp_path, max_new_tokens: int, more: str = ""):
+    """A bot config serving a tiny random model from a checkpoint in `tmp_path` (one thread, the CPU)."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=256, vocab_size=50257, n_layer=2, n_head=2, n_embd=32))
     ckpt = checkpoint.save(model, tmp_path / "tiny", base_model="random-test")
@@ -23,8 +24,13 @@ def test_piped_chat_with_a_real_model(tmp_path):
     config.write_text(
         f"bot:\n  data_dir: {tmp_path / 'data'}\n"
         f"model:\n  checkpoint: {ckpt}\n  device: cpu\n  threads: 1\n"
-        "generation:\n  max_new_tokens: 12\n"
+        f"generation:\n  max_new_tokens: {max_new_tokens}\n" + more
     )
+    return config
+
+
+def test_piped_chat_with_a_real_model(tmp_path):
+    config = tiny_model_config(tmp_path, 12)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-m", "chatcore.cli", "chat", "-c", str(config)],
                          input="hi\nbye\n".encode(), capture_output=True, timeout=300, env=env)
@@ -70,18 +76,9 @@ print(json.dumps({"rc": rc, "full_scans_over_torch": len(over_torch),
 
 @pytest.fixture(scope="module")
 def chat_start(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("cold")
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=256, vocab_size=50257, n_layer=2, n_head=2, n_embd=32))
-    ckpt = checkpoint.save(model, tmp_path / "tiny", base_model="random-test")
-    config = tmp_path / "bot.yaml"
     # Discord and Slack written in the config, but disabled: their sections are still validated.
-    config.write_text(
-        f"bot:\n  data_dir: {tmp_path / 'data'}\n"
-        f"model:\n  checkpoint: {ckpt}\n  device: cpu\n  threads: 1\n"
-        "generation:\n  max_new_tokens: 4\n"
-        "adapters:\n  discord:\n    enabled: false\n    token: x\n  slack:\n    enabled: false\n    mode: socket\n"
-    )
+    config = tiny_model_config(tmp_path_factory.mktemp("cold"), 4, "adapters:\n  discord:\n    enabled: false\n"
+                               "    token: x\n  slack:\n    enabled: false\n    mode: socket\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", PROBE, str(config)], input=b"hi\n", capture_output=True,
                          timeout=300, env=env)
