@@ -33,18 +33,22 @@ SERVING_THREADS = torch.get_num_threads()
 
 
 def release_thread_pool() -> bool:
-    """Free the calling thread's OpenMP worker pool; True if the runtime had one to free.
+    """Free the calling thread's OpenMP worker pool; True if it did.
 
-    ``omp_pause_resource_all`` (OpenMP 5.0: GNU libgomp, LLVM's libomp, Intel's) ends the
-    workers; a later parallel op on this thread starts a new pool.
+    ``omp_pause_resource_all`` (OpenMP 5.0) in GNU libgomp, the runtime of torch's Linux
+    wheels, ends the workers of the calling thread's pool; a later parallel op on this
+    thread starts a new one. Elsewhere it does nothing.
     """
     if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return False
     try:
-        pause = getattr(ctypes.CDLL(None), "omp_pause_resource_all", None)  # the runtime torch loaded
+        runtime = ctypes.CDLL(None)  # the symbols of what the process loaded: torch's OpenMP runtime
     except (OSError, TypeError):  # no process-wide symbol lookup (Windows)
         return False
-    if pause is None:
+    # GNU libgomp pauses the calling thread's pool only. LLVM's and Intel's runtimes (they export
+    # __kmpc_*) pause every thread of the process, which is unsafe while the batch worker decodes.
+    pause = getattr(runtime, "omp_pause_resource_all", None)
+    if pause is None or hasattr(runtime, "__kmpc_fork_call"):
         return False
     return pause(1) == 0  # omp_pause_soft: the threads go, the settings stay
 
