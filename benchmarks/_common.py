@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import resource
+import subprocess
+import sys
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -21,6 +25,18 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB elsewhere (macOS: bytes)
+
+
+@contextlib.contextmanager
+def busy_processes(n: int) -> Iterator[None]:
+    """`n` processes that spin on a core each until the block ends: another program on the machine (``--busy``)."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
 
 
 def first_token_timer():

@@ -52,7 +52,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import first_token_timer, peak_rss_mb  # benchmarks/ is on sys.path when a script runs
+from _common import busy_processes, first_token_timer, peak_rss_mb  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTESTANTS = ("chatcore", "chatcore-packed", "chatcore-plain", "chatcore-int8", "chatcore-fixed", "chatcore-int8-fixed",
@@ -420,12 +420,8 @@ def main() -> None:
         for kind in ("float32", "int8"):
             if f"ct2-{kind}" in engines:
                 convert_ct2(hf_dir, Path(d) / f"ct2-{kind}", None if kind == "float32" else "int8")
-        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
-        try:
+        with busy_processes(args.busy):
             run_all(args, Path(d), prompts, new_tokens)
-        finally:
-            for hog in hogs:
-                hog.kill()
 
 
 def run_all(args, models: Path, prompts: list[int], new_tokens: int) -> None:

@@ -39,7 +39,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import build_model  # benchmarks/ is on sys.path when a script runs
+from _common import build_model, busy_processes  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("main", "worker-after-main", "worker-released", "worker-released-1")
@@ -110,17 +110,15 @@ def main() -> None:
         return
     results: dict[tuple[str, str], list[float]] = {}
     loads = []
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
-    for r in range(args.rounds):
-        cases = [(m, lay) for lay in args.layouts.split(",") for m in MODES]
-        for mode, layout in cases if r % 2 == 0 else cases[::-1]:
-            loads.append(os.getloadavg()[0])
-            out = subprocess.run([sys.executable, __file__, "--worker", mode, layout, "--threads", str(args.threads),
-                                  "--steps", str(args.steps)], capture_output=True, text=True, cwd=ROOT, check=True)
-            rec = json.loads(out.stdout.strip().splitlines()[-1])
-            results.setdefault((mode, layout), []).append(rec["ms_per_token"])
-    for hog in hogs:
-        hog.kill()
+    with busy_processes(args.busy):
+        for r in range(args.rounds):
+            cases = [(m, lay) for lay in args.layouts.split(",") for m in MODES]
+            for mode, layout in cases if r % 2 == 0 else cases[::-1]:
+                loads.append(os.getloadavg()[0])
+                out = subprocess.run([sys.executable, __file__, "--worker", mode, layout, "--threads", str(args.threads),
+                                      "--steps", str(args.steps)], capture_output=True, text=True, cwd=ROOT, check=True)
+                rec = json.loads(out.stdout.strip().splitlines()[-1])
+                results.setdefault((mode, layout), []).append(rec["ms_per_token"])
     print(f"decode ms/token (median of {args.rounds} rounds), {args.threads} threads; "
           f"load average {min(loads):.1f}-{max(loads):.1f}" + (f"; {args.busy} busy-looping processes" if args.busy else ""))
     for layout in args.layouts.split(","):

@@ -271,8 +271,8 @@ class BatchScheduler:
             for r in [r for r in self._running if r.params.max_new_tokens == 0]:
                 self._finish(r)
         prefilling = self._prefill_batch([r for r in self._running if r.todo])
-        if prefilling or self.speculator is not None:
-            self._use_threads(self.tuner.current if self.tuner else None)
+        if self.tuner and (prefilling or self.speculator is not None):
+            self._use_threads(self.tuner.current)
         if prefilling:
             chunks = []
             for r in prefilling:
@@ -287,7 +287,7 @@ class BatchScheduler:
             return
         if decoding:
             decoding = self._compact(decoding)
-            threads = self._use_threads(self.tuner.choose(len(decoding)) if self.tuner else None)
+            threads = self._use_threads(self.tuner.choose(len(decoding))) if self.tuner else 0
             started = time.perf_counter()
             logits = self._forward(decoding, [[r.pending] for r in decoding])
             if self.tuner:
@@ -296,11 +296,11 @@ class BatchScheduler:
             self.step_rows += len(decoding)
             self._sampled(decoding, logits)
 
-    def _use_threads(self, n: int | None) -> int:
-        """Run this thread's next torch ops on `n` threads (None: as they are); returns the count in use."""
-        if n is not None and torch.get_num_threads() != n:
+    def _use_threads(self, n: int) -> int:
+        """Run this thread's next torch ops on `n` threads; returns `n`."""
+        if torch.get_num_threads() != n:
             torch.set_num_threads(n)  # this thread's setting (and torch's default for threads started later)
-        return torch.get_num_threads()
+        return n
 
     def _prefill_batch(self, prefilling: list[Request]) -> list[Request]:
         """The prompts whose next chunk runs this step: the oldest, and the next oldest while the

@@ -20,6 +20,7 @@ things make those waits expensive, and this module handles both:
 from __future__ import annotations
 
 import ctypes
+import functools
 import statistics
 import time
 from collections import deque
@@ -39,18 +40,25 @@ def release_thread_pool() -> bool:
     wheels, ends the workers of the calling thread's pool; a later parallel op on this
     thread starts a new one. Elsewhere it does nothing.
     """
+    pause = _pool_pause()
+    return pause is not None and pause(1) == 0  # omp_pause_soft: the threads go, the settings stay
+
+
+@functools.cache  # every engine build calls release_thread_pool; the runtime does not change
+def _pool_pause() -> Callable[[int], int] | None:
+    """libgomp's ``omp_pause_resource_all`` if torch runs on it, else None."""
     if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
-        return False
+        return None
     try:
         runtime = ctypes.CDLL(None)  # the symbols of what the process loaded: torch's OpenMP runtime
     except (OSError, TypeError):  # no process-wide symbol lookup (Windows)
-        return False
+        return None
     # GNU libgomp pauses the calling thread's pool only. LLVM's and Intel's runtimes (they export
     # __kmpc_*) pause every thread of the process, which is unsafe while the batch worker decodes.
     pause = getattr(runtime, "omp_pause_resource_all", None)
     if pause is None or hasattr(runtime, "__kmpc_fork_call"):
-        return False
-    return pause(1) == 0  # omp_pause_soft: the threads go, the settings stay
+        return None
+    return pause
 
 
 class ThreadTuner:
