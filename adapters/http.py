@@ -39,12 +39,17 @@ cross-site form or ``text/plain`` POST is refused with 415), ``Host`` must name
 this server (loopback names, the bound host, or ``allowed_hosts``: defeats DNS
 rebinding), and a browser's ``Origin``, when sent, must be this server or one
 of ``allowed_origins`` (403 otherwise).
+
+aiohttp's server is imported when the adapter starts, not with this module: the
+plugin manager loads every built-in for its config section, and importing
+aiohttp.web (~0.2 s) would slow the start of every bot, HTTP enabled or not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hmac
 import json
 import logging
@@ -52,16 +57,17 @@ import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-from aiohttp import web
 
 from chatcore import hookimpl
 from chatcore.adapter import Adapter, BotSurface, client_address, trusted_networks
 from chatcore.config import Field
 from chatcore.message import Busy, Message, RateLimited
 from chatcore.params import SEED_MAX, SEED_MIN, SamplingParams, validate
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 log = logging.getLogger("chatcore.http")
 
@@ -82,7 +88,7 @@ class ApiError(Exception):
 
     def response(self) -> web.Response:
         body = {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
-        return web.json_response(body, status=self.status, headers=self.headers)
+        return _json_response(body, status=self.status, headers=self.headers)
 
 
 class HttpAdapter(Adapter):
@@ -128,8 +134,12 @@ class HttpAdapter(Adapter):
     # --- lifecycle ------------------------------------------------------------------------
 
     def make_app(self) -> web.Application:
+        from aiohttp import web  # late: see the module docstring
+
+        # aiohttp's mark of a middleware (web.middleware) is an attribute, which a bound method cannot take.
+        middlewares = [web.middleware(functools.partial(m)) for m in (self._errors, self._browsers, self._auth)]
         app = web.Application(client_max_size=int(self.config.get("max_request_bytes", 64 * 1024)),
-                              middlewares=[self._errors, self._browsers, self._auth])
+                              middlewares=middlewares)
         app.router.add_get("/health", self.health)
         app.router.add_post("/chat", self.chat)
         app.router.add_get("/v1/models", self.models)
@@ -139,6 +149,8 @@ class HttpAdapter(Adapter):
         return app
 
     async def start(self) -> None:
+        from aiohttp import web  # late: see the module docstring
+
         host = self.config.get("host", "127.0.0.1")
         if not self.api_key and host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("http: listening on %s without api_key: anyone who can reach it can use the bot", host)
@@ -159,8 +171,9 @@ class HttpAdapter(Adapter):
 
     # --- middlewares ---------------------------------------------------------------------
 
-    @web.middleware
     async def _errors(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+        from aiohttp import web  # late: see the module docstring
+
         try:
             return await handler(request)
         except ApiError as exc:
@@ -185,7 +198,6 @@ class HttpAdapter(Adapter):
             log.exception("http: %s %s failed", request.method, request.path)
             return ApiError(500, "internal error", "server_error").response()
 
-    @web.middleware
     async def _browsers(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
         """Refuse what only a hostile web page would send: a foreign Host, a foreign Origin, a non-JSON POST."""
         host = _host_name(request.host)
@@ -204,7 +216,6 @@ class HttpAdapter(Adapter):
                            code="unsupported_media_type")
         return await handler(request)
 
-    @web.middleware
     async def _auth(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
         if self.api_key and request.path != "/health":
             given = request.headers.get("Authorization", "")
@@ -223,11 +234,11 @@ class HttpAdapter(Adapter):
     async def health(self, request: web.Request) -> web.Response:
         health = self.bot.health()
         if health["status"] != "ok":
-            return web.json_response(health, status=503)
-        return web.json_response({**health, "model": self.model_id})
+            return _json_response(health, status=503)
+        return _json_response({**health, "model": self.model_id})
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [
+        return _json_response({"object": "list", "data": [
             {"id": self.model_id, "object": "model", "created": 0, "owned_by": self.bot.name,
              "max_model_len": self.bot.engine.block_size}]})
 
@@ -242,7 +253,7 @@ class HttpAdapter(Adapter):
         body = {"response": reply.text if reply else ""}
         if reply is not None and reply.files:  # /mydata: the file's JSON, inline
             body["files"] = [{"name": f.name, "content": _file_content(f)} for f in reply.files]
-        return web.json_response(body)
+        return _json_response(body)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await _json_object(request)
@@ -263,13 +274,13 @@ class HttpAdapter(Adapter):
         content = reply.text if reply else ""
         if reply is not None:
             await self.bot.record_delivery(reply, completion["id"])
-        return web.json_response({**completion, "object": "chat.completion", "choices": [{
+        return _json_response({**completion, "object": "chat.completion", "choices": [{
             "index": 0, "message": {"role": "assistant", "content": content},
             "finish_reason": self._finish_reason(content, params), "logprobs": None}]})
 
     async def _stream(self, request: web.Request, message: Message, params: SamplingParams,
                       completion: dict[str, Any]) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        response = _event_stream()
         streamed: list[str] = []
 
         async def send(delta: dict[str, Any], finish_reason: str | None = None) -> None:
@@ -334,8 +345,8 @@ class HttpAdapter(Adapter):
 
         if not body.get("stream"):
             text = "".join([delta async for delta in self.bot.complete(prompt, params, info, scope)])
-            return web.json_response(chunk(text, self._finish_reason(text, params)))
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            return _json_response(chunk(text, self._finish_reason(text, params)))
+        response = _event_stream()
         parts: list[str] = []
         try:
             async for delta in self.bot.complete(prompt, params, info, scope):
@@ -368,7 +379,7 @@ class HttpAdapter(Adapter):
             raise ApiError(400, 'rating a reply needs the "user" you chatted as', param="user")
         if not await self.bot.feedback(self.name, completion_id, user, value):
             raise ApiError(404, f"no reply with id {completion_id!r}", param="id")
-        return web.json_response({"ok": True})
+        return _json_response({"ok": True})
 
     # --- translation ----------------------------------------------------------------------
 
@@ -440,6 +451,19 @@ class HttpAdapter(Adapter):
     def _finish_reason(self, content: str, params: SamplingParams) -> str:
         # The bot does not report why generation ended; a reply as long as the budget ran out of it.
         return "length" if content and self.bot.engine.count_tokens(content) >= params.max_new_tokens else "stop"
+
+
+def _json_response(body: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    from aiohttp import web  # late: see the module docstring
+
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _event_stream() -> web.StreamResponse:
+    """A server-sent event stream's response, to prepare once its first event is ready."""
+    from aiohttp import web  # late: see the module docstring
+
+    return web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import threading
 
 import aiohttp
@@ -211,3 +213,18 @@ async def test_feedback_endpoint_rates_a_completion(http_bot):
     assert status == 404
     status, _, _ = await post(f"{url}/feedback", {"id": result.id, "value": 5})
     assert status == 400
+
+
+def test_checking_an_http_config_does_not_import_aiohttp(tmp_path):
+    # The schema, its defaults and check_config are read by every start and by `chatcore config check`:
+    # aiohttp (~0.2 s) is imported only when the adapter serves.
+    config = tmp_path / "bot.yaml"
+    config.write_text(f"bot:\n  data_dir: {tmp_path}\nadapters:\n  http:\n    enabled: true\n"
+                      "    api_key: secret\n    trusted_proxies: [10.0.0.0/8]\n")
+    probe = ("import sys\nfrom chatcore.cli import main\n"
+             "rc = main(['config', 'check', sys.argv[1]]) + main(['config', 'defaults'])\n"
+             "print(rc, 'aiohttp' in sys.modules, file=sys.stderr)\n")
+    out = subprocess.run([sys.executable, "-c", probe, str(config)], capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr.decode()
+    assert "adapters enabled: http" in out.stdout.decode() and "trusted_proxies:" in out.stdout.decode()
+    assert out.stderr.decode().split() == ["0", "False"]
