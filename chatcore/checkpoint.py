@@ -32,6 +32,8 @@ asking for anything else (``os.system``, ...) is refused with CheckpointError.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import json
 import math
 import mmap
@@ -296,6 +298,27 @@ def release_read_pages(t: torch.Tensor) -> None:
         return
     first = t.data_ptr() - data.data_ptr()
     _release_pages(mapping, first, first + t.numel() * t.element_size())
+
+
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the OS after loading (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Loading frees many temporaries of a few MB each (int8 loading: each matrix's int8 values
+    once fbgemm has packed them). glibc's mmap threshold rises to the size of the largest
+    one freed, so later ones come from the heap and, once freed, stay resident there:
+    ~40-50 MB of a GPT-2 int8 engine's resident set that nothing will use again.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc; musl and other C libraries have none
+    except (OSError, AttributeError, TypeError):  # TypeError: Windows has no CDLL(None)
+        return None
 
 
 def _map_file(f) -> tuple[mmap.mmap | None, torch.Tensor]:

@@ -9,8 +9,8 @@ That also covers a prompt whose history differs at the end (the reply's stop
 newline was never fed; the history renders ``\\n\\n`` after the reply) and a
 window that dropped its oldest turn (nothing shared: a miss, never a wrong hit).
 
-Entries are copies (``KVCache.snapshot``), bounded by a byte budget and evicted
-least recently used first. One cache belongs to one set of weights: the
+Entries are copies (a finished row's state, moved out with ``KVCache.take``),
+bounded by a byte budget and evicted least recently used first. One cache belongs to one set of weights: the
 `Generator` makes a new one on every hot swap.
 """
 

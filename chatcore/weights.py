@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from . import cpu_linear, hf, lora
-from .checkpoint import CheckpointError, ColumnMajor, Transform
+from .checkpoint import CheckpointError, ColumnMajor, Transform, release_free_heap
 from .engine import Engine, decode_column_major, pick_device, pick_dtype
 from .model import GPT
 from .registry import Registry, RegistryError, serving_checkpoint
@@ -120,6 +120,7 @@ def build_engine(model_cfg: dict | None = None, starter: Starter | None = None,
 
     engine.speculator = make_speculator(cfg.get("speculative"), load_draft)
     release_thread_pool()  # this thread's OpenMP workers would slow the decoding thread's (chatcore.threads)
+    release_free_heap()  # what loading freed goes back to the OS, not kept for nothing
     return engine
 
 

@@ -12,7 +12,7 @@ import torch
 
 from chatcore.batching import BatchScheduler
 from chatcore.engine import Engine
-from chatcore.model import GPT, GPTConfig
+from chatcore.model import GPT, GPTConfig, KVCache
 from chatcore.sampling import SamplingParams
 from chatcore.tokenizer import Tokenizer
 
@@ -92,3 +92,28 @@ def test_the_scheduler_cache_starts_empty(engine):
         assert resident_bytes(sched.cache) == 0
     finally:
         sched.close(timeout=5)
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="resets the peak RSS through /proc/self/clear_refs")
+def test_moving_a_row_into_the_prefix_cache_never_holds_it_twice():
+    """`take` (what a finished conversation's state goes to the prefix cache with) copies one layer
+    at a time and hands each layer's pages back: the process never holds the row twice. A snapshot
+    followed by a reset peaks a whole row higher, at the moment a long prompt has just finished."""
+    cfg = GPTConfig(block_size=1024, vocab_size=300, n_layer=8, n_head=8, n_embd=512)
+    cache = KVCache(cfg, max_batch=2)
+    row_mib = 2 * cfg.n_layer * 1024 * cfg.n_embd * 4 / 2**20  # k and v of 1024 tokens: 32 MiB
+    k = torch.randn(cfg.n_layer, cfg.n_head, 1024, cfg.n_embd // cfg.n_head)
+    cache.restore(1, k, k * 2)
+    before = _status_mib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak resident set starts again from now
+    taken_k, taken_v = cache.take(1)
+    peak = _status_mib("VmHWM")
+    assert peak - before < 0.25 * row_mib, f"moving a {row_mib:.0f} MiB row peaked {peak - before:.1f} MiB higher"
+    assert torch.equal(taken_k, k) and torch.equal(taken_v, k * 2)
+    assert cache.length(1) == 0 and resident_bytes(cache) == 0
