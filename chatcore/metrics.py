@@ -23,6 +23,13 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
 
 
+def generator_stats(**figures: int) -> dict[str, int]:
+    """A generator's `stats()` (`chatcore.serving.Generator`, `chatcore.remote.RemoteGenerator`): every figure
+    scraped here and shown by the dashboard, zero where that generator has none."""
+    return {"waiting": 0, "running": 0, "busy": 0, "prefix_hits": 0, "prefix_misses": 0, "decode_steps": 0,
+            "decode_rows": 0, "decode_threads": 0, "thread_switches": 0, **figures}
+
+
 class Metrics:
     """Counters and histograms of one bot (see the module docstring)."""
 

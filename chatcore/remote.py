@@ -35,6 +35,7 @@ import aiohttp
 
 from .config import ConfigError
 from .message import Busy
+from .metrics import generator_stats
 from .params import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -165,8 +166,7 @@ class RemoteGenerator:
         return "".join([delta async for delta in self.stream(prompt, params, adapter)])
 
     def stats(self) -> dict[str, int]:
-        return {"waiting": 0, "running": self._active, "busy": self.busy, "prefix_hits": 0, "prefix_misses": 0,
-                "decode_steps": 0, "decode_rows": 0, "decode_threads": 0, "thread_switches": 0}
+        return generator_stats(running=self._active, busy=self.busy)
 
     async def close(self) -> None:
         self._closed = True

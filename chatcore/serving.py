@@ -33,6 +33,7 @@ import torch
 
 from .batching import DONE, BatchScheduler, Sink
 from .message import Busy
+from .metrics import generator_stats
 from .prefix_cache import PrefixCache
 from .params import SamplingParams
 
@@ -288,8 +289,7 @@ class Generator:
     def stats(self) -> dict[str, int]:
         """Queue and cache figures of the current engine's worker, for /metrics and the dashboard."""
         backend = self._backend
-        out = {"waiting": 0, "running": 0, "busy": self.busy, "prefix_hits": 0, "prefix_misses": 0,
-               "decode_steps": 0, "decode_rows": 0, "decode_threads": 0, "thread_switches": 0}
+        out = generator_stats(busy=self.busy)
         if isinstance(backend, BatchScheduler):
             out.update(waiting=backend.waiting, running=backend.running, decode_steps=backend.steps,
                        decode_rows=backend.step_rows)

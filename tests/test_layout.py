@@ -67,6 +67,11 @@ def test_adapters_import_without_torch_or_the_runtime(adapter):
     assert not {"chatcore.bot", "chatcore.serving", "chatcore.engine"} & loaded
 
 
+def test_the_remote_engine_imports_without_torch():
+    # chatcore.remote shares its generator figures with chatcore.serving through chatcore.metrics, not serving.
+    assert "torch" not in _modules_after("import chatcore.remote")
+
+
 def _run_cli(*args: str) -> set[str]:
     code = ("import sys\nfrom chatcore.cli import main\n"
             f"try:\n    main({list(args)!r})\nexcept SystemExit:\n    pass")
