@@ -397,7 +397,7 @@ class BatchScheduler:
         with route(self.model, list(groups.items())) if groups else nullcontext():  # base matmuls once; each group adds its own update
             logits = self.model.forward_cached(
                 idx.to(self.device), self.cache, rows=[r.row for r in requests], n_new=[len(t) for t in tokens],
-                last_only=last_only,
+                last_only=last_only, pack=not groups,  # an adapter's rows are batch rows: keep the batch layout
             )
         for r, t in zip(requests, tokens):
             r.fed.extend(t)

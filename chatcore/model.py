@@ -29,6 +29,9 @@ Cached decoding::
   position only selects the learned position embedding.
 - ``last_only`` (default True): logits ``[B, V]`` of each row's last real token;
   False gives ``[B, T, V]``.
+- ``pack`` (default True): when rows have different ``n_new``, only their real
+  tokens go through the layers (attention still sees them padded); off for
+  callers that address batch rows inside the layers (per-row LoRA adapters).
 
 Each new token attends to its row's cached tokens and to the new tokens before
 it; rows never see each other. ``cache.lengths[row]`` grows by ``n_new``.
@@ -92,8 +95,11 @@ class CausalSelfAttention(nn.Module):
         self.use_sdpa = _HAS_SDPA  # tests switch this off to check the manual path
 
     def forward(self, x: torch.Tensor, step: "_Step | None" = None, layer: int = 0) -> torch.Tensor:
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        qkv = self.c_attn(x)
+        if step is not None and step.packed:
+            qkv = step.unpack(qkv)  # the rows' real tokens, one after another: padded [B, T, 3C] to attend
+        B, T, C = qkv.size(0), qkv.size(1), self.n_embd
+        q, k, v = qkv.split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
@@ -103,6 +109,8 @@ class CausalSelfAttention(nn.Module):
             k, v = step.write_read(layer, k, v)
             y = self._attend(q, k, v, mask=step.mask, causal=step.causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
+        if step is not None and step.packed:
+            y = step.pack(y)
         return self.resid_dropout(self.c_proj(y))
 
     def _attend(self, q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
@@ -222,17 +230,25 @@ class GPT(nn.Module):
         pos: torch.Tensor | None = None,
         n_new: Sequence[int] | torch.Tensor | None = None,
         last_only: bool = True,
+        pack: bool = True,
     ) -> torch.Tensor:
         """Append ``idx`` to cache ``rows`` and return logits (see the module docstring)."""
-        step = _Step(cache, idx, rows, pos, n_new, self.config.block_size)
-        x = self.transformer.wte(idx) + self.transformer.wpe(step.pos)
+        step = _Step(cache, idx, rows, pos, n_new, self.config.block_size, pack)
+        if step.packed:  # rows of different lengths: only their real tokens go through the blocks
+            x = self.transformer.wte(idx[step.valid]) + self.transformer.wpe(step.pos[step.valid])
+        else:
+            x = self.transformer.wte(idx) + self.transformer.wpe(step.pos)
         for i, block in enumerate(self.transformer.h):
             x = block(x, step, i)
         if last_only:
             if step.uniform:
                 x = x[:, -1, :]
+            elif step.packed:
+                x = x[step.last]
             else:
                 x = x[torch.arange(x.size(0), device=x.device), step.n_new_dev - 1]
+        elif step.packed:
+            x = step.unpack(x)
         logits = self.lm_head(self.transformer.ln_f(x))
         step.commit()
         return logits
@@ -422,8 +438,9 @@ class _Step:
     Built once per call so the per-layer work is just a write and a read.
     """
 
-    def __init__(self, cache: KVCache, idx: torch.Tensor, rows, pos, n_new, block_size: int):
+    def __init__(self, cache: KVCache, idx: torch.Tensor, rows, pos, n_new, block_size: int, pack: bool = True):
         B, T = idx.shape
+        self.packed = False
         dev = cache.k.device
         if rows is None:
             if B > cache.max_batch:
@@ -483,6 +500,21 @@ class _Step:
         j = torch.arange(L)
         self.mask = (j[None, None, :] <= last[:, :, None])[:, None].to(dev)  # [B, 1, T, L]
         self.causal = False
+        # Rows of different lengths (prompts arriving together): the matrix products, nearly all of a
+        # prompt's cost, run on the real tokens only, not on B x T (the padding was ~1/3 of them under load)
+        self.packed = pack and bool((n_new_t < T).any())
+        if self.packed:
+            self.last = (torch.cumsum(n_new_t, 0) - 1).to(dev)  # each row's last real token, packed
+
+    def unpack(self, t: torch.Tensor) -> torch.Tensor:
+        """Packed ``[N, X]`` (the real tokens, row after row) as padded ``[B, T, X]``, zeros in the padding."""
+        out = t.new_zeros(*self.valid.shape, t.size(-1))
+        out[self.valid] = t
+        return out
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        """Padded ``[B, T, X]`` as packed ``[N, X]``."""
+        return t[self.valid]
 
     def write_read(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ck, cv = self.cache.k[layer], self.cache.v[layer]

@@ -132,6 +132,37 @@ def test_ragged_batch_rows_match_single_sequences():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("last_only", [True, False])
+def test_ragged_rows_run_only_their_real_tokens_through_the_layers(last_only):
+    """Prompts of 10, 3 and 6 tokens arriving together: the matrix products see 19 tokens, not 3 x 10,
+    and the logits and cache are exactly those of the padded layout (which per-row adapters keep)."""
+    model = tiny_model(std=0.2)
+    history = _filled(model, 5)  # a row with history: its new tokens start at position 5
+    seen = []
+    hook = model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[:-1].numel()))
+    idx, lens, rows = torch.randint(0, 50257, (3, 10)), [10, 3, 6], [3, 0, 1]
+    results = []
+    for pack in (True, False):
+        cache = model.new_cache(max_batch=4, max_len=40)
+        cache.restore(1, *history)
+        results.append((model.forward_cached(idx, cache, rows=rows, n_new=lens, last_only=last_only, pack=pack), cache))
+    hook.remove()
+    assert seen == [19, 30]
+    (packed, c1), (padded, c2) = results
+    if not last_only:  # the padding's logits are not defined
+        packed, padded = [torch.cat([t[b, :n] for b, n in enumerate(lens)]) for t in (packed, padded)]
+    assert torch.equal(packed, padded)
+    assert torch.equal(c1.k, c2.k) and torch.equal(c1.v, c2.v) and torch.equal(c1.lengths, c2.lengths)
+
+
+def _filled(model: GPT, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values of ``n`` random tokens (a conversation's history, for `KVCache.restore`)."""
+    cache = model.new_cache(max_batch=1, max_len=n)
+    model.forward_cached(torch.randint(0, 50257, (1, n)), cache)
+    return cache.snapshot(0)
+
+
+@torch.no_grad()
 def test_explicit_positions_allow_left_padding_style_offsets():
     """Cache slots and positions are independent: a row can start at any position."""
     model = tiny_model(std=0.2)
