@@ -135,10 +135,10 @@ class Server:
         self.prompt_tokens = 0  # prompt tokens run through the model (a prefix cache hit runs only the rest)
         forward = engine.model.forward_cached
 
-        def counted(idx, cache, rows=None, pos=None, n_new=None, last_only=True):
+        def counted(idx, cache, rows=None, pos=None, n_new=None, last_only=True, **kw):
             if idx.size(1) > 1 or last_only is False:
                 self.prompt_tokens += int(sum(n_new)) if n_new is not None else idx.numel()
-            return forward(idx, cache, rows=rows, pos=pos, n_new=n_new, last_only=last_only)
+            return forward(idx, cache, rows=rows, pos=pos, n_new=n_new, last_only=last_only, **kw)
 
         engine.model.forward_cached = counted
         config = {
