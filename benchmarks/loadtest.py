@@ -17,7 +17,9 @@ Checked afterwards: every request was answered or refused with the busy answer
 the history store with exactly the text the client received. Also reported: the
 batch and queue sizes the server ran with (``serving.max_batch`` / ``max_queue``,
 ``auto`` by default: chatcore/serving.py, batch_limits), the tokens it generated
-per second, and what a p95 latency within ``--target-p95`` seconds would need: with
+per second, the latency of the requests sent in each third of the run beside the context a
+decoding conversation attended over then (conversations grow turn by turn, and so does the
+cost of every decode step), and what a p95 latency within ``--target-p95`` seconds would need: with
 every client waiting for its answer before sending again, answers per second =
 clients / mean latency (Little's law), so at least clients / target x max_new_tokens
 tokens per second.
@@ -80,6 +82,7 @@ class Record:
     detail: str = ""
     instance: str = ""
     attempts: int = 1  # busy answers retried, plus the last attempt
+    sent: float = 0.0  # time.monotonic() of its first attempt
 
 
 class Server:
@@ -133,12 +136,15 @@ class Server:
             quantize_int8(engine.model)
         release_thread_pool()  # as build_engine does: the decoding thread's pool is the only one
         self.prompt_tokens = 0  # prompt tokens run through the model (a prefix cache hit runs only the rest)
+        self.decode_steps: list[tuple[float, int, int]] = []  # (time, rows, tokens those rows attend over)
         forward = engine.model.forward_cached
 
-        def counted(idx, cache, rows=None, pos=None, n_new=None, last_only=True):
+        def counted(idx, cache, rows=None, pos=None, n_new=None, last_only=True, **kw):
             if idx.size(1) > 1 or last_only is False:
                 self.prompt_tokens += int(sum(n_new)) if n_new is not None else idx.numel()
-            return forward(idx, cache, rows=rows, pos=pos, n_new=n_new, last_only=last_only)
+            elif rows is not None:
+                self.decode_steps.append((time.monotonic(), len(rows), int(cache.lengths[list(rows)].sum()) + len(rows)))
+            return forward(idx, cache, rows=rows, pos=pos, n_new=n_new, last_only=last_only, **kw)
 
         engine.model.forward_cached = counted
         config = {
@@ -202,6 +208,7 @@ async def client(i: int, url: str, deadline: float, lines: list[str], out: list[
                 if not retry or not going():
                     break
             rec.latency = time.perf_counter() - t0
+            rec.sent = time.monotonic() - rec.latency
             rec.instance = instance
             rec.attempts = attempts
             out.append(rec)
@@ -397,6 +404,22 @@ def print_instances(result: dict, records: list[Record], mismatches: list) -> No
         print(f"  not stored once as answered: {rec.text!r} -> {rec.reply!r}, stored {rows!r}", file=sys.stderr)
 
 
+def by_phase(records: list[Record], decode_steps: list[tuple[float, int, int]], start: float, seconds: float,
+             parts: int = 3) -> list[dict]:
+    """Latency of the answered requests sent in each third of the run, and the mean context a decoding
+    conversation attended over then: every client's conversation grows with each turn, so each
+    decode step reads more keys and values as the run goes on (its cost grows with it)."""
+    out = []
+    for i in range(parts):
+        lo, hi = start + seconds * i / parts, start + seconds * (i + 1) / parts
+        lat = [r.latency for r in records if r.outcome == "answered" and lo <= r.sent < hi]
+        steps = [(rows, n) for t, rows, n in decode_steps if lo <= t < hi]
+        out.append(dict(from_s=round(lo - start), to_s=round(hi - start), answered=len(lat),
+                        p50_s=percentile(lat, 0.5), p95_s=percentile(lat, 0.95),
+                        context_tokens=round(sum(n for _, n in steps) / max(1, sum(rows for rows, _ in steps)))))
+    return out
+
+
 def auto_or_int(text: str) -> int | str:
     return text if text == "auto" else int(text)
 
@@ -451,7 +474,7 @@ def main() -> None:
         port = server.start()
         url = f"http://127.0.0.1:{port}"
         records: list[Record] = []
-        started, cpu_started = time.perf_counter(), time.process_time()
+        started, cpu_started, started_at = time.perf_counter(), time.process_time(), time.monotonic()
 
         async def run() -> None:
             deadline = time.monotonic() + args.seconds
@@ -465,6 +488,7 @@ def main() -> None:
         sizes = dict(max_batch=backend.max_batch, max_queue=backend.max_queue)
         stats = server.bot.generator.stats()
         prompt_tokens = server.prompt_tokens
+        phases = by_phase(records, server.decode_steps, started_at, args.seconds)
         server.stop()
 
     answered = [r for r in records if r.outcome == "answered"]
@@ -493,6 +517,7 @@ def main() -> None:
         prompt_tokens_per_answer=round(prompt_tokens / max(1, len(answered)), 1),
         mean_batch=round(stats["decode_rows"] / max(1, stats["decode_steps"]), 1),
         decode_threads=stats.get("decode_threads", 0), thread_switches=stats.get("thread_switches", 0),
+        phases=phases,
         needed_answers_per_s=round(args.clients / args.target_p95, 2),
         needed_tokens_per_s=round(args.clients / args.target_p95 * args.max_tokens, 1),
         load_average=round(os.getloadavg()[0], 1),
@@ -524,6 +549,10 @@ def main() -> None:
               f"{result['prompt_tokens_per_s']} tokens/s ({result['prompt_tokens_per_answer']} per answer); "
               f"a p95 within {args.target_p95:g} s needs >= {result['needed_answers_per_s']} answers/s, i.e. "
               f">= {result['needed_tokens_per_s']} tokens/s (clients / target x max_new_tokens)")
+        for ph in phases:
+            lat_text = f"p50 {ph['p50_s']:.2f} s, p95 {ph['p95_s']:.2f} s" if ph["p50_s"] is not None else "none answered"
+            print(f"  requests sent in {ph['from_s']:.0f}-{ph['to_s']:.0f} s: {ph['answered']} answered, {lat_text}; "
+                  f"each decoding conversation attended over {ph['context_tokens']} tokens on average")
         print(f"  CPU: {result['cores_used']} of {os.cpu_count()} cores used, {result['cpu_s_per_answer']} CPU s per "
               f"answer: alone on this machine about {result['answers_per_s_alone']} answers/s")
         print(f"  targets (>= 95% answered, p95 <= {args.target_p95:g} s, 0 errors, all stored): "
