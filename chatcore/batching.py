@@ -455,8 +455,9 @@ class BatchScheduler:
         if self.prefix_cache is not None and r.fed and error is None and len(r.fed) == self.cache.length(r.row):
             # what this row ran is valid for any prompt that starts with the same tokens; moved, not copied:
             # a copy would hold the row twice at the moment the process peaks (a long prompt just finished)
-            self.prefix_cache.store(r.fed, *self.cache.take(r.row), namespace=r.adapter_key)
-        self.cache.reset(r.row)
+            self.prefix_cache.store(r.fed, *self.cache.take(r.row), namespace=r.adapter_key)  # take resets the row
+        else:
+            self.cache.reset(r.row)
         if r.adapter_key is not None:
             self.adapters.release(r.adapter_key)
             r.adapter_key = None

@@ -162,10 +162,19 @@ class Int8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 per-row"
 
 
-def _serve_tied(model: nn.Module, q: torch.Tensor, scale: torch.Tensor) -> None:
-    """The token embedding and the tied head from one int8 quantization of their shared matrix."""
+def _serve_int8(model: nn.Module, embedding: tuple[torch.Tensor, torch.Tensor],
+                quantized: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Put int8 layers in place: the token embedding and the tied head from ``embedding`` (one int8
+    quantization of their shared matrix), every other Linear from its entry in ``quantized``
+    (popped: int8 values and per-row scales) or, without one, from its fp32 weight."""
+    q, scale = embedding
     model.lm_head = Int8Linear.from_weights(per_channel(q, scale), None)
     model.transformer.wte = Int8Embedding(q, scale)
+    for name, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
+        weights = quantized.pop(name + ".weight", None)
+        int8 = Int8Linear(linear) if weights is None else Int8Linear.from_weights(per_channel(*weights), linear.bias)
+        _swap(model, name, int8)
+    model.quantized = "int8"  # for /status and the benchmark table
 
 
 @torch.no_grad()
@@ -174,11 +183,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     _check_quantizable(model)
     if model.lm_head.weight is not model.transformer.wte.weight:
         raise ValueError("int8 serving expects the output head tied to the token embedding (GPT-2's layout)")
-    _serve_tied(model, *quantize_rows(model.transformer.wte.weight))
-    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    for name, linear in targets:
-        _swap(model, name, Int8Linear(linear))
-    model.quantized = "int8"  # for /status and the benchmark table
+    _serve_int8(model, quantize_rows(model.transformer.wte.weight), {})
     return model
 
 
@@ -234,13 +239,9 @@ class Int8Loader:
             if not all_finite(model.transformer.wte.weight):
                 raise CheckpointError(f"{source}: {self.EMBEDDING} holds NaN or infinite values: it cannot serve")
             embedding = quantize_rows(model.transformer.wte.weight)
-        _serve_tied(model, *embedding)
-        for name, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
-            q = self.quantized.pop(name + ".weight", None)
-            _swap(model, name, Int8Linear(linear) if q is None else Int8Linear.from_weights(per_channel(*q), linear.bias))
+        _serve_int8(model, embedding, self.quantized)
         if self.quantized:
             raise ValueError(f"weights quantized while loading have no Linear layer: {sorted(self.quantized)[:3]}")
-        model.quantized = "int8"
         return model
 
 
