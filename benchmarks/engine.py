@@ -19,6 +19,8 @@ another.
                                            # fp32 oneDNN-packed vs torch's layout vs CTranslate2, interleaved
     python benchmarks/engine.py --engines chatcore-int8,chatcore-int8-fixed,ct2-int8 --busy 3
                                            # a busy machine: adapting decode threads (chatcore.threads) vs not
+    python benchmarks/engine.py --batch 8 --engines chatcore,chatcore-int8,ct2-float32,ct2-int8
+                                           # 8 conversations at once: aggregate tok/s and peak RSS at batch 8
 
 chatcore is measured through the path a user's request takes: weights loaded by
 `build_engine` on the main thread, the reply streamed by `chatcore.serving.Generator`
@@ -34,6 +36,11 @@ converted from the Hugging Face directory by its Transformers converter.
 Columns: TTFT (prompt in -> first new token out), decode tok/s (the tokens after
 the first, per second of decoding), total tok/s (all new tokens over the whole
 call), peak RSS of the process. Ratios: chatcore (served) / each other contestant.
+With ``--batch N`` each contestant gets N different prompts of each length at once
+(chatcore: N streams through one `Generator` with ``max_batch`` N; CTranslate2: one
+static batch): TTFT is the median conversation's, total tok/s the aggregate, and
+peak RSS is what serving N conversations costs. Only the served chatcore contestants
+and CTranslate2 take part.
 With ``--speculative DRAFT`` (``prompt_lookup`` or a draft checkpoint), each served
 chatcore contestant also runs as ``-spec`` with ``model.speculative: {draft: DRAFT,
 k: --spec-k}``: its ratio to plain decoding and the share of guesses that stood.
@@ -52,7 +59,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import busy_processes, first_token_timer, peak_rss_mb  # benchmarks/ is on sys.path when a script runs
+from _common import busy_processes, ct2_batch, first_token_timer, peak_rss_mb  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTESTANTS = ("chatcore", "chatcore-packed", "chatcore-plain", "chatcore-int8", "chatcore-fixed", "chatcore-int8-fixed",
@@ -81,6 +88,7 @@ def convert_ct2(hf_dir: Path, out: Path, quantization: str | None) -> Path:
     ctranslate2.converters.TransformersConverter(str(hf_dir)).convert(str(out), quantization=quantization, force=True)
     return out
 TEMPERATURE, TOP_K, SEED = 0.8, 200, 1234
+BATCH = 1  # conversations at once (--batch)
 
 
 def write_models(d: Path) -> tuple[Path, Path]:
@@ -111,10 +119,10 @@ def write_models(d: Path) -> tuple[Path, Path]:
     return native, hf_dir
 
 
-def prompt_ids(n: int) -> list[int]:
+def prompt_ids(n: int, variant: int = 0) -> list[int]:
     import torch
 
-    g = torch.Generator().manual_seed(n)
+    g = torch.Generator().manual_seed(n + 100_000 * variant)
     return torch.randint(0, 50256, (n,), generator=g).tolist()
 
 
@@ -156,7 +164,7 @@ class Served:
 
         self.engine = engine
         self.loop = asyncio.new_event_loop()
-        self.generator = Generator(engine, max_batch=1, adapt_threads=adapt_threads)
+        self.generator = Generator(engine, max_batch=BATCH, adapt_threads=adapt_threads)
 
     def run(self, ids, new_tokens):
         from chatcore.sampling import SamplingParams
@@ -174,6 +182,29 @@ class Served:
                     first = time.perf_counter()
             self.reply = "".join(parts)  # -spec contestants compare theirs with plain decoding's
             return t0, first, time.perf_counter(), new_tokens
+
+        return self.loop.run_until_complete(go())
+
+    def run_batch(self, prompts: list[list[int]], new_tokens: int):
+        """All prompts submitted at once; returns (start, the median conversation's first token, end, tokens)."""
+        import asyncio
+        import statistics
+
+        from chatcore.sampling import SamplingParams
+
+        async def one(i, ids, t0):
+            params = SamplingParams(temperature=TEMPERATURE, top_k=TOP_K, max_new_tokens=new_tokens, seed=SEED + i,
+                                    stop_at_newline=False, stop=[])
+            first, parts = None, []
+            async for part in self.generator.stream(self.engine.tokenizer.decode(ids), params):
+                first = first or time.perf_counter()
+                parts.append(part)
+            return first, self.engine.count_tokens("".join(parts))
+
+        async def go():
+            t0 = time.perf_counter()
+            done = await asyncio.gather(*(one(i, ids, t0) for i, ids in enumerate(prompts)))
+            return t0, statistics.median(f for f, _ in done), time.perf_counter(), sum(n for _, n in done)
 
         return self.loop.run_until_complete(go())
 
@@ -222,6 +253,12 @@ def load_ct2(models: Path, threads: int, kind: str):
     by_id = {i: t for t, i in vocab.items()}
     gen = ctranslate2.Generator(str(models / f"ct2-{kind}"), device="cpu", compute_type=kind, intra_threads=threads)
     return gen, by_id
+
+
+def run_ct2_batch(model, prompts, new_tokens):
+    gen, by_id = model
+    r = ct2_batch(gen, [[by_id[i] for i in ids] for ids in prompts], new_tokens, TOP_K, TEMPERATURE)
+    return 0.0, r["ttft_p50_s"], r["seconds"], r["tokens"]  # first and end from 0: TTFT and seconds as measured
 
 
 def run_ct2(model, ids, new_tokens):
@@ -317,6 +354,9 @@ RUNNERS = {
 }
 
 
+BATCHED = ("chatcore", "chatcore-packed", "chatcore-plain", "chatcore-int8", "chatcore-fixed", "chatcore-int8-fixed",
+           "ct2-float32", "ct2-int8")  # the contestants that serve --batch N conversations at once
+
 SPEC_PAIRS = 3  # plain/speculative pairs per prompt in a -spec worker
 
 
@@ -356,6 +396,13 @@ def worker(name: str, native: Path, hf_dir: Path, prompts: list[int], new_tokens
     backend = getattr(getattr(model, "generator", None), "backend", None)
     speculator = getattr(backend, "speculator", None)
     for p in prompts:
+        if BATCH > 1:
+            batch = [prompt_ids(p, i) for i in range(BATCH)]
+            t0, first, end, n = (model.run_batch(batch, new_tokens) if isinstance(model, Served)
+                                 else run_ct2_batch(model, batch, new_tokens))
+            print(json.dumps(dict(engine=name, prompt_tokens=p, batch=BATCH, new_tokens=n, ttft_s=round(first - t0, 4),
+                                  decode_tok_s=None, total_tok_s=round(n / (end - t0), 3))), flush=True)
+            continue
         if speculator is not None:
             print(json.dumps(dict(engine=name, prompt_tokens=p, **speculation_pairs(model, backend, p, new_tokens))),
                   flush=True)
@@ -394,12 +441,15 @@ def main() -> None:
                          "and report each one's median: drift on a shared machine hits all alike")
     ap.add_argument("--busy", type=int, default=0,
                     help="run N busy-looping processes beside the contestants (another program on the machine)")
+    ap.add_argument("--batch", type=int, default=1,
+                    help="conversations at once (served chatcore and CTranslate2 only): aggregate tok/s, peak RSS")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--models", help=argparse.SUPPRESS)
     args = ap.parse_args()
     new_tokens = args.new_tokens or (24 if args.quick else 150)
     prompts = [int(p) for p in args.prompts.split(",")]
-    global TOP_K
+    global TOP_K, BATCH
+    BATCH = args.batch
     if args.greedy:
         TOP_K = 1
     if args.speculative:
@@ -414,6 +464,11 @@ def main() -> None:
     engines = [e for e in args.engines.split(",") if has_ctranslate2() or not e.startswith("ct2-")]
     if engines != args.engines.split(","):
         print("# CTranslate2 is not installed (pip install -e .[bench]): its contestants are left out", file=sys.stderr)
+    if BATCH > 1:
+        left_out = [e for e in engines if e not in BATCHED]
+        engines = [e for e in engines if e in BATCHED]
+        if left_out:
+            print(f"# --batch {BATCH}: {', '.join(left_out)} left out (one conversation at a time only)", file=sys.stderr)
     args.engines = ",".join(engines)
     with tempfile.TemporaryDirectory(prefix="chatcore-bench-") as d:
         native, hf_dir = write_models(Path(d))
@@ -437,7 +492,7 @@ def run_all(args, models: Path, prompts: list[int], new_tokens: int) -> None:
             n = args.seed_tokens if name == "seed-loop" and args.seed_tokens else new_tokens
             cmd = [sys.executable, __file__, "--worker", name, "--models", str(models), "--prompts", args.prompts,
                    "--new-tokens", str(n), "--threads", str(args.threads)]
-            cmd += ["--greedy"] * args.greedy + (["--speculative", args.speculative, "--spec-k", str(args.spec_k)]
+            cmd += ["--batch", str(args.batch)] + ["--greedy"] * args.greedy + (["--speculative", args.speculative, "--spec-k", str(args.spec_k)]
                                                  if args.speculative else [])
             loads.append(os.getloadavg()[0])
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -477,6 +532,8 @@ def run_all(args, models: Path, prompts: list[int], new_tokens: int) -> None:
         return
 
     print(f"GPT-2 124M shapes, random weights, fp32, {args.threads} threads, {new_tokens} new tokens, "
+          + (f"{args.batch} conversations at once (TTFT: the median one's; total tok/s: all of them), " if args.batch > 1 else "")
+          +
           f"temperature {TEMPERATURE}, top-k {TOP_K}; {args.rounds} round(s), medians; "
           f"load average {min(loads):.1f}-{max(loads):.1f} at the contestants' starts"
           + (f"; {args.busy} busy-looping processes beside them" if args.busy else ""))
@@ -503,6 +560,8 @@ def run_all(args, models: Path, prompts: list[int], new_tokens: int) -> None:
                 tot = ratio(ours, other, "total_tok_s")
                 if dec:
                     parts.append(f"{other}: decode {dec:.2f}x, TTFT {ttft:.2f}x, total {tot:.2f}x")
+                elif tot:  # --batch: no single stream's decode rate
+                    parts.append(f"{other}: total {tot:.2f}x, TTFT {ttft:.2f}x")
             if parts:
                 print(f"prompt {p:>4}, {ours} (served) vs " + "; ".join(parts))
     for p in prompts:
@@ -514,6 +573,9 @@ def run_all(args, models: Path, prompts: list[int], new_tokens: int) -> None:
                       f"{spec['accepted']}/{spec['drafted']} guesses stood ({spec['accepted'] / spec['drafted']:.0%}); "
                       f"same reply as plain: {spec['same_reply']}")
     print("peak RSS MB: " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()))
+    for ours, other in (("chatcore", "ct2-float32"), ("chatcore-int8", "ct2-int8")):
+        if rss.get(ours) and rss.get(other):
+            print(f"peak RSS, {ours} / {other}: {rss[ours] / rss[other]:.2f}x (target <= 1.0x)")
 
 
 if __name__ == "__main__":

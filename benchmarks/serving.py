@@ -49,7 +49,7 @@ import time
 import warnings
 from pathlib import Path
 
-from _common import build_model, first_token_timer  # benchmarks/ is on sys.path when a script runs
+from _common import build_model, ct2_batch, first_token_timer  # benchmarks/ is on sys.path when a script runs
 
 try:  # CTranslate2's own OpenMP runtime reads the environment as it loads: before chatcore sets its default
     import ctranslate2  # noqa: F401
@@ -244,23 +244,7 @@ def ct2_static(model_dir: str, kind: str, tokenizer, prompts: list[str], new_tok
     vocab = json.loads((ROOT / ".." / "shared" / "data" / "gpt2" / "encoder.json").read_text(encoding="utf-8"))
     by_id = {i: t for t, i in vocab.items()}
     gen = ctranslate2.Generator(model_dir, device="cpu", compute_type=kind, intra_threads=threads)
-    batch = [[by_id[i] for i in tokenizer.encode(p)] for p in prompts]
-    gen.generate_batch(batch, max_length=4, sampling_topk=TOP_K, include_prompt_in_result=False)  # warm-up, batch shapes
-    # time to first token from a run with a per-step callback; tokens/s from one without it: the callback
-    # hands every step to Python and cost CTranslate2 about a third of its tokens/s (a batch stopped after
-    # one token, max_length=1, took longer than the whole first step here)
-    first: list[float] = []
-    t0 = time.perf_counter()
-    gen.generate_batch(batch, max_length=new_tokens, min_length=new_tokens, sampling_topk=TOP_K,
-                       sampling_temperature=TEMPERATURE, include_prompt_in_result=False,
-                       callback=lambda step: first.append(time.perf_counter()) if not first else None)
-    ttft = first[0] - t0 if first else None
-    t0 = time.perf_counter()
-    res = gen.generate_batch(batch, max_length=new_tokens, min_length=new_tokens, sampling_topk=TOP_K,
-                             sampling_temperature=TEMPERATURE, include_prompt_in_result=False)
-    seconds = time.perf_counter() - t0
-    tokens = sum(len(r.sequences_ids[0]) for r in res)
-    return dict(tokens=tokens, seconds=seconds, tok_s=tokens / seconds, ttft_p50_s=ttft)
+    return ct2_batch(gen, [[by_id[i] for i in tokenizer.encode(p)] for p in prompts], new_tokens, TOP_K, TEMPERATURE)
 
 
 def _warm(sched, adapter=None) -> None:
