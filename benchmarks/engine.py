@@ -192,19 +192,21 @@ class Served:
 
         from chatcore.sampling import SamplingParams
 
-        async def one(i, ids, t0):
+        async def one(i, ids):
             params = SamplingParams(temperature=TEMPERATURE, top_k=TOP_K, max_new_tokens=new_tokens, seed=SEED + i,
                                     stop_at_newline=False, stop=[])
-            first, parts = None, []
-            async for part in self.generator.stream(self.engine.tokenizer.decode(ids), params):
+            first = None
+            async for _ in self.generator.stream(self.engine.tokenizer.decode(ids), params):
                 first = first or time.perf_counter()
-                parts.append(part)
-            return first, self.engine.count_tokens("".join(parts))
+            return first
 
         async def go():
+            rows = self.generator.stats()["decode_rows"]
             t0 = time.perf_counter()
-            done = await asyncio.gather(*(one(i, ids, t0) for i, ids in enumerate(prompts)))
-            return t0, statistics.median(f for f, _ in done), time.perf_counter(), sum(n for _, n in done)
+            firsts = await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompts)))
+            end = time.perf_counter()
+            # tokens sampled: each conversation's first (after its prompt), then one per decode step it was in
+            return t0, statistics.median(firsts), end, len(prompts) + self.generator.stats()["decode_rows"] - rows
 
         return self.loop.run_until_complete(go())
 
