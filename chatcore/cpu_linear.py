@@ -37,6 +37,7 @@ import copy
 import torch
 import torch.nn as nn
 
+from .checkpoint import release_free_heap
 from .lora import LoRALinear
 
 LAYOUTS = ("auto", "packed", "plain")
@@ -162,30 +163,12 @@ def pack_linears(model: nn.Module, batch_size: int | None = BATCH_HINT, head: bo
             packed.served = module.served
         setattr(owner, attr, packed)
         del module, packed
-        _give_back_freed_memory()
+        # the dense matrix and its row-major copy are freed as each packed one (a differently sized, aligned
+        # block) is made; glibc keeps such holes mapped: without this the process peaked ~130 MB above plain
+        # loading (GPT-2 124M) and kept ~150 MB it never used
+        release_free_heap()
     model.cpu_layout = "packed"  # for /status and the benchmark table
     return model
-
-
-def _give_back_freed_memory() -> None:
-    """Return the heap's free pages to the OS (glibc only; elsewhere nothing to do).
-
-    The dense matrix and its row-major copy are freed as each packed one (a differently
-    sized, aligned block) is made; glibc keeps such holes mapped, and without this the
-    process peaked ~130 MB above plain loading (GPT-2 124M) and kept ~150 MB it never used."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim = None
 
 
 def is_packed(model: nn.Module) -> bool:
