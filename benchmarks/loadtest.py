@@ -19,7 +19,9 @@ batch and queue sizes the server ran with (``serving.max_batch`` / ``max_queue``
 ``auto`` by default: chatcore/serving.py, batch_limits), the tokens it generated
 per second, the latency of the requests sent in each third of the run beside the context a
 decoding conversation attended over then (conversations grow turn by turn, and so does the
-cost of every decode step), and what a p95 latency within ``--target-p95`` seconds would need: with
+cost of every decode step), how much of the run the model worker spent in decode steps and in
+prompt forwards (the rest goes to sampling, moving conversations' keys and values in and out
+of the prefix cache, admitting requests, or waiting), and what a p95 latency within ``--target-p95`` seconds would need: with
 every client waiting for its answer before sending again, answers per second =
 clients / mean latency (Little's law), so at least clients / target x max_new_tokens
 tokens per second.
@@ -139,12 +141,19 @@ class Server:
         self.decode_steps: list[tuple[float, int, int]] = []  # (time, rows, tokens those rows attend over)
         forward = engine.model.forward_cached
 
+        self.forward_s = {"prompt": 0.0, "decode": 0.0}  # the model worker's time in each kind of forward
+
         def counted(idx, cache, rows=None, pos=None, n_new=None, last_only=True, **kw):
-            if idx.size(1) > 1 or last_only is False:
+            kind = "prompt" if idx.size(1) > 1 or last_only is False else "decode"
+            if kind == "prompt":
                 self.prompt_tokens += int(sum(n_new)) if n_new is not None else idx.numel()
             elif rows is not None:
                 self.decode_steps.append((time.monotonic(), len(rows), int(cache.lengths[list(rows)].sum()) + len(rows)))
-            return forward(idx, cache, rows=rows, pos=pos, n_new=n_new, last_only=last_only, **kw)
+            started = time.perf_counter()
+            try:
+                return forward(idx, cache, rows=rows, pos=pos, n_new=n_new, last_only=last_only, **kw)
+            finally:
+                self.forward_s[kind] += time.perf_counter() - started
 
         engine.model.forward_cached = counted
         config = {
@@ -487,7 +496,7 @@ def main() -> None:
         backend = server.bot.generator.backend
         sizes = dict(max_batch=backend.max_batch, max_queue=backend.max_queue)
         stats = server.bot.generator.stats()
-        prompt_tokens = server.prompt_tokens
+        prompt_tokens, forward_s = server.prompt_tokens, dict(server.forward_s)
         phases = by_phase(records, server.decode_steps, started_at, args.seconds)
         server.stop()
 
@@ -516,6 +525,9 @@ def main() -> None:
         prompt_tokens_per_s=round(prompt_tokens / wall, 1),
         prompt_tokens_per_answer=round(prompt_tokens / max(1, len(answered)), 1),
         mean_batch=round(stats["decode_rows"] / max(1, stats["decode_steps"]), 1),
+        # the model worker's wall time in decode and prompt forwards; the rest of the run it sampled, moved
+        # conversations' keys and values in and out of the prefix cache, admitted requests, or waited
+        decode_forward_s=round(forward_s["decode"], 1), prompt_forward_s=round(forward_s["prompt"], 1),
         decode_threads=stats.get("decode_threads", 0), thread_switches=stats.get("thread_switches", 0),
         phases=phases,
         needed_answers_per_s=round(args.clients / args.target_p95, 2),
@@ -549,6 +561,10 @@ def main() -> None:
               f"{result['prompt_tokens_per_s']} tokens/s ({result['prompt_tokens_per_answer']} per answer); "
               f"a p95 within {args.target_p95:g} s needs >= {result['needed_answers_per_s']} answers/s, i.e. "
               f">= {result['needed_tokens_per_s']} tokens/s (clients / target x max_new_tokens)")
+        print(f"  of the run's {result['wall_s']:.0f} s, the model worker spent {result['decode_forward_s']:.1f} s in "
+              f"decode steps ({100 * result['decode_forward_s'] / wall:.0f}%) and {result['prompt_forward_s']:.1f} s in "
+              f"prompt forwards ({100 * result['prompt_forward_s'] / wall:.0f}%); the rest in sampling, moving cached "
+              f"conversations, admitting requests, or idle")
         for ph in phases:
             lat_text = f"p50 {ph['p50_s']:.2f} s, p95 {ph['p95_s']:.2f} s" if ph["p50_s"] is not None else "none answered"
             print(f"  requests sent in {ph['from_s']:.0f}-{ph['to_s']:.0f} s: {ph['answered']} answered, {lat_text}; "

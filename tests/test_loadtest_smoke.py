@@ -22,4 +22,5 @@ def test_the_quick_load_test_answers_every_request_and_stores_every_exchange():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["answered"] > 0 and result["errors"] == 0, result
     assert result["missing_from_store"] == 0, result
+    assert 0 < result["decode_forward_s"] + result["prompt_forward_s"] < result["wall_s"]
     assert [phase["answered"] for phase in result["phases"]] and sum(p["answered"] for p in result["phases"]) <= result["answered"]
