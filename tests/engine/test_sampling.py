@@ -75,6 +75,19 @@ def test_batched_rows_with_their_own_params_match_single_rows():
     assert batched == single
 
 
+def test_rows_sharing_a_top_k_draw_what_each_would_draw_alone():
+    # the batch's top-k runs in one call; ties (rounded logits) and each row's own temperature must
+    # still give every row exactly its single-row candidates, and so its single-row draw
+    torch.manual_seed(0)
+    logits = torch.round(torch.randn(6, V) * 4)
+    params = [SamplingParams(temperature=t, top_k=k, top_p=tp, seed=i)
+              for i, (t, k, tp) in enumerate([(0.8, 200, 1.0), (1.3, 200, 0.9), (0.3, 200, 1.0),
+                                               (0.8, 7, 1.0), (1.0, 7, 0.5), (0.8, 200, 1.0)])]
+    batched = sample(logits, params, [make_generator(p.seed) for p in params]).tolist()
+    single = [int(sample(logits[i : i + 1], p, [make_generator(p.seed)])[0]) for i, p in enumerate(params)]
+    assert batched == single
+
+
 def test_repetition_penalty_spares_exempt_tokens():
     logits = torch.tensor([[2.0, -2.0, 2.0, 1.0]])
     out = apply_repetition_penalty(logits.clone(), [[0, 1, 2, 0]], [2.0], exempt={2})
