@@ -11,7 +11,8 @@ request. Each iteration of its loop:
    the same forward the next chunks of the next oldest ones while the batch stays
    within `prefill_tokens` (padding included), so prompts that arrive together
    are run together, and a long prompt delays the others by one chunk per step,
-   not by its whole length;
+   not by its whole length (with no conversation decoding, a chunk may take the
+   whole `prefill_tokens`: there is nobody to delay);
 4. decodes one token for every other running request in a single batched
    forward (per-row positions and lengths: rows never see each other); a lone
    conversation with a drafter (``engine.speculator``, `chatcore.speculative`)
@@ -270,14 +271,19 @@ class BatchScheduler:
         if any(r.params.max_new_tokens == 0 for r in self._running):
             for r in [r for r in self._running if r.params.max_new_tokens == 0]:
                 self._finish(r)
-        prefilling = self._prefill_batch([r for r in self._running if r.todo])
+        # Chunks keep a long prompt from stalling the conversations decoding beside it. With none decoding
+        # there is nobody to stall: the prompts take the whole budget (a lone 512-token prompt answered
+        # 1.55x sooner in fp32 as one forward than as four of 128, 1.13x in int8)
+        decoders = any(r.pending is not None and not r.todo for r in self._running)
+        chunk = self.prefill_chunk if decoders else max(self.prefill_chunk, self.prefill_tokens)
+        prefilling = self._prefill_batch([r for r in self._running if r.todo], chunk)
         if self.tuner and (prefilling or self.speculator is not None):
             self._use_threads(self.tuner.current)
         if prefilling:
             chunks = []
             for r in prefilling:
-                chunks.append(r.todo[: self.prefill_chunk])
-                r.todo = r.todo[self.prefill_chunk :]
+                chunks.append(r.todo[:chunk])
+                r.todo = r.todo[chunk:]
             logits = self._forward(prefilling, chunks)
             done = [i for i, r in enumerate(prefilling) if not r.todo]
             if done:
@@ -302,9 +308,9 @@ class BatchScheduler:
             torch.set_num_threads(n)  # this thread's setting (and torch's default for threads started later)
         return n
 
-    def _prefill_batch(self, prefilling: list[Request]) -> list[Request]:
-        """The prompts whose next chunk runs this step: the oldest, and the next oldest while the
-        forward (rows x longest chunk, padding included) stays within `prefill_tokens`.
+    def _prefill_batch(self, prefilling: list[Request], chunk: int) -> list[Request]:
+        """The prompts whose next chunk (at most `chunk` tokens) runs this step: the oldest, and the next
+        oldest while the forward (rows x longest chunk, padding included) stays within `prefill_tokens`.
 
         Prompts that arrive together are run together: one matrix product over all their tokens
         reads each weight once, where one forward per prompt would read every weight per prompt
@@ -312,7 +318,7 @@ class BatchScheduler:
         batch: list[Request] = []
         widest = 0
         for r in prefilling:  # oldest first: first come first served
-            n = min(len(r.todo), self.prefill_chunk)
+            n = min(len(r.todo), chunk)
             if batch and (len(batch) + 1) * max(widest, n) > self.prefill_tokens:
                 break
             batch.append(r)

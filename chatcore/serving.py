@@ -200,8 +200,8 @@ class Generator:
     included. `max_batch`: conversations decoding together. Either may be
     ``auto``: sized from the memory available and the model's shape when its
     worker starts (`batch_limits`); an engine served one at a time then takes 64.
-    `prefill_chunk` / `prefill_tokens`: prompt tokens run per step, per prompt / over the prompts
-    run together (`chatcore.batching`). `prefix_cache_mb`: memory for reusable conversation states (0: off).
+    `prefill_chunk` / `prefill_tokens`: prompt tokens run per step, per prompt while others decode / over
+    the prompts run together (`chatcore.batching`). `prefix_cache_mb`: memory for reusable conversation states (0: off).
     `adapt_threads`: let a CPU batch worker decode on one thread while that is faster (`chatcore.threads`).
     """
 

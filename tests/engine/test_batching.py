@@ -259,6 +259,36 @@ def test_prompts_waiting_together_are_prefilled_in_one_forward(engine):
         assert all(rows * width <= budget for rows, width in prefills)  # padding included
 
 
+def test_a_prompt_runs_in_chunks_only_while_others_are_decoding(engine):
+    """Chunks keep a long prompt from stalling the conversations decoding beside it; a prompt with
+    nobody decoding beside it runs in one forward (up to `prefill_tokens`), and answers the same."""
+    long_prompt, params = PROMPTS[5], SamplingParams(temperature=0, max_new_tokens=4, stop_at_newline=False)
+    n = len(engine.tokenizer.encode(long_prompt))
+    assert 8 < n <= 64
+    sched = BatchScheduler(engine, max_batch=2, prefill_chunk=8, prefill_tokens=64)
+    forward, widths = sched.model.forward_cached, []
+
+    def spy(idx, cache, rows, **kw):
+        if idx.size(1) > 1:
+            widths.append(idx.size(1))
+        return forward(idx, cache, rows=rows, **kw)
+
+    sched.model = type("Spy", (), {"forward_cached": staticmethod(spy)})()
+    try:
+        assert _run_all(sched, [(long_prompt, params)]) == [engine.generate(long_prompt, params)]
+        assert widths == [n]  # alone: one forward
+        widths.clear()
+        talker = Collector()
+        sched.submit(PROMPTS[0], SamplingParams(temperature=0, max_new_tokens=60, stop_at_newline=False), talker)
+        assert talker.first.wait(10)
+        widths.clear()  # the talker's own prompt
+        assert _run_all(sched, [(long_prompt, params)]) == [engine.generate(long_prompt, params)]
+        assert not talker.done.is_set(), "the talker must still be decoding while the prompt runs"
+        assert widths and max(widths) <= 8 and sum(widths) >= n  # beside a decoding conversation: chunks
+    finally:
+        sched.close(timeout=5)
+
+
 def test_a_ragged_prefill_beside_a_row_near_the_end_of_the_window_stays_inside_it():
     # batched prefill pads a short chunk to the longest: a row holding 55 of 64 positions must not be
     # padded past position 63 (the bot answered 500 for every request once such a batch formed)
