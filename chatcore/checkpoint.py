@@ -304,8 +304,9 @@ def release_free_heap() -> None:
     """Hand the C heap's free pages back to the OS after loading (glibc's ``malloc_trim``; elsewhere nothing).
 
     Loading frees many temporaries of a few MB each (int8 loading: each matrix's int8 values
-    once fbgemm has packed them; oneDNN packing, `chatcore.cpu_linear`: each dense matrix). glibc's mmap threshold rises to the size of the largest
-    one freed, so later ones come from the heap and, once freed, stay resident there:
+    once fbgemm has packed them; oneDNN packing, `chatcore.cpu_linear`: each dense matrix).
+    glibc's mmap threshold rises to the size of the largest one freed, so later ones come
+    from the heap and, once freed, stay resident there:
     ~40-50 MB of a GPT-2 int8 engine's resident set that nothing will use again.
     """
     trim = _malloc_trim()

@@ -84,9 +84,6 @@ def sample(
             by_k.setdefault(k, []).append(b)
     top: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for k, rows in by_k.items():
-        if len(rows) == 1:  # a lone conversation: no batch to gather
-            top[rows[0]] = torch.topk(logits[rows[0]] / plist[rows[0]].temperature, k)
-            continue
         temps = torch.tensor([plist[b].temperature for b in rows], dtype=logits.dtype, device=logits.device)
         vals, ids = torch.topk(logits[rows] / temps[:, None], k)
         top.update((b, (vals[i], ids[i])) for i, b in enumerate(rows))
